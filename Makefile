@@ -1,0 +1,29 @@
+# Every target creates .venv when it is missing and (re)installs requirements.txt when it changed
+# (the installed file's hash is kept in .venv/.requirements.sha256), so a second run is quick.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.requirements.sha256
+
+.PHONY: setup demo test help
+
+help:
+	@echo "make demo   train + evaluate DAB-DETR and KS-DAB-DETR on the synthetic data set (CPU, ~15 min)"
+	@echo "make test   run the test suite (CPU)"
+	@echo "make setup  create .venv and install requirements.txt"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+setup: | $(PY)
+	@want=$$(sha256sum requirements.txt | cut -d' ' -f1); \
+	if [ "$$want" != "$$(cat $(STAMP) 2>/dev/null)" ]; then \
+	  echo "installing requirements.txt into $(VENV)"; \
+	  $(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt && echo $$want > $(STAMP); \
+	fi
+
+demo: setup
+	$(PY) -m experiments run demo
+
+test: setup
+	$(PY) -m pytest -q
