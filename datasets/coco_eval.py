@@ -1,0 +1,60 @@
+"""COCO box AP with pycocotools' COCOeval."""
+import contextlib
+import io
+import math
+
+import torch
+from pycocotools.cocoeval import COCOeval
+
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the first six COCOeval stats, in order
+
+
+def _as_list(x):
+    return x.detach().cpu().tolist() if isinstance(x, torch.Tensor) else list(x)
+
+
+class CocoEvaluator:
+    """Collects detections and computes COCO bbox AP on the images that were updated.
+
+    To merge results of several processes, extend ``detections`` (and ``image_ids``, so images for
+    which a process produced no detection still count) with the other processes' lists.
+    """
+
+    def __init__(self, coco_gt, category_ids):
+        self.coco_gt = coco_gt
+        self.category_ids = list(category_ids)
+        self.detections = []
+        self.image_ids = []
+
+    def update(self, image_ids, boxes, scores, labels):
+        """Add the detections of a batch: per image, xyxy boxes in ORIGINAL image pixels, scores and
+        contiguous labels (lists or tensors)."""
+        for image_id, img_boxes, img_scores, img_labels in zip(image_ids, boxes, scores, labels):
+            image_id = int(image_id)
+            self.image_ids.append(image_id)
+            for (x1, y1, x2, y2), score, label in zip(_as_list(img_boxes), _as_list(img_scores),
+                                                      _as_list(img_labels)):
+                self.detections.append({
+                    "image_id": image_id,
+                    "category_id": self.category_ids[int(label)],
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "score": float(score),
+                })
+
+    def summarize(self, quiet=True):
+        """Return {AP, AP50, AP75, APs, APm, APl} in [0, 1]; NaN where undefined (no GT in that range).
+
+        With no detections at all every metric is 0.
+        """
+        if not self.detections:
+            return {name: 0.0 for name in METRICS}
+        image_ids = sorted(set(self.image_ids) | {d["image_id"] for d in self.detections})
+        out = io.StringIO() if quiet else None
+        with contextlib.redirect_stdout(out) if quiet else contextlib.nullcontext():
+            coco_dt = self.coco_gt.loadRes(self.detections)
+            evaluator = COCOeval(self.coco_gt, coco_dt, iouType="bbox")
+            evaluator.params.imgIds = image_ids
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        return {name: (math.nan if value < 0 else float(value)) for name, value in zip(METRICS, evaluator.stats)}

@@ -1,0 +1,88 @@
+"""COCO evaluation wrapper: perfect, shifted, missing and mislabelled detections."""
+import math
+
+import pytest
+import torch
+from pycocotools.coco import COCO
+
+from datasets.coco_eval import CocoEvaluator
+from datasets_helpers import write_coco
+
+CATEGORIES = [{"id": 3, "name": "a"}, {"id": 8, "name": "b"}]
+# Three images 300x200 with small (<32^2), medium and large (>96^2) boxes; image 3 has a crowd box.
+GT = [
+    {"image_id": 1, "category_id": 3, "bbox": [10.0, 10.0, 20.0, 20.0]},     # small
+    {"image_id": 1, "category_id": 8, "bbox": [50.0, 40.0, 60.0, 50.0]},     # medium
+    {"image_id": 2, "category_id": 8, "bbox": [100.0, 20.0, 150.0, 120.0]},  # large
+    {"image_id": 2, "category_id": 3, "bbox": [5.0, 150.0, 25.0, 20.0]},     # small
+    {"image_id": 3, "category_id": 3, "bbox": [30.0, 30.0, 100.0, 100.0]},   # large
+    {"image_id": 3, "category_id": 3, "bbox": [200.0, 10.0, 80.0, 60.0], "iscrowd": 1},
+]
+
+
+@pytest.fixture
+def coco_gt(tmp_path):
+    _, ann_file = write_coco(tmp_path, "val", [(i, 300, 200) for i in (1, 2, 3)], GT, CATEGORIES)
+    return COCO(str(ann_file))
+
+
+def run(coco_gt, shift=0.0, labels_of=None, image_ids=(1, 2, 3), use_tensors=True):
+    """Feed the non-crowd GT boxes back as detections (score 1), optionally shifted or relabelled."""
+    evaluator = CocoEvaluator(coco_gt, [3, 8])
+    for image_id in image_ids:
+        anns = [a for a in GT if a["image_id"] == image_id and not a.get("iscrowd")]
+        boxes = [[x + shift, y, x + w + shift, y + h] for x, y, w, h in (a["bbox"] for a in anns)]
+        labels = [labels_of(a) if labels_of else [3, 8].index(a["category_id"]) for a in anns]
+        scores = [1.0] * len(anns)
+        if use_tensors:
+            boxes, labels, scores = torch.tensor(boxes), torch.tensor(labels), torch.tensor(scores)
+        evaluator.update([image_id], [boxes], [scores], [labels])
+    return evaluator
+
+
+def test_perfect_predictions_give_ap_one(coco_gt, capsys):
+    for use_tensors in (True, False):
+        metrics = run(coco_gt, use_tensors=use_tensors).summarize()
+        assert set(metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+        for name, value in metrics.items():
+            assert value == pytest.approx(1.0), name
+    assert capsys.readouterr().out == ""  # quiet by default
+
+
+def test_shifted_boxes_lower_ap(coco_gt):
+    metrics = run(coco_gt, shift=4.0).summarize()
+    # a 4 px shift ruins the 20 px boxes (IoU 0.67); the large ones keep IoU > 0.9 (only the 0.95
+    # threshold fails)
+    assert metrics["APs"] < 0.5 and metrics["AP"] < 0.8
+    assert metrics["APl"] == pytest.approx(0.9)
+    assert metrics["AP50"] == pytest.approx(1.0)
+    assert metrics["AP"] < run(coco_gt, shift=1.0).summarize()["AP"] < 1.0
+
+
+def test_wrong_labels_and_no_predictions(coco_gt):
+    wrong = run(coco_gt, labels_of=lambda a: 1 - [3, 8].index(a["category_id"])).summarize()
+    assert all(value == 0.0 for value in wrong.values())
+    empty = CocoEvaluator(coco_gt, [3, 8])
+    empty.update([1, 2], [torch.zeros(0, 4), []], [torch.zeros(0), []], [torch.zeros(0, dtype=torch.long), []])
+    assert empty.detections == []
+    assert empty.summarize() == {name: 0.0 for name in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
+
+
+def test_restricted_to_updated_images_and_undefined_is_nan(coco_gt):
+    # image 1 has no large object; the large GT of images 2 and 3 must not count as missed
+    metrics = run(coco_gt, image_ids=[1]).summarize()
+    assert metrics["AP"] == pytest.approx(1.0)
+    assert math.isnan(metrics["APl"])
+
+
+def test_detections_merge_with_extend(coco_gt):
+    part1, part2 = run(coco_gt, image_ids=[1]), run(coco_gt, image_ids=[2, 3])
+    part1.detections.extend(part2.detections)
+    part1.image_ids.extend(part2.image_ids)
+    assert part1.summarize() == pytest.approx(run(coco_gt).summarize())
+    assert part2.detections[0]["category_id"] == 8 and part2.detections[0]["bbox"] == [100.0, 20.0, 150.0, 120.0]
+
+
+def test_not_quiet_prints_summary(coco_gt, capsys):
+    run(coco_gt).summarize(quiet=False)
+    assert "Average Precision" in capsys.readouterr().out
