@@ -1,0 +1,1 @@
+"""Experiment manifests, the training/evaluation engine and the `python -m experiments` CLI."""

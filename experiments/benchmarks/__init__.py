@@ -1,0 +1,1 @@
+"""Benchmark scripts: they print timings and ratios measured in one run (never asserted in tests)."""

@@ -1,0 +1,257 @@
+"""Run configurations: built-in defaults, YAML manifests, command-line overrides, validation.
+
+A run's configuration is the built-in DEFAULTS (the reference's DAB-DETR-R50 COCO setting), updated
+by the manifest's `defaults`, then by the row's `config`, then by command-line overrides
+`key.sub=value`. Every level is checked against DEFAULTS: an unknown key, a wrong type or a value
+outside its choices is an error naming the manifest, the row and the key.
+
+Manifest (experiments/<name>.yaml):
+
+    description: free text
+    defaults: {model: {...}, data: {...}, train: {...}}   # optional, for every row
+    rows:
+      - name: dab_r50_ks          # stable identifier: letters, digits, '_' and '-'
+        baseline: dab_r50         # optional: the row this one is compared against (KS gain)
+        paper: {table: 1, row: 6, source: rerun}   # optional: the paper row it reproduces
+        config: {model: {ks: {mode: triple}}}
+
+`paper.row` is the 1-based row of results/paper/table<table>.csv; `source` says whether the paper's
+number was re-run by the authors with this configuration (`rerun`) or cited from elsewhere (`cited`).
+"""
+import copy
+import re
+from pathlib import Path
+
+import yaml
+
+from models import VARIANTS
+from models.backbone import RESNETS
+from models.ks_encoder import KS_MODES, TEACHER_LAYERS
+
+MANIFEST_DIR = Path(__file__).resolve().parent
+
+DEFAULTS = {
+    "model": {
+        "variant": "dab_detr",
+        "hidden_dim": 256,
+        "nheads": 8,
+        "enc_layers": 6,
+        "dec_layers": 6,
+        "dim_feedforward": 2048,
+        "dropout": 0.0,
+        "activation": "prelu",
+        "num_queries": 300,
+        "pos_temperature": 20,
+        "eval_topk": 300,
+        "backbone": {"name": "resnet50", "weights": "imagenet", "weights_path": None, "freeze_at": 1},
+        "ks": {"mode": "none", "teacher_layers": "last"},
+        "dab": {"modulate_hw_attn": True, "random_anchor_xy": True, "freeze_anchor_xy": False},
+        "loss": {"class_weight": 1.0, "bbox_weight": 5.0, "giou_weight": 2.0, "alpha": 0.25, "gamma": 2.0},
+        "matcher": {"cost_class": 2.0, "cost_bbox": 5.0, "cost_giou": 2.0, "alpha": 0.25, "gamma": 2.0},
+    },
+    "data": {
+        "dataset": "coco",
+        "root": None,
+        "train_split": "train2017",
+        "val_split": "val2017",
+        "synthetic": {"train": 1000, "val": 200, "seed": 0, "size": 256},
+        "train_scales": [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800],
+        "train_max_size": 1333,
+        "crop_resize_scales": [400, 500, 600],
+        "crop_size": [384, 600],
+        "test_size": 800,
+        "test_max_size": 1333,
+        "num_workers": 2,
+    },
+    "train": {
+        "epochs": 50,
+        "lr_drop": [40],
+        "lr": 1e-4,
+        "lr_backbone": 1e-5,
+        "weight_decay": 1e-4,
+        "clip_max_norm": 0.1,
+        "batch_size": 2,
+        "seed": 42,
+        "eval_every": 1,
+        "eval_teachers": True,
+        "max_iters_per_epoch": None,
+        "max_eval_images": None,
+    },
+}
+
+# Keys whose default is None: the type they take otherwise.
+NULLABLE = {
+    "model.backbone.weights": str,
+    "model.backbone.weights_path": str,
+    "data.root": str,
+    "train.max_iters_per_epoch": int,
+    "train.max_eval_images": int,
+}
+CHOICES = {
+    "model.variant": sorted(VARIANTS),
+    "model.activation": ["relu", "prelu", "gelu"],
+    "model.backbone.name": sorted(RESNETS),
+    "model.backbone.weights": [None, "imagenet"],
+    "model.ks.mode": list(KS_MODES),
+    "model.ks.teacher_layers": list(TEACHER_LAYERS),
+    "data.dataset": ["coco", "synthetic"],
+}
+ROW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+ROW_KEYS = {"name", "config", "baseline", "paper"}
+PAPER_SOURCES = ("rerun", "cited")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _check_paper(paper, where):
+    if paper is None:
+        return
+    ok = (isinstance(paper, dict) and set(paper) == {"table", "row", "source"}
+          and paper["table"] in (1, 2) and isinstance(paper["row"], int) and paper["row"] >= 1
+          and paper["source"] in PAPER_SOURCES)
+    if not ok:
+        raise ConfigError(f"{where}: key 'paper' must be {{table: 1 or 2, row: N >= 1, source: "
+                          f"{' or '.join(PAPER_SOURCES)}}}, got {paper!r}")
+
+
+def _type_name(t):
+    return {float: "a number", int: "an integer", bool: "true/false", str: "a string",
+            list: "a list", dict: "a mapping"}.get(t, t.__name__)
+
+
+def _check_value(key, value, default, where):
+    if value is None:
+        if default is None or key in NULLABLE:
+            return value
+        raise ConfigError(f"{where}: key {key!r} may not be null")
+    expected = NULLABLE.get(key, type(default))
+    ok = isinstance(value, expected) and not (expected in (int, float) and isinstance(value, bool))
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise ConfigError(f"{where}: key {key!r} must be {_type_name(expected)}, got {value!r}")
+    if expected is list and default:
+        item_type = type(default[0])
+        if not all(isinstance(v, item_type) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{where}: key {key!r} must be a list of {_type_name(item_type)}s, got {value!r}")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{where}: key {key!r} must be one of {CHOICES[key]}, got {value!r}")
+    return value
+
+
+def merge(base, update, where, prefix=""):
+    """Deep-merges `update` into a copy of `base`, validating every key against DEFAULTS."""
+    if not isinstance(update, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'} must be a mapping, got {update!r}")
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        full = prefix + str(key)
+        if key not in base:
+            known = ", ".join(sorted(base))
+            raise ConfigError(f"{where}: unknown key {full!r} (known keys here: {known})")
+        if isinstance(base[key], dict):
+            out[key] = merge(base[key], value, where, full + ".")
+        else:
+            out[key] = _check_value(full, value, DEFAULTS_FLAT[full], where)
+    return out
+
+
+def _flatten(tree, prefix=""):
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, prefix + k + "."))
+        else:
+            flat[prefix + k] = v
+    return flat
+
+
+DEFAULTS_FLAT = _flatten(DEFAULTS)
+
+
+def parse_override(text):
+    """'train.epochs=2' -> {'train': {'epochs': 2}} (the value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else None
+    tree = value
+    for part in reversed(key.strip().split(".")):
+        tree = {part: tree}
+    return tree
+
+
+def manifest_path(name_or_path):
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = MANIFEST_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in MANIFEST_DIR.glob("*.yaml"))
+        raise ConfigError(f"manifest {name_or_path!r} not found at {path}; available: {available}")
+    return path
+
+
+class Manifest:
+    """A validated manifest: `name`, `path`, `rows` (name -> row dict), `resolve(row, overrides)`."""
+
+    def __init__(self, name_or_path):
+        self.path = manifest_path(name_or_path)
+        self.name = self.path.stem
+        try:
+            doc = yaml.safe_load(self.path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"manifest {self.path}: not valid YAML: {e}") from None
+        where = f"manifest {self.path}"
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{where}: expected a mapping with 'rows'")
+        unknown = set(doc) - {"description", "defaults", "rows"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown top-level keys {sorted(unknown)} "
+                              f"(expected description, defaults, rows)")
+        self.description = doc.get("description", "")
+        self.defaults = merge(DEFAULTS, doc.get("defaults") or {}, f"{where}, defaults")
+        rows = doc.get("rows")
+        if not isinstance(rows, list) or not rows:
+            raise ConfigError(f"{where}: 'rows' must be a non-empty list")
+        self.rows = {}
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict) or "name" not in row:
+                raise ConfigError(f"{where}: row {i + 1} must be a mapping with a 'name'")
+            name = row["name"]
+            if not isinstance(name, str) or not ROW_NAME.match(name):
+                raise ConfigError(f"{where}: row {i + 1} name {name!r} must be letters, digits, '_' or '-'")
+            if name in self.rows:
+                raise ConfigError(f"{where}: duplicate row name {name!r}")
+            unknown = set(row) - ROW_KEYS
+            if unknown:
+                raise ConfigError(f"{where}, row {name!r}: unknown keys {sorted(unknown)} "
+                                  f"(expected {sorted(ROW_KEYS)})")
+            _check_paper(row.get("paper"), f"{where}, row {name!r}")
+            merge(self.defaults, row.get("config") or {}, f"{where}, row {name!r}")  # validate now
+            self.rows[name] = row
+        for name, row in self.rows.items():
+            if "baseline" in row and row["baseline"] not in self.rows:
+                raise ConfigError(f"{where}, row {name!r}: baseline {row['baseline']!r} is not a row of this manifest")
+
+    def row(self, name):
+        if name not in self.rows:
+            raise ConfigError(f"manifest {self.path}: no row {name!r}; rows: {list(self.rows)}")
+        return self.rows[name]
+
+    def resolve(self, row_name, overrides=()):
+        """The full configuration of one row, with command-line overrides applied."""
+        cfg = merge(self.defaults, self.row(row_name).get("config") or {},
+                    f"manifest {self.path}, row {row_name!r}")
+        for text in overrides:
+            cfg = merge(cfg, parse_override(text), f"override {text!r} (row {row_name!r})")
+        return cfg
+
+
+def diff(a, b, prefix=""):
+    """Keys whose values differ between two configuration trees."""
+    fa, fb = _flatten(a, prefix), _flatten(b, prefix)
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))

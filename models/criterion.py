@@ -1,0 +1,80 @@
+"""Set criterion: Hungarian matching and the DETR losses for every output that gets a loss.
+
+Every output (each student decoder layer and each kept teacher layer) gets its own matching and the
+same weighted loss: class_weight * sigmoid focal loss + bbox_weight * L1 + giou_weight * GIoU loss,
+each normalised by the number of target boxes in the (global) batch. Equal weights across outputs,
+as the reference (section 5).
+"""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
+
+from .ks_encoder import STUDENT
+
+
+def output_names(outputs):
+    """(suffix, branch, output dict) for every output that gets a loss, in a fixed order:
+    the student's last layer (suffix ''), its earlier layers ('_0', '_1', ...), then each teacher's
+    kept layers ('_attn3', or '_attn3_0', ... when all layers are kept)."""
+    named = [("", STUDENT, outputs)]
+    named += [(f"_{i}", STUDENT, aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
+    for branch, layers in outputs.get("teacher_outputs", {}).items():
+        if len(layers) == 1:
+            named.append((f"_{branch}", branch, layers[0]))
+        else:
+            named += [(f"_{branch}_{i}", branch, out) for i, out in enumerate(layers)]
+    return named
+
+
+def global_num_boxes(targets, device):
+    num = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(num)
+        num = num / dist.get_world_size()
+    return num.clamp(min=1).item()
+
+
+class SetCriterion(nn.Module):
+    def __init__(self, num_classes, matcher, class_weight=1.0, bbox_weight=5.0, giou_weight=2.0,
+                 alpha=0.25, gamma=2.0):
+        super().__init__()
+        self.num_classes, self.matcher = num_classes, matcher
+        self.weights = {"loss_class": class_weight, "loss_bbox": bbox_weight, "loss_giou": giou_weight}
+        self.alpha, self.gamma = alpha, gamma
+
+    def matched_losses(self, output, targets, indices, num_boxes):
+        """Unweighted losses of one output given its assignment."""
+        logits, boxes = output["pred_logits"], output["pred_boxes"]
+        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+        src_idx = torch.cat([src for src, _ in indices])
+        onehot = torch.zeros_like(logits)
+        labels = torch.cat([t["labels"][tgt] for t, (_, tgt) in zip(targets, indices)])
+        onehot[batch_idx, src_idx, labels] = 1
+        loss_class = sigmoid_focal_loss(logits, onehot, self.alpha, self.gamma, reduction="sum") / num_boxes
+        src_boxes = boxes[batch_idx, src_idx]
+        tgt_boxes = torch.cat([t["boxes"][tgt] for t, (_, tgt) in zip(targets, indices)])
+        loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num_boxes
+        giou = generalized_box_iou(box_convert(src_boxes, "cxcywh", "xyxy"),
+                                   box_convert(tgt_boxes, "cxcywh", "xyxy"))
+        loss_giou = (1 - torch.diag(giou)).sum() / num_boxes
+        return {"loss_class": loss_class, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+
+    def weighted(self, losses):
+        return sum(self.weights[k] * v for k, v in losses.items())
+
+    def forward(self, outputs, targets):
+        """Returns a dict: `loss` (the total to minimise), the unweighted components of every output
+        (`loss_class`, `loss_class_0`, `loss_class_attn3`, ...) and the weighted total per branch
+        (`loss_attn1`, `loss_attn2`, `loss_attn3`)."""
+        num_boxes = global_num_boxes(targets, outputs["pred_logits"].device)
+        result, branch_totals = {}, {}
+        for suffix, branch, output in output_names(outputs):
+            indices = self.matcher(output["pred_logits"], output["pred_boxes"], targets)
+            losses = self.matched_losses(output, targets, indices, num_boxes)
+            result.update({k + suffix: v for k, v in losses.items()})
+            branch_totals[branch] = branch_totals.get(branch, 0) + self.weighted(losses)
+        result.update({f"loss_{b}": v for b, v in branch_totals.items()})
+        result["loss"] = sum(branch_totals.values())
+        return result

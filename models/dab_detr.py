@@ -1,0 +1,177 @@
+"""DAB-DETR (Liu et al., ICLR 2022) with optional knowledge sharing in the last encoder layer.
+
+As the reference configuration (detrex DAB-DETR, spec section 7, family D): 4-d anchor-box queries
+with zero content queries, conditional cross-attention whose positional query is the anchor's sine
+embedding modulated by the predicted width/height, iterative anchor refinement with one box head
+shared by all decoder layers, element-wise query scaling of the positional encoding in the encoder
+(from each layer's input) and decoder, post-norm layers with PReLU FFNs, a final decoder LayerNorm.
+"""
+import math
+
+import torch
+from torch import nn
+
+from . import ks_encoder as ks
+from .backbone import Backbone
+from .layers import (MLP, EncoderLayer, attend, box_sine_embedding, inverse_sigmoid, make_activation,
+                     merge_heads, sdpa_mask, split_heads, xavier_init_)
+from .position_encoding import PositionEmbeddingSine
+
+
+class DABEncoder(nn.Module):
+    def __init__(self, d_model, nhead, dim_feedforward, dropout, activation, num_layers, ks_mode):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [EncoderLayer(d_model, nhead, dim_feedforward, dropout, activation) for _ in range(num_layers - 1)]
+            + [ks.make_encoder_layer(ks_mode, d_model, nhead, dim_feedforward, dropout, activation)])
+        self.query_scale = MLP(d_model, d_model, d_model, 2)
+
+    def forward(self, x, pos, key_padding_mask, fg=None):
+        """Returns (student memory, {teacher branch: memory})."""
+        for layer in self.layers[:-1]:
+            x = layer(x, pos * self.query_scale(x), key_padding_mask)
+        return ks.run_last_layer(self.layers[-1], x, pos * self.query_scale(x), key_padding_mask, fg)
+
+
+class DABDecoderLayer(nn.Module):
+    """Conditional self- and cross-attention with separate content/position projections (no packed
+    in-projection). In the cross-attention each head's query is [content ; sine-embedded anchor] and
+    its key [content ; position], so the q/k head dim is twice the value head dim. The first layer
+    also adds the positional query and key to the content parts."""
+
+    def __init__(self, d_model, nhead, dim_feedforward, dropout, activation, is_first):
+        super().__init__()
+        self.nhead, self.dropout = nhead, dropout
+        linear = lambda: nn.Linear(d_model, d_model)  # noqa: E731
+        self.sa_q_content, self.sa_q_pos, self.sa_k_content, self.sa_k_pos = linear(), linear(), linear(), linear()
+        self.sa_v, self.sa_out = linear(), linear()
+        self.ca_q_content, self.ca_k_content, self.ca_k_pos, self.ca_v = linear(), linear(), linear(), linear()
+        self.ca_q_pos = linear() if is_first else None
+        self.ca_q_sine, self.ca_out = linear(), linear()
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.activation = make_activation(activation)
+        self.ffn_dropout1, self.ffn_dropout2 = nn.Dropout(dropout), nn.Dropout(dropout)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+
+    def forward(self, tgt, memory, memory_pos, query_pos, query_sine, memory_padding_mask, self_attn_mask=None):
+        h, p = self.nhead, self.dropout if self.training else 0.0
+        q = self.sa_q_content(tgt) + self.sa_q_pos(query_pos)
+        k = self.sa_k_content(tgt) + self.sa_k_pos(query_pos)
+        out = attend(split_heads(q, h), split_heads(k, h), split_heads(self.sa_v(tgt), h),
+                     sdpa_mask(None, self_attn_mask), p)
+        tgt = self.norm1(tgt + self.sa_out(merge_heads(out)))
+
+        q, k = self.ca_q_content(tgt), self.ca_k_content(memory)
+        k_pos = self.ca_k_pos(memory_pos)
+        if self.ca_q_pos is not None:
+            q, k = q + self.ca_q_pos(query_pos), k + k_pos
+        q = torch.cat([split_heads(q, h), split_heads(self.ca_q_sine(query_sine), h)], -1)
+        k = torch.cat([split_heads(k, h), split_heads(k_pos, h)], -1)
+        out = attend(q, k, split_heads(self.ca_v(memory), h), sdpa_mask(memory_padding_mask), p)
+        tgt = self.norm2(tgt + self.ca_out(merge_heads(out)))
+
+        ffn = self.linear2(self.ffn_dropout1(self.activation(self.linear1(tgt))))
+        return self.norm3(tgt + self.ffn_dropout2(ffn))
+
+
+class DABDecoder(nn.Module):
+    def __init__(self, d_model, nhead, dim_feedforward, dropout, activation, num_layers, modulate_hw_attn=True):
+        super().__init__()
+        self.d_model = d_model
+        self.layers = nn.ModuleList(DABDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation, i == 0)
+                                    for i in range(num_layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
+        self.query_scale = MLP(d_model, d_model, d_model, 2)
+        self.ref_anchor_head = MLP(d_model, d_model, 2, 2) if modulate_hw_attn else None
+
+    def forward(self, tgt, memory, memory_pos, memory_padding_mask, anchors, bbox_embed, self_attn_mask=None):
+        """tgt (B, Q, d) content queries; anchors (B, Q, 4) unsigmoided boxes; bbox_embed the shared
+        box head used for the iterative refinement. Returns the normalised hidden states of every
+        layer (L, B, Q, d) and the anchors each layer started from (L, B, Q, 4), sigmoided."""
+        d = self.d_model
+        refs = anchors.sigmoid()
+        hidden, references = [], [refs]
+        out = tgt
+        for i, layer in enumerate(self.layers):
+            sine = box_sine_embedding(refs, d // 2)  # (B, Q, 2d): y, x, w, h
+            query_pos = self.ref_point_head(sine)
+            query_sine = sine[..., :d] * (1 if i == 0 else self.query_scale(out))
+            if self.ref_anchor_head is not None:  # modulate the x/y parts by reference w/h
+                ref_hw = self.ref_anchor_head(out).sigmoid()
+                query_sine = torch.cat([query_sine[..., :d // 2] * (ref_hw[..., 1] / refs[..., 3])[..., None],
+                                        query_sine[..., d // 2:] * (ref_hw[..., 0] / refs[..., 2])[..., None]], -1)
+            out = layer(out, memory, memory_pos, query_pos, query_sine, memory_padding_mask, self_attn_mask)
+            # The box head sees the un-normalised layer output here, as in DAB-DETR. The next layer
+            # starts from detached anchors, but the returned ones keep their gradient.
+            new_refs = (bbox_embed(out) + inverse_sigmoid(refs)).sigmoid()
+            if i < len(self.layers) - 1:
+                references.append(new_refs)
+            refs = new_refs.detach()
+            hidden.append(self.norm(out))
+        return torch.stack(hidden), torch.stack(references)
+
+
+class DABDETR(nn.Module):
+    """forward(images, padding_mask, targets=None, with_teachers=None) -> output dict (see
+    models.ks_encoder.assemble_outputs). Teachers run in training, or in evaluation when
+    with_teachers=True; they need `targets` (their `boxes_xyxy`)."""
+
+    def __init__(self, cfg, num_classes):
+        super().__init__()
+        d, nhead = cfg["hidden_dim"], cfg["nheads"]
+        self.ks_mode = ks.check_ks_mode(cfg["ks"]["mode"])
+        self.teacher_layers = cfg["ks"]["teacher_layers"]
+        bb = cfg["backbone"]
+        self.backbone = Backbone(bb["name"], bb["weights"], bb["weights_path"], bb["freeze_at"], ("layer4",))
+        self.input_proj = nn.Conv2d(self.backbone.num_channels[-1], d, kernel_size=1)
+        self.position = PositionEmbeddingSine(d // 2, temperature=cfg["pos_temperature"], normalize=True)
+        layer_args = (d, nhead, cfg["dim_feedforward"], cfg["dropout"], cfg["activation"])
+        self.encoder = DABEncoder(*layer_args, cfg["enc_layers"], self.ks_mode)
+        self.decoder = DABDecoder(*layer_args, cfg["dec_layers"], cfg["dab"]["modulate_hw_attn"])
+        xavier_init_(self.encoder)
+        xavier_init_(self.decoder)
+        ks.init_ks_parameters(self.encoder)
+
+        nq = cfg["num_queries"]
+        anchors = torch.randn(nq, 4)
+        if cfg["dab"]["random_anchor_xy"]:
+            anchors[:, :2] = inverse_sigmoid(torch.rand(nq, 2))
+        # Split so the centres can really be frozen (freeze_anchor_xy); the reference's
+        # `freeze_anchor_box_centers` sets requires_grad on a `.data` view, which leaves them trainable.
+        self.anchor_xy = nn.Parameter(anchors[:, :2], requires_grad=not cfg["dab"]["freeze_anchor_xy"])
+        self.anchor_wh = nn.Parameter(anchors[:, 2:])
+        self.class_embed = nn.Linear(d, num_classes)
+        self.bbox_embed = MLP(d, d, 4, 3)
+        nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
+        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
+        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+
+    def forward(self, images, padding_mask, targets=None, with_teachers=None):
+        teachers = ks.teachers_wanted(self.ks_mode, self.training, with_teachers)
+        (feature, mask), = self.backbone(images, padding_mask)
+        pos = self.position(mask).flatten(2).transpose(1, 2)
+        src = self.input_proj(feature)
+        fg = ks.token_fg_mask(targets, images.shape[-2:], src.shape[-2:], mask) if teachers else None
+        mask = mask.flatten(1)
+        memory, teacher_memories = self.encoder(src.flatten(2).transpose(1, 2), pos, mask, fg)
+
+        B = images.shape[0]
+        anchors = torch.cat([self.anchor_xy, self.anchor_wh], -1)
+
+        def decode(memory, n):
+            q_anchors = anchors.expand(n * B, -1, -1)
+            tgt = memory.new_zeros(n * B, anchors.shape[0], memory.shape[-1])
+            hidden, refs = self.decoder(tgt, memory, pos.repeat(n, 1, 1), mask.repeat(n, 1), q_anchors,
+                                        self.bbox_embed)
+            logits = self.class_embed(hidden)
+            boxes = (self.bbox_embed(hidden) + inverse_sigmoid(refs)).sigmoid()
+            return [{"pred_logits": c, "pred_boxes": b} for c, b in zip(logits, boxes)]
+
+        branches = ks.decode_branches(decode, memory, teacher_memories, self.training)
+        return ks.assemble_outputs(branches, self.teacher_layers)
+
+
+def build(cfg, num_classes):
+    return DABDETR(cfg, num_classes)

@@ -1,0 +1,278 @@
+"""Knowledge sharing (KS-DETR), in one place.
+
+Everything that is KS lives here and every variant takes it from here:
+- the ground-truth foreground/background (Fg-Bg) mask at token resolution (`fg_mask`),
+- the sMLP teacher feature X^t (paper Eq. 9),
+- the last encoder layer with triple or dual attention (`KSEncoderLayer`),
+- the bookkeeping around it: when teachers run, running the decoder on every branch, and which
+  outputs get a loss.
+
+Branch names follow the paper: attn1 = student (Q, K, V); attn2 = shares the student's attention map
+A with teacher values (Q, K, V^t); attn3 = teacher attention sharing the student's values
+(Q^t, K^t, V). Modes: `none` (plain baseline), `triple` (attn1 + attn3 + attn2), `dual_share_v`
+(attn1 + attn3), `dual_share_a` (attn1 + attn2).
+
+Teachers run only where asked for (training, or evaluation with GT masks for Fig. 4). Without them
+the KS layer is exactly the plain encoder layer: student outputs are bit-identical to a model built
+without any teacher parameters, and no ground truth is needed.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import EncoderLayer, attend, merge_heads, sdpa_mask, split_heads
+
+STUDENT = "attn1"
+# Teacher branches per mode, in the reference's order (its feat_t = [A^t V, A V^t]).
+TEACHER_BRANCHES = {
+    "none": (),
+    "triple": ("attn3", "attn2"),
+    "dual_share_v": ("attn3",),
+    "dual_share_a": ("attn2",),
+}
+KS_MODES = tuple(TEACHER_BRANCHES)
+TEACHER_LAYERS = ("last", "all")
+
+
+def check_ks_mode(mode):
+    if mode not in TEACHER_BRANCHES:
+        raise ValueError(f"unknown KS mode {mode!r}; expected one of {list(KS_MODES)}")
+    return mode
+
+
+# --------------------------------------------------------------------------------------------------
+# GT Fg-Bg mask (reference section 1)
+
+def fg_canvas(boxes, batch_hw):
+    """Rasterise boxes on the padded-batch canvas, as the reference does box by box:
+    canvas[b, int(y1):int(y2), int(x1):int(x2)] = 1 (int() truncates, a floor for the non-negative
+    coordinates of boxes clamped to their image; half-open, so the last partial row and column are
+    left out and a box under one pixel wide after flooring can be empty). Overlaps union.
+
+    boxes: list of B (n_i, 4) absolute xyxy tensors in padded-batch pixels; batch_hw: (H, W).
+    Returns (B, H, W) float32 of 0/1. Vectorised: rows x columns indicator matrix product.
+    """
+    H, W = batch_hw
+    device = boxes[0].device if len(boxes) else torch.device("cpu")
+    n = max((len(b) for b in boxes), default=0)
+    if n == 0:
+        return torch.zeros(len(boxes), H, W, device=device)
+    padded = torch.zeros(len(boxes), n, 4, dtype=torch.int64, device=device)  # zero box = empty
+    for i, b in enumerate(boxes):
+        padded[i, :len(b)] = b.detach().to(torch.int64).clamp(min=0)
+    x1, y1, x2, y2 = padded.unbind(-1)
+    ys = torch.arange(H, device=device)
+    xs = torch.arange(W, device=device)
+    rows = ((ys >= y1[..., None]) & (ys < y2[..., None])).float()  # (B, n, H)
+    cols = ((xs >= x1[..., None]) & (xs < x2[..., None])).float()  # (B, n, W)
+    return (torch.bmm(rows.transpose(1, 2), cols) > 0).float()
+
+
+def resize_canvas(canvas, feature_hw, padding_mask=None):
+    """Canvas (B, H, W) -> token mask (B, h, w): bilinear with align_corners=True and a token is
+    foreground iff its interpolated value is > 0 (no 0.5 threshold). This is point sampling: token
+    (i, j) reads the canvas at y = i (H-1)/(h-1), x = j (W-1)/(w-1) and is foreground if any
+    neighbour with a non-zero weight is. Padding tokens (padding_mask True) are never foreground."""
+    mask = F.interpolate(canvas[:, None], size=tuple(feature_hw), mode="bilinear",
+                         align_corners=True)[:, 0] > 0
+    if padding_mask is not None:
+        mask = mask & ~padding_mask
+    return mask
+
+
+def fg_mask(boxes, batch_hw, feature_hw, padding_mask=None):
+    """GT Fg-Bg mask at token resolution: (B, h, w) bool. See fg_canvas and resize_canvas."""
+    return resize_canvas(fg_canvas(boxes, batch_hw), feature_hw, padding_mask)
+
+
+def fg_mask_levels(boxes, batch_hw, level_hws, padding_masks=None):
+    """Multi-scale masks: each level resized independently from the one full-resolution canvas
+    (reference section 1.6). Returns a list of (B, h_l, w_l) bool masks in level order."""
+    canvas = fg_canvas(boxes, batch_hw)
+    padding_masks = padding_masks or [None] * len(level_hws)
+    return [resize_canvas(canvas, hw, pm) for hw, pm in zip(level_hws, padding_masks)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Teacher feature and the KS encoder layer (reference sections 2 and 3)
+
+class SMLP(nn.Module):
+    """sMLP of paper Eq. 9: X^t = X * (1 - M) + ReLU(X W + b) * M. Background tokens pass unchanged.
+    One Linear(d, d) with PyTorch's default init (the reference keeps it out of the xavier loop)."""
+
+    def __init__(self, d_model):
+        super().__init__()
+        self.linear = nn.Linear(d_model, d_model)
+
+    def forward(self, x, fg):
+        """x (B, N, d); fg (B, N) bool."""
+        return torch.where(fg[..., None], F.relu(self.linear(x)), x)
+
+
+class TeacherParameters(nn.Module):
+    """Every parameter that exists only for the teachers: the sMLP and the teacher projections
+    W^Qt, W^Kt (teacher attention map, attn3) and W^Vt (teacher values, attn2)."""
+
+    def __init__(self, d_model, branches):
+        super().__init__()
+        self.smlp = SMLP(d_model)
+        self.qk_proj = nn.Linear(d_model, 2 * d_model) if "attn3" in branches else None
+        self.v_proj = nn.Linear(d_model, d_model) if "attn2" in branches else None
+
+
+def attend_shared_map(q, k, v, vt, mask, dropout_p):
+    """A V and A V^t from ONE attention map A (and one dropout draw on it), as attn1 and attn2 must
+    share it. One SDPA call on the concatenated values [V | V^t]; q and k are zero-padded to the
+    doubled head dim, with the scale of the true head dim passed explicitly, because unequal q/v
+    head dims make SDPA fall back to a slow path that materialises the map
+    (see experiments/benchmarks/triple_attention.py)."""
+    dh = q.shape[-1]
+    y = attend(torch.cat([q, torch.zeros_like(q)], -1), torch.cat([k, torch.zeros_like(k)], -1),
+               torch.cat([v, vt], -1), mask, dropout_p, scale=dh ** -0.5)
+    return y[..., :dh], y[..., dh:]
+
+
+class KSEncoderLayer(EncoderLayer):
+    """Plain post-norm encoder layer plus teacher branches (reference section 3).
+
+    The student parameters keep the plain layer's names, so the state dict minus `teacher.*` is a
+    baseline layer's. All branches share the out-projection, the residual from the student input X
+    (not X^t), both LayerNorms and the FFN; dropout draws are independent per branch, except that
+    attn2 reuses the student's dropped-out attention map. The positional encoding P (for DAB/DN the
+    query-scaled one, computed from the student X) is added to the Q/K inputs of every group.
+    """
+
+    def __init__(self, mode, d_model, nhead, dim_feedforward, dropout=0.0, activation="relu"):
+        super().__init__(d_model, nhead, dim_feedforward, dropout, activation)
+        check_ks_mode(mode)
+        if mode == "none":
+            raise ValueError("KSEncoderLayer needs a KS mode other than 'none'")
+        self.mode = mode
+        self.branches = TEACHER_BRANCHES[mode]
+        self.teacher = TeacherParameters(d_model, self.branches)
+        self.reset_ks_parameters()
+
+    @torch.no_grad()
+    def reset_ks_parameters(self):
+        """The reference packs the student and teacher in-projections into one (k*d x d) matrix
+        (k = 6 triple, 5 share-V, 4 share-A) and xavier-initialises it as a whole, so its bound is
+        sqrt(6 / ((k+1) d)) for student and teacher rows alike. The sMLP keeps PyTorch's default
+        init. Call this after any xavier loop over the transformer."""
+        d = self.self_attn.d_model
+        parts = [self.self_attn.in_proj] + [p for p in (self.teacher.qk_proj, self.teacher.v_proj)
+                                            if p is not None]
+        packed = torch.empty(sum(p.out_features for p in parts), d)
+        nn.init.xavier_uniform_(packed)
+        for part, weight in zip(parts, packed.split([p.out_features for p in parts])):
+            part.weight.copy_(weight)
+            nn.init.zeros_(part.bias)
+        self.teacher.smlp.linear.reset_parameters()
+
+    def forward(self, x, pos, key_padding_mask=None, fg=None):
+        """x, pos (B, N, d); key_padding_mask (B, N) True at padding; fg (B, N) bool foreground
+        tokens or None. Returns (student output, {teacher branch: output}); fg None runs the plain
+        layer alone (inference)."""
+        if fg is None:
+            return super().forward(x, pos, key_padding_mask), {}
+        attn, nhead = self.self_attn, self.self_attn.nhead
+        qk = x + pos
+        q, k, v = attn.project(qk, qk, x)
+        xt = self.teacher.smlp(x, fg)
+        mask = sdpa_mask(key_padding_mask)
+        p = attn.dropout_p()
+        ys = {}
+        if "attn2" in self.branches:
+            vt = split_heads(self.teacher.v_proj(xt), nhead)
+            if self.training:  # the student's map and its dropout are shared with attn2
+                ys[STUDENT], ys["attn2"] = attend_shared_map(q, k, v, vt, mask, p)
+            else:
+                ys["attn2"] = attend(q, k, vt, mask)
+        if "attn3" in self.branches:
+            qt, kt = split_heads(self.teacher.qk_proj(xt + pos), nhead).chunk(2, dim=-1)
+            ys["attn3"] = attend(qt, kt, v, mask, p)
+        if self.training and STUDENT not in ys:
+            ys[STUDENT] = attend(q, k, v, mask, p)
+        # Outside training the student runs the plain layer below, exactly as at inference.
+        names = [n for n in (STUDENT,) + self.branches if n in ys]
+        y = attn.out_proj(torch.cat([merge_heads(ys[n]) for n in names]))
+        outs = dict(zip(names, self.post_attention(x.repeat(len(names), 1, 1), y).chunk(len(names))))
+        student = outs.pop(STUDENT) if STUDENT in outs else super().forward(x, pos, key_padding_mask)
+        return student, outs
+
+
+def make_encoder_layer(mode, d_model, nhead, dim_feedforward, dropout=0.0, activation="relu"):
+    """The last encoder layer for a KS mode: plain for `none`, KSEncoderLayer otherwise."""
+    if check_ks_mode(mode) == "none":
+        return EncoderLayer(d_model, nhead, dim_feedforward, dropout, activation)
+    return KSEncoderLayer(mode, d_model, nhead, dim_feedforward, dropout, activation)
+
+
+def run_last_layer(layer, x, pos, key_padding_mask, fg):
+    """Runs the last encoder layer; returns (student memory, {teacher: memory})."""
+    if isinstance(layer, KSEncoderLayer):
+        return layer(x, pos, key_padding_mask, fg)
+    return layer(x, pos, key_padding_mask), {}
+
+
+def init_ks_parameters(module):
+    """Re-applies the reference's KS init to every KS layer below `module` (after xavier loops)."""
+    for m in module.modules():
+        if isinstance(m, KSEncoderLayer):
+            m.reset_ks_parameters()
+
+
+# --------------------------------------------------------------------------------------------------
+# Bookkeeping shared by the variants
+
+def teachers_wanted(mode, training, with_teachers=None):
+    """Whether this forward runs the teacher branches: by default in training only; with_teachers
+    True asks for them in evaluation too (GT-assisted teacher evaluation, paper Fig. 4)."""
+    if mode == "none":
+        if with_teachers:
+            raise ValueError("with_teachers=True needs a KS model (model.ks.mode is 'none')")
+        return False
+    return training if with_teachers is None else bool(with_teachers)
+
+
+def token_fg_mask(targets, batch_hw, feature_hw, padding_mask):
+    """Flattened token mask (B, h*w) from model targets (their `boxes_xyxy`, absolute xyxy in
+    padded-batch pixels)."""
+    if targets is None:
+        raise ValueError("the teacher branches need ground-truth boxes: pass targets to the model")
+    boxes = [t["boxes_xyxy"] for t in targets]
+    return fg_mask(boxes, batch_hw, feature_hw, padding_mask).flatten(1)
+
+
+def decode_branches(decode, student_memory, teacher_memories, training):
+    """Runs the (shared) decoder on every branch's memory.
+
+    decode(memory, n) must run the decoder and heads on `memory` holding n branches stacked on the
+    batch axis (repeating its own per-image inputs n times) and return a list of per-layer output
+    dicts of batch-first tensors. In training all branches go through one batched call; in
+    evaluation the student runs alone, exactly as at inference, and the teachers together.
+    Returns {branch: list of per-layer output dicts}, student first.
+    """
+    memories = {STUDENT: student_memory, **teacher_memories}
+    groups = [list(memories)] if training else [[STUDENT], list(teacher_memories)]
+    outputs = {}
+    for names in filter(None, groups):
+        layers = decode(torch.cat([memories[n] for n in names]), len(names))
+        for i, name in enumerate(names):
+            outputs[name] = [{k: v.chunk(len(names))[i] for k, v in layer.items()} for layer in layers]
+    return {name: outputs[name] for name in memories}
+
+
+def assemble_outputs(branch_outputs, teacher_layers="last"):
+    """The model's output dict: the student's last decoder layer as `pred_*`, its other layers as
+    `aux_outputs`, and, when teachers ran, `teacher_outputs` {branch: [layer outputs]} holding the
+    last decoder layer (the reference) or all of them (teacher_layers='all', paper Eq. 10)."""
+    if teacher_layers not in TEACHER_LAYERS:
+        raise ValueError(f"teacher_layers must be one of {TEACHER_LAYERS}, got {teacher_layers!r}")
+    student = branch_outputs[STUDENT]
+    out = dict(student[-1])
+    out["aux_outputs"] = student[:-1]
+    teachers = {name: (layers if teacher_layers == "all" else layers[-1:])
+                for name, layers in branch_outputs.items() if name != STUDENT}
+    if teachers:
+        out["teacher_outputs"] = teachers
+    return out
