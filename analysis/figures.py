@@ -1,0 +1,160 @@
+"""Figures from log.jsonl: the paper's Fig. 4 (AP of the baseline, the student Attn1 and the teachers
+Attn2/Attn3 against epoch) and training-loss curves. Epochs are plotted as log.jsonl numbers them.
+
+Both functions return (figure, series): series maps each drawn line's label to its (epochs, values),
+exactly the data handed to matplotlib. Files go to results/figures/ as PNG and PDF, written atomically.
+"""
+import io
+import math
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from experiments import records  # noqa: E402
+
+from . import VARIANT_NAMES, AnalysisError, load_manifest, load_run  # noqa: E402
+
+LOSSES = {"loss": "total", "loss_attn1": "Attn1", "loss_attn2": "Attn2", "loss_attn3": "Attn3"}
+STATE_MARK = {"done": "", "incomplete": " (incomplete)", "failed": " (failed)"}
+
+
+def model_name(manifest, row):
+    """e.g. 'KS-DAB-DETR-R18' from the row's resolved configuration."""
+    model = manifest.resolve(row)["model"]
+    backbone = model["backbone"]["name"].replace("resnet", "R")
+    name = f"{VARIANT_NAMES.get(model['variant'], model['variant'])}-{backbone}"
+    return name if model["ks"]["mode"] == "none" else "KS-" + name
+
+
+def ap_series(log, branch):
+    """(epochs, AP x100) of one branch over the epochs that evaluated it; NaN points left out."""
+    xs, ys = [], []
+    for entry in log:
+        metrics = (entry.get("eval") or {}).get(branch) or {}
+        ap = metrics.get("AP")
+        if isinstance(ap, (int, float)) and not isinstance(ap, bool) and not math.isnan(ap):
+            xs.append(entry["epoch"])
+            ys.append(100 * ap)
+    return xs, ys
+
+
+def save_figure(fig, path_stem):
+    """path_stem.png and path_stem.pdf, each rendered in memory and written atomically."""
+    paths = []
+    for ext in ("png", "pdf"):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=ext, dpi=150, bbox_inches="tight",
+                    metadata={"CreationDate": None} if ext == "pdf" else None)
+        path = Path(f"{path_stem}.{ext}")
+        records.atomic_write(path, buf.getvalue())
+        paths.append(path)
+    return paths
+
+
+def _warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def fig4(manifest, row, results=records.RESULTS):
+    """AP against epoch for the row's baseline and the row's Attn1, Attn2 and Attn3 (paper Fig. 4)."""
+    manifest.row(row)
+    run = load_run(manifest.name, row, results)
+    if not run.log:
+        raise AnalysisError(f"{manifest.name} / {row}: no finished epoch in {run.directory / 'log.jsonl'} "
+                            f"({run.label})")
+    lines = []
+    base = manifest.rows[row].get("baseline")
+    if base is None:
+        _warn(f"{manifest.name} / {row} has no baseline row in {manifest.path}; no Baseline curve")
+    else:
+        base_run = load_run(manifest.name, base, results)
+        points = ap_series(base_run.log, "attn1")
+        if points[0]:
+            lines.append(("Baseline" + STATE_MARK.get(base_run.state, ""), points, "k", "--"))
+        else:
+            _warn(f"baseline row {base!r} has no evaluated epoch ({base_run.label}); no Baseline curve")
+    mark = STATE_MARK.get(run.state, "")
+    for branch, color in (("attn1", "tab:blue"), ("attn2", "tab:orange"), ("attn3", "tab:green")):
+        xs, ys = ap_series(run.log, branch)
+        if xs:
+            lines.append((f"Attn{branch[-1]}{mark}", (xs, ys), color, "-"))
+        elif branch != "attn1":
+            _warn(f"{manifest.name} / {row}: no {branch} evaluation in log.jsonl (not a KS row, or teachers "
+                  f"not evaluated)")
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    series = {}
+    for label, (xs, ys), color, style in lines:
+        ax.plot(xs, ys, style, color=color, marker="o", markersize=3, label=label)
+        series[label] = (xs, ys)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("AP")
+    ax.set_title(f"{model_name(manifest, row)} ({manifest.name} / {row})\n"
+                 "Attn2, Attn3: teachers evaluated with GT Fg-Bg masks", fontsize=9)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend()
+    fig.tight_layout()
+    return fig, series
+
+
+def curves(manifest, rows=None, results=records.RESULTS):
+    """Training losses (total and per branch) against epoch, one subplot per row that has a log."""
+    rows = list(manifest.rows) if rows is None else rows
+    runs = {}
+    for row in rows:
+        manifest.row(row)
+        run = load_run(manifest.name, row, results)
+        if run.log:
+            runs[row] = run
+        else:
+            _warn(f"{manifest.name} / {row}: no finished epoch ({run.label}); left out")
+    if not runs:
+        raise AnalysisError(f"manifest {manifest.name}: no run with a finished epoch among {rows} "
+                            f"under {Path(results) / 'runs' / manifest.name}")
+    ncols = min(len(runs), 3)
+    nrows = math.ceil(len(runs) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.5 * nrows), squeeze=False)
+    series = {}
+    for ax, (row, run) in zip(axes.flat, runs.items()):
+        series[row] = {}
+        for key, label in LOSSES.items():
+            points = [(e["epoch"], e["train"][key]) for e in run.log
+                      if isinstance((e.get("train") or {}).get(key), (int, float))
+                      and not math.isnan(e["train"][key])]
+            if points:
+                xs, ys = [p[0] for p in points], [p[1] for p in points]
+                ax.plot(xs, ys, marker="o", markersize=2, label=label)
+                series[row][label] = (xs, ys)
+        ax.set_title(row + STATE_MARK.get(run.state, ""), fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("training loss")
+        ax.grid(alpha=0.3)
+        if series[row]:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(runs):]:
+        ax.set_visible(False)
+    fig.suptitle(f"Training losses: {manifest.name}")
+    fig.tight_layout()
+    return fig, series
+
+
+def write_fig4(name_or_path, row, results=records.RESULTS):
+    manifest = load_manifest(name_or_path)
+    fig, _ = fig4(manifest, row, results)
+    paths = save_figure(fig, Path(results) / "figures" / f"{manifest.name}_{row}_fig4")
+    plt.close(fig)
+    return paths
+
+
+def write_curves(name_or_path, row=None, results=records.RESULTS):
+    """results/figures/<manifest>_curves.{png,pdf}, or <manifest>_<row>_curves for one row."""
+    manifest = load_manifest(name_or_path)
+    fig, _ = curves(manifest, None if row is None else [row], results)
+    stem = f"{manifest.name}_curves" if row is None else f"{manifest.name}_{row}_curves"
+    paths = save_figure(fig, Path(results) / "figures" / stem)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,314 @@
+"""Tables from run records: the paper's Tables 1 and 2 next to the reproduced numbers, or (for a
+manifest whose rows point at no paper row, such as demo) the manifest's own results.
+
+Numbers are COCO box AP in percent, rounded to 0.1 like the paper (records hold fractions). Differences
+(reproduced - paper) and KS gains (KS row - its baseline) are computed from the rounded numbers, so
+the table's arithmetic checks out; the gains the paper prints are ignored (some are wrong, e.g.
+KS-DN-Deformable-DETR-R50: printed +2.1, 46.5 - 43.4 = 3.1).
+
+Writes results/tables/<manifest>.md, .csv (plain numbers, empty when missing, plus a status column)
+and .tex (a booktabs tabular).
+"""
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from experiments import records
+
+from . import BRANCHES, VARIANT_NAMES, AnalysisError, load_manifest, load_run, number
+
+PAPER_DIR = records.RESULTS / "paper"
+METRICS = records.METRICS
+PAPER_MANIFESTS = {"table1": 1, "table2": 2}  # rendered from the paper alone while they do not exist
+EXPERIMENT_NAMES = {"baseline": "baseline", "dual_attention_share_v": "dual attention, share V",
+                    "dual_attention_share_a": "dual attention, share A", "triple_attention": "triple attention"}
+
+PAPER_COLUMNS = (["section", "paper_table", "paper_row", "model", "epochs", "manifest_row", "paper_source",
+                  "status", "last_epoch", "baseline_row", "baseline_status"]
+                 + [f"{kind}_{m}" for kind in ("paper", "repro", "diff", "gain_paper", "gain_repro")
+                    for m in METRICS])
+RUN_COLUMNS = (["manifest_row", "branch", "label", "status", "last_epoch", "baseline_row", "baseline_status"]
+               + list(METRICS) + [f"gain_{m}" for m in METRICS])
+INT_COLUMNS = ("paper_table", "paper_row", "epochs", "last_epoch")
+
+
+# ------------------------------------------------------------------------------------------------
+# numbers
+
+def load_paper(table):
+    """results/paper/table<N>.csv with a 1-based `paper_row` column."""
+    df = pd.read_csv(PAPER_DIR / f"table{table}.csv")
+    if "paper_row" not in df:
+        df.insert(0, "paper_row", range(1, len(df) + 1))
+    return df
+
+
+def paper_model(row):
+    """The paper's name for a row, e.g. 'KS-DN-Deformable-DETR-R50' or 'DAB-DETR-R50, triple attention'."""
+    name = f"{VARIANT_NAMES.get(row['variant'], row['variant'])}-{row['backbone']}"
+    if row.get("method") == "ks":
+        name = "KS-" + name
+    if "experiment" in row:
+        name += ", " + EXPERIMENT_NAMES.get(row["experiment"], row["experiment"])
+    return name
+
+
+def _is_baseline(row):
+    return row.get("method", row.get("experiment")) == "baseline"
+
+
+def paper_baseline(df, i):
+    """Position of the paper row that row i is compared with: the nearest baseline row above it with
+    the same variant, backbone and epochs (Table 1: the row before; Table 2: the backbone's baseline).
+    None for baseline rows."""
+    row = df.iloc[i]
+    if _is_baseline(row):
+        return None
+    for j in range(i - 1, -1, -1):
+        other = df.iloc[j]
+        if _is_baseline(other) and all(other[k] == row[k] for k in ("variant", "backbone", "epochs")):
+            return j
+    return None
+
+
+def percent(branch):
+    """One eval.json branch in percent, rounded to 0.1 (NaN where missing or undefined)."""
+    branch = branch if isinstance(branch, dict) else {}
+    return {m: round(100 * number(branch.get(m)), 1) for m in METRICS}
+
+
+def minus(a, b):
+    """a - b rounded to 0.1 (NaN if either is NaN; never -0.0)."""
+    return round(a - b, 1) + 0.0
+
+
+def _frame(lines, columns):
+    df = pd.DataFrame(lines, columns=columns)
+    for c in INT_COLUMNS:
+        if c in df:
+            df[c] = df[c].astype("Int64")
+    return df
+
+
+def paper_report(manifest, tables, results=records.RESULTS):
+    """One line per paper row of each table (one per manifest row pointing at it, if several), then the
+    manifest rows that point at no paper row. `manifest` may be None: the paper's table alone."""
+    rows = manifest.rows if manifest else {}
+    runs = {n: load_run(manifest.name, n, results) for n in rows}
+    repro = {n: percent(run.eval.get("attn1")) for n, run in runs.items() if run.state == "done"}
+
+    def run_cells(name, paper):
+        if name is None:
+            return {"status": "no manifest row"}
+        row, run = rows[name], runs[name]
+        base = row.get("baseline")
+        cells = {"manifest_row": name, "paper_source": (row.get("paper") or {}).get("source"),
+                 "status": run.label, "last_epoch": run.last_epoch, "baseline_row": base,
+                 "baseline_status": runs[base].label if base else None}
+        if name in repro:
+            for m in METRICS:
+                cells[f"repro_{m}"] = repro[name][m]
+                if paper:
+                    cells[f"diff_{m}"] = minus(repro[name][m], paper[m])
+                if base in repro:
+                    cells[f"gain_repro_{m}"] = minus(repro[name][m], repro[base][m])
+        return cells
+
+    lines = []
+    for table in tables:
+        paper = load_paper(table)
+        pointing = {}
+        for name, row in rows.items():
+            ref = row.get("paper")
+            if ref and ref["table"] == table:
+                if ref["row"] > len(paper):
+                    raise AnalysisError(f"manifest {manifest.path}, row {name!r}: paper row {ref['row']} is beyond "
+                                        f"the {len(paper)} rows of {PAPER_DIR / f'table{table}.csv'}")
+                pointing.setdefault(ref["row"], []).append(name)
+        for i in range(len(paper)):
+            p = paper.iloc[i]
+            b = paper_baseline(paper, i)
+            values = {m: float(p[m]) for m in METRICS}
+            line = {"section": f"Table {table}", "paper_table": table, "paper_row": i + 1,
+                    "model": paper_model(p), "epochs": int(p["epochs"])}
+            line.update({f"paper_{m}": values[m] for m in METRICS})
+            if b is not None:
+                line.update({f"gain_paper_{m}": minus(values[m], float(paper.iloc[b][m])) for m in METRICS})
+            for name in pointing.get(i + 1, [None]):
+                lines.append({**line, **run_cells(name, values)})
+    for name, row in rows.items():
+        if not row.get("paper"):
+            lines.append({"section": "Rows not in the paper", "model": name, **run_cells(name, None)})
+    return _frame(lines, PAPER_COLUMNS)
+
+
+def runs_report(manifest, results=records.RESULTS):
+    """One line per manifest row (student, attn1) with the KS gain over its baseline row, and for rows
+    whose eval.json has teacher branches one line per teacher (evaluated with GT masks)."""
+    runs = {n: load_run(manifest.name, n, results) for n in manifest.rows}
+    lines = []
+    for name, row in manifest.rows.items():
+        run, base = runs[name], row.get("baseline")
+        common = {"manifest_row": name, "status": run.label, "last_epoch": run.last_epoch,
+                  "baseline_row": base, "baseline_status": runs[base].label if base else None}
+        line = {**common, "branch": "attn1", "label": name}
+        teachers = []
+        if run.state == "done":
+            student = percent(run.eval.get("attn1"))
+            line.update(student)
+            if base and runs[base].state == "done":
+                baseline = percent(runs[base].eval.get("attn1"))
+                line.update({f"gain_{m}": minus(student[m], baseline[m]) for m in METRICS})
+            teachers = [b for b in BRANCHES[1:] if b in run.eval]
+        lines.append(line)
+        for branch in teachers:
+            lines.append({**common, "branch": branch, "label": f"{name} / {branch} (teacher, GT mask)",
+                          "baseline_row": None, "baseline_status": None, **percent(run.eval[branch])})
+    return _frame(lines, RUN_COLUMNS)
+
+
+def open_manifest(name_or_path):
+    """The manifest, or None for table1/table2 while their manifest does not exist yet."""
+    from experiments.config import MANIFEST_DIR
+
+    if name_or_path in PAPER_MANIFESTS and not (MANIFEST_DIR / f"{name_or_path}.yaml").is_file():
+        return None
+    return load_manifest(name_or_path)
+
+
+def report(name_or_path, results=records.RESULTS):
+    """(manifest name, kind 'paper' or 'runs', DataFrame) for a manifest name or path."""
+    manifest = open_manifest(name_or_path)
+    if manifest is None:
+        return name_or_path, "paper", paper_report(None, [PAPER_MANIFESTS[name_or_path]], results)
+    tables = {row["paper"]["table"] for row in manifest.rows.values() if row.get("paper")}
+    if manifest.name in PAPER_MANIFESTS:
+        tables.add(PAPER_MANIFESTS[manifest.name])
+    if tables:
+        return manifest.name, "paper", paper_report(manifest, sorted(tables), results)
+    return manifest.name, "runs", runs_report(manifest, results)
+
+
+# ------------------------------------------------------------------------------------------------
+# rendering
+
+def _value(v):
+    return "n/a" if math.isnan(v) else f"{v:.1f}"
+
+
+def _signed(v):
+    return "n/a" if math.isnan(v) else f"{v:+.1f}"
+
+
+def _text(v):
+    return "" if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)) else str(v)
+
+
+def _display(kind, df, arrow):
+    """(header, right-aligned flags, list of (section, cells)) for the markdown and LaTeX tables."""
+    out = []
+    if kind == "paper":
+        header = ["#", "Model", "Epochs", "Manifest row", "Paper's number", "Status", *METRICS,
+                  "KS gain AP (paper)", "KS gain AP (ours)"]
+        for _, r in df.iterrows():
+            done = r["status"] == "done"
+            cells = [_text(r["paper_row"]), r["model"], _text(r["epochs"]), _text(r["manifest_row"]),
+                     {"rerun": "re-run", "cited": "cited"}.get(_text(r["paper_source"]), ""), r["status"]]
+            for m in METRICS:
+                has_paper = not math.isnan(r[f"paper_{m}"])
+                paper = _value(r[f"paper_{m}"]) if has_paper else ""
+                if done and has_paper:
+                    cells.append(f"{paper} {arrow} {_value(r[f'repro_{m}'])} ({_signed(r[f'diff_{m}'])})")
+                else:
+                    cells.append(_value(r[f"repro_{m}"]) if done else paper)
+            gain = r["gain_paper_AP"]
+            cells.append("" if math.isnan(gain) else _signed(gain))
+            cells.append(_signed(r["gain_repro_AP"]) if done and r["baseline_status"] == "done" else "")
+            out.append((r["section"], cells))
+        right = [True, False, True, False, False, False] + [True] * 8
+    else:
+        header = ["Run", "Baseline", "Status", *METRICS, "KS gain AP"]
+        for _, r in df.iterrows():
+            done = r["status"] == "done"
+            cells = [r["label"], _text(r["baseline_row"]), r["status"]]
+            cells += [_value(r[m]) if done else "" for m in METRICS]
+            cells.append(_signed(r["gain_AP"]) if done and r["baseline_status"] == "done" else "")
+            out.append((None, cells))
+        right = [False, False, False] + [True] * 7
+    return header, right, out
+
+
+def to_markdown(name, kind, df):
+    header, right, lines = _display(kind, df, "→")
+    title = f"# {name}: reproduced vs. paper" if kind == "paper" else f"# {name}: results"
+    parts = [title]
+    for section in dict.fromkeys(s for s, _ in lines):
+        if section:
+            parts.append(f"## {section}")
+        rows = [header, ["---:" if r else "---" for r in right]]
+        rows += [cells for s, cells in lines if s == section]
+        parts.append("\n".join("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in rows))
+    if kind == "paper":
+        parts.append("COCO box AP in percent. Cells: paper → reproduced (reproduced − paper). KS gain: KS row "
+                     "minus its baseline, computed from the numbers (paper: the baseline row of the same "
+                     "variant, backbone and epochs; ours: the manifest row's `baseline`). Paper's number: "
+                     "re-run by the authors or cited from other work. Only finished runs (DONE) show numbers.")
+    else:
+        parts.append("COCO box AP in percent of the student (attn1) unless a line names a teacher branch "
+                     "(evaluated with ground-truth masks, as in the paper's Fig. 4). KS gain: the row minus "
+                     "its `baseline` row. Only finished runs (DONE) show numbers.")
+    return "\n\n".join(parts) + "\n"
+
+
+def _tex(text):
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"),
+                 ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"), ("^", r"\^{}")):
+        text = text.replace(a, b)
+    return text
+
+
+def to_latex(name, kind, df):
+    header, right, lines = _display(kind, df, "@ARROW@")
+    spec = "".join("r" if r else "l" for r in right)
+    out = [f"% python -m analysis tables --manifest {name}", rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
+           " & ".join(_tex(h) for h in header) + r" \\", r"\midrule"]
+    current = None
+    for section, cells in lines:
+        if section and section != current:
+            if current is not None:
+                out.append(r"\midrule")
+            out.append(rf"\multicolumn{{{len(header)}}}{{l}}{{\emph{{{_tex(section)}}}}} \\")
+            current = section
+        out.append(" & ".join(_tex(c).replace("@ARROW@", r"$\to$") for c in cells) + r" \\")
+    out += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(out) + "\n"
+
+
+def write_tables(name_or_path, results=records.RESULTS):
+    """Writes results/tables/<manifest>.{md,csv,tex}; returns the markdown."""
+    name, kind, df = report(name_or_path, results)
+    folder = Path(results) / "tables"
+    markdown = to_markdown(name, kind, df)
+    records.atomic_write(folder / f"{name}.md", markdown)
+    records.atomic_write(folder / f"{name}.csv", df.to_csv(index=False))
+    records.atomic_write(folder / f"{name}.tex", to_latex(name, kind, df))
+    return markdown
+
+
+def default_manifests(results=records.RESULTS):
+    """table1, table2 (from the paper alone while their manifests do not exist), then every other
+    manifest with records under results/runs/ (run folders without a manifest are skipped, with a warning)."""
+    from experiments.config import MANIFEST_DIR
+
+    names = list(PAPER_MANIFESTS)
+    runs = Path(results) / "runs"
+    for folder in sorted(p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []:
+        if folder.name in names:
+            continue
+        if (MANIFEST_DIR / f"{folder.name}.yaml").is_file():
+            names.append(folder.name)
+        else:
+            print(f"warning: {folder} has no manifest experiments/{folder.name}.yaml; skipped", file=sys.stderr)
+    return names

@@ -1,0 +1,235 @@
+"""analysis.tables on hand-made run records: paper tables, demo-style tables, statuses, CLI errors."""
+import json
+import math
+
+import pandas as pd
+import pytest
+import yaml
+
+from analysis import AnalysisError, read_log
+from analysis.__main__ import main
+from analysis.tables import load_paper, paper_report, report, write_tables
+from experiments import records
+
+
+def metrics(ap, **others):
+    """An eval branch with AP = ap and the other metrics given or derived from ap."""
+    out = {"AP": ap, "AP50": ap + 0.2, "AP75": ap + 0.03, "APs": ap - 0.2, "APm": ap + 0.04, "APl": ap + 0.18}
+    out.update(others)
+    return out
+
+
+def write_run(results, manifest, row, state, log=(), final=None):
+    """A run record: state 'done' (log, eval.json, DONE), 'incomplete' (log only), 'failed'."""
+    d = records.run_dir(manifest, row, results)
+    d.mkdir(parents=True)
+    if state != "incomplete":
+        records.write_yaml(d / "config.yaml", {"row": row})
+    lines = [{"epoch": e, "lr": 1e-4, "train": {"loss": 10.0 - e}, **({"eval": ev} if ev else {}), "time_s": 1.0}
+             for e, ev in log]
+    records.write_log(d / "log.jsonl", lines)
+    if state == "done":
+        records.write_json(d / "eval.json", {"epoch": lines[-1]["epoch"] if lines else 0, **final})
+        records.write_json(d / "DONE", {"epochs": len(lines)})
+    elif state == "failed":
+        records.atomic_write(d / "FAILED", "RunError: boom\n")
+
+
+def write_manifest(path, rows):
+    path.write_text(yaml.safe_dump({"description": "test", "rows": rows}, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def table1(tmp_path):
+    """A Table-1 manifest covering done, incomplete, failed, not run, NaN and a row outside the paper."""
+    manifest = write_manifest(tmp_path / "t1.yaml", [
+        {"name": "dab_r50", "paper": {"table": 1, "row": 5, "source": "rerun"}},
+        {"name": "ks_dab_r50", "baseline": "dab_r50", "paper": {"table": 1, "row": 6, "source": "rerun"}},
+        {"name": "dab_r101", "paper": {"table": 1, "row": 7, "source": "cited"}},
+        {"name": "ks_dab_r101", "baseline": "dab_r101", "paper": {"table": 1, "row": 8, "source": "rerun"}},
+        {"name": "dndef_r50", "paper": {"table": 1, "row": 19, "source": "cited"}},
+        {"name": "ks_dndef_r50", "baseline": "dndef_r50", "paper": {"table": 1, "row": 20, "source": "rerun"}},
+        {"name": "cond_r50", "paper": {"table": 1, "row": 1, "source": "rerun"}},
+        {"name": "extra", "baseline": "dab_r50"},
+    ])
+    results = tmp_path / "results"
+    write_run(results, "t1", "dab_r50", "done", [(0, None), (1, {"attn1": metrics(0.421)})],
+              {"attn1": metrics(0.421)})
+    write_run(results, "t1", "ks_dab_r50", "done", [(0, None), (1, {"attn1": metrics(0.437)})],
+              {"attn1": metrics(0.437, APs=float("nan")), "attn2": metrics(0.55), "attn3": metrics(0.53)})
+    write_run(results, "t1", "dab_r101", "done", [(0, {"attn1": metrics(0.44)})], {"attn1": metrics(0.44)})
+    write_run(results, "t1", "ks_dab_r101", "incomplete",
+              [(e, {"attn1": metrics(0.777)}) for e in range(8)])  # must never show 77.7
+    write_run(results, "t1", "ks_dndef_r50", "done", [(0, {"attn1": metrics(0.3)})],
+              {"attn1": metrics(float("nan"))})
+    write_run(results, "t1", "cond_r50", "failed", [(0, {"attn1": metrics(0.666)})])
+    write_run(results, "t1", "extra", "done", [(0, {"attn1": metrics(0.4)})], {"attn1": metrics(0.4)})
+    return manifest, results
+
+
+def line(df, model=None, row=None):
+    sel = df[df["manifest_row"] == row] if row else df[(df["model"] == model) & df["manifest_row"].isna()]
+    assert len(sel) == 1
+    return sel.iloc[0]
+
+
+def test_paper_csv_matches_row_numbers():
+    for table, n in ((1, 26), (2, 8)):
+        df = load_paper(table)
+        assert list(df["paper_row"]) == list(range(1, n + 1))
+    assert load_paper(1).loc[19, ["AP", "APl"]].tolist() == [46.5, 61.5]
+
+
+def test_paper_gains_computed_from_numbers():
+    df = paper_report(None, [1, 2])
+    t1, t2 = df[df["paper_table"] == 1], df[df["paper_table"] == 2]
+    gain = dict(zip(t1["model"], t1["gain_paper_AP"]))
+    assert gain["KS-DN-Deformable-DETR-R50"] == 3.1  # the paper prints +2.1
+    assert gain["KS-DAB-DETR-R50"] == 0.9  # the text says 0.6
+    assert gain["KS-DAB-DETR-Swin-T"] == 1.9
+    assert math.isnan(gain["DAB-DETR-R50"])
+    # 24-epoch and 50-epoch Deformable rows compare with the baseline of their own schedule
+    assert t1["gain_paper_AP"].tolist()[21] == 1.4 and t1["gain_paper_AP"].tolist()[23] == 0.7
+    assert t1.iloc[19]["gain_paper_APs"] == 4.0
+    assert t2["gain_paper_AP"].tolist()[1:4] == [0.4, 0.6, 0.9]
+    assert t2["gain_paper_AP"].tolist()[5:8] == [1.0, 1.2, 1.3]
+    assert set(df["status"]) == {"no manifest row"}
+
+
+def test_table_numbers_and_flags(table1):
+    manifest, results = table1
+    name, kind, df = report(str(manifest), results)
+    assert (name, kind) == ("t1", "paper")
+    assert len(df) == 26 + 1
+
+    ks = line(df, row="ks_dab_r50")
+    assert (ks["paper_row"], ks["status"], ks["paper_source"]) == (6, "done", "rerun")
+    assert (ks["paper_AP"], ks["repro_AP"], ks["diff_AP"]) == (43.9, 43.7, -0.2)
+    assert (ks["gain_paper_AP"], ks["gain_repro_AP"]) == (0.9, 1.6)  # 43.7 - 42.1
+    assert ks["repro_AP50"] == 63.7 and ks["diff_AP50"] == -0.5
+    assert math.isnan(ks["repro_APs"]) and math.isnan(ks["diff_APs"]) and math.isnan(ks["gain_repro_APs"])
+
+    base = line(df, row="dab_r50")
+    assert (base["repro_AP"], base["diff_AP"], base["paper_source"]) == (42.1, -0.9, "rerun")
+    assert math.isnan(base["gain_paper_AP"]) and math.isnan(base["gain_repro_AP"])
+    assert line(df, row="dab_r101")["paper_source"] == "cited"
+
+    inc = line(df, row="ks_dab_r101")
+    assert (inc["status"], inc["last_epoch"]) == ("incomplete (epoch 7)", 7)
+    assert all(math.isnan(inc[f"{k}_{m}"]) for k in ("repro", "diff", "gain_repro") for m in records.METRICS)
+    assert inc["gain_paper_AP"] == 1.3
+
+    nan = line(df, row="ks_dndef_r50")
+    assert nan["status"] == "done" and math.isnan(nan["repro_AP"]) and nan["gain_paper_AP"] == 3.1
+    assert math.isnan(nan["gain_repro_AP"])  # its baseline was never run
+    assert nan["baseline_status"] == "not run"
+    assert line(df, row="dndef_r50")["status"] == "not run"
+    assert line(df, row="cond_r50")["status"] == "failed"
+    assert math.isnan(line(df, row="cond_r50")["repro_AP"])
+    assert line(df, model="KS-Conditional-DETR-R50")["status"] == "no manifest row"
+
+    extra = line(df, row="extra")
+    assert (extra["section"], extra["repro_AP"], extra["gain_repro_AP"]) == ("Rows not in the paper", 40.0, -2.1)
+    assert pd.isna(extra["paper_row"]) and math.isnan(extra["paper_AP"])
+
+
+def test_written_files(table1):
+    manifest, results = table1
+    markdown = write_tables(str(manifest), results)
+    folder = results / "tables"
+    assert (folder / "t1.md").read_text() == markdown
+    lines = {ln.split(" | ")[1]: ln for ln in markdown.splitlines() if ln.startswith("| ")}
+    assert "43.9 → 43.7 (-0.2)" in lines["KS-DAB-DETR-R50"]
+    assert "23.9 → n/a (n/a)" in lines["KS-DAB-DETR-R50"]
+    assert lines["KS-DAB-DETR-R50"].endswith("| +0.9 | +1.6 |")
+    assert "incomplete (epoch 7)" in lines["KS-DAB-DETR-R101"]
+    assert "77.7" not in markdown and "66.6" not in markdown  # incomplete and failed runs show no numbers
+    assert "| cited | not run |" in lines["DN-Deformable-DETR-R50"]
+    assert "46.5 → n/a (n/a)" in lines["KS-DN-Deformable-DETR-R50"]
+    assert lines["KS-DN-Deformable-DETR-R50"].endswith("| +3.1 |  |")
+    assert "| failed |" in lines["Conditional-DETR-R50"]
+
+    csv = pd.read_csv(folder / "t1.csv")
+    ks = csv[csv["manifest_row"] == "ks_dab_r50"].iloc[0]
+    assert (ks["repro_AP"], ks["diff_AP"], ks["status"]) == (43.7, -0.2, "done")
+    assert pd.isna(ks["repro_APs"])
+    raw = (folder / "t1.csv").read_text()
+    assert "nan" not in raw.lower().replace("manifest", "")
+
+    tex = (folder / "t1.tex").read_text()
+    assert r"\toprule" in tex and r"\bottomrule" in tex and r"\begin{tabular}" in tex
+    assert r"ks\_dab\_r50" in tex and r"43.9 $\to$ 43.7 (-0.2)" in tex
+    assert tex.count(r"\\") == 1 + 27 + 2  # header, lines, two section rows
+
+
+def test_no_runs_renders_paper(tmp_path):
+    manifest = write_manifest(tmp_path / "table1.yaml", [
+        {"name": "dab_r50", "paper": {"table": 1, "row": 5, "source": "rerun"}},
+        {"name": "ks_dab_r50", "baseline": "dab_r50", "paper": {"table": 1, "row": 6, "source": "rerun"}}])
+    markdown = write_tables(str(manifest), tmp_path / "results")
+    df = pd.read_csv(tmp_path / "results" / "tables" / "table1.csv")
+    assert len(df) == 26 and df["paper_AP"].tolist() == load_paper(1)["AP"].tolist()
+    assert df["repro_AP"].isna().all()
+    assert df.loc[5, "status"] == "not run" and df.loc[0, "status"] == "no manifest row"
+    assert "| 43.9 | 64.2 | 46.8 | 23.9 | 48.0 | 62.2 | +0.9 |  |" in markdown
+    assert not any("→" in ln for ln in markdown.splitlines() if ln.startswith("| "))
+
+
+def test_missing_paper_manifest_renders_paper(tmp_path, monkeypatch):
+    import experiments.config
+
+    monkeypatch.setattr(experiments.config, "MANIFEST_DIR", tmp_path)  # no table2.yaml here
+    name, kind, df = report("table2", tmp_path)
+    assert (name, kind, len(df)) == ("table2", "paper", 8)
+    assert set(df["status"]) == {"no manifest row"} and df["gain_paper_AP"].tolist()[7] == 1.3
+
+
+def test_runs_table_with_teachers(tmp_path):
+    manifest = write_manifest(tmp_path / "toy.yaml", [{"name": "base"}, {"name": "ks", "baseline": "base"},
+                                                      {"name": "later"}])
+    results = tmp_path / "results"
+    write_run(results, "toy", "base", "done", [(0, {"attn1": metrics(0.301)})], {"attn1": metrics(0.301)})
+    write_run(results, "toy", "ks", "done", [(0, None)],
+              {"attn1": metrics(0.312), "attn2": metrics(0.405), "attn3": metrics(float("nan"))})
+    name, kind, df = report(str(manifest), results)
+    assert kind == "runs"
+    assert df["label"].tolist() == ["base", "ks", "ks / attn2 (teacher, GT mask)",
+                                    "ks / attn3 (teacher, GT mask)", "later"]
+    assert df.loc[1, "AP"] == 31.2 and df.loc[1, "gain_AP"] == 1.1 and math.isnan(df.loc[0, "gain_AP"])
+    assert df.loc[2, "AP"] == 40.5 and math.isnan(df.loc[2, "gain_AP"])
+    assert df.loc[4, "status"] == "not run" and math.isnan(df.loc[4, "AP"])
+    markdown = write_tables(str(manifest), results)
+    assert "| ks / attn2 (teacher, GT mask) |  | done | 40.5 |" in markdown
+    assert "| ks / attn3 (teacher, GT mask) |  | done | n/a |" in markdown
+    assert "| ks | base | done | 31.2 | 51.2 | 34.2 | 11.2 | 35.2 | 49.2 | +1.1 |" in markdown
+
+
+def test_cli_tables_prints_markdown(table1, capsys):
+    manifest, results = table1
+    assert main(["tables", "--manifest", str(manifest), "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert out == (results / "tables" / "t1.md").read_text()
+
+
+def test_cli_unknown_manifest(tmp_path, capsys):
+    assert main(["tables", "--manifest", "no_such_manifest", "--results", str(tmp_path)]) != 0
+    err = capsys.readouterr().err
+    assert "no_such_manifest" in err and "available" in err and "demo" in err and "Traceback" not in err
+
+
+def test_malformed_log_line(table1, capsys):
+    manifest, results = table1
+    log = records.run_dir("t1", "ks_dab_r101", results) / "log.jsonl"
+    log.write_text(log.read_text().replace('{"epoch": 3', '{"epoch": 3,,', 1))
+    with pytest.raises(AnalysisError, match=r"log\.jsonl, line 4"):
+        read_log(log)
+    assert main(["tables", "--manifest", str(manifest), "--results", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert str(log) in err and "line 4" in err
+
+
+def test_nan_in_log_is_read(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text(json.dumps({"epoch": 0, "eval": {"attn1": {"AP": float("nan")}}}) + "\n")
+    assert math.isnan(read_log(path)[0]["eval"]["attn1"]["AP"])
