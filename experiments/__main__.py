@@ -6,10 +6,13 @@
 """
 import argparse
 import json
+import re
 import sys
 
 from . import records
 from .config import ConfigError, Manifest
+
+OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
 
 
 def cmd_list(args):
@@ -71,7 +74,14 @@ def main(argv=None):
                    help="configuration overrides, recorded in the run's config.yaml")
     p.set_defaults(func=cmd_run)
 
-    args = parser.parse_args(argv)
+    # Overrides may come after options too (`run demo --row x train.epochs=2`), which argparse's
+    # positional handling does not allow: collect them from the unrecognised arguments.
+    args, extra = parser.parse_known_args(argv)
+    bad = [a for a in extra if not OVERRIDE.match(a)]
+    if bad or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     try:
         args.func(args)
     except ConfigError as e:
