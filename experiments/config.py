@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from models import VARIANTS
-from models.backbone import RESNETS
+from models.backbone import NORMS, RESNETS, STAGES
 from models.ks_encoder import KS_MODES, TEACHER_LAYERS
 
 MANIFEST_DIR = Path(__file__).resolve().parent
@@ -43,7 +43,8 @@ DEFAULTS = {
         "num_queries": 300,
         "pos_temperature": 20,
         "eval_topk": 300,
-        "backbone": {"name": "resnet50", "weights": "imagenet", "weights_path": None, "freeze_at": 1},
+        "backbone": {"name": "resnet50", "weights": "imagenet", "weights_path": None, "freeze_at": 1,
+                     "norm": "frozen_bn", "last_stage": "layer4"},
         "ks": {"mode": "none", "teacher_layers": "last"},
         "dab": {"modulate_hw_attn": True, "random_anchor_xy": True, "freeze_anchor_xy": False},
         "loss": {"class_weight": 1.0, "bbox_weight": 5.0, "giou_weight": 2.0, "alpha": 0.25, "gamma": 2.0},
@@ -92,10 +93,18 @@ CHOICES = {
     "model.activation": ["relu", "prelu", "gelu"],
     "model.backbone.name": sorted(RESNETS),
     "model.backbone.weights": [None, "imagenet"],
+    "model.backbone.norm": sorted(NORMS),
+    "model.backbone.last_stage": STAGES,
     "model.ks.mode": list(KS_MODES),
     "model.ks.teacher_layers": list(TEACHER_LAYERS),
     "data.dataset": ["coco", "synthetic"],
 }
+# Smallest allowed value of numeric keys.
+MINIMUM = {"model.hidden_dim": 1, "model.nheads": 1, "model.enc_layers": 1, "model.dec_layers": 1,
+           "model.dim_feedforward": 1, "model.num_queries": 1, "model.eval_topk": 1, "model.dropout": 0.0,
+           "model.backbone.freeze_at": 0, "data.num_workers": 0, "train.epochs": 1, "train.batch_size": 1,
+           "train.eval_every": 1, "train.max_iters_per_epoch": 1, "train.max_eval_images": 1, "train.lr": 0.0,
+           "train.lr_backbone": 0.0, "train.weight_decay": 0.0, "train.clip_max_norm": 0.0}
 ROW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
@@ -129,6 +138,11 @@ def _check_value(key, value, default, where):
             return value
         raise ConfigError(f"{where}: key {key!r} may not be null")
     expected = NULLABLE.get(key, type(default))
+    if expected is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
     ok = isinstance(value, expected) and not (expected in (int, float) and isinstance(value, bool))
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
@@ -137,7 +151,9 @@ def _check_value(key, value, default, where):
     if expected is list and default:
         item_type = type(default[0])
         if not all(isinstance(v, item_type) and not isinstance(v, bool) for v in value):
-            raise ConfigError(f"{where}: key {key!r} must be a list of {_type_name(item_type)}s, got {value!r}")
+            raise ConfigError(f"{where}: key {key!r} must be a list of {item_type.__name__} values, got {value!r}")
+    if key in MINIMUM and value < MINIMUM[key]:
+        raise ConfigError(f"{where}: key {key!r} must be at least {MINIMUM[key]}, got {value!r}")
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"{where}: key {key!r} must be one of {CHOICES[key]}, got {value!r}")
     return value
@@ -247,7 +263,12 @@ class Manifest:
         cfg = merge(self.defaults, self.row(row_name).get("config") or {},
                     f"manifest {self.path}, row {row_name!r}")
         for text in overrides:
-            cfg = merge(cfg, parse_override(text), f"override {text!r} (row {row_name!r})")
+            where = f"override {text!r} (row {row_name!r})"
+            try:
+                tree = parse_override(text)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
+            cfg = merge(cfg, tree, where)
         return cfg
 
 

@@ -185,6 +185,7 @@ def environment(cfg, model, device):
 
 
 def save_checkpoint(path, model, optimizer, scheduler, epoch, history, cfg):
+    """Everything needed to resume after `epoch` completed epochs, written atomically."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history, "config": cfg,
              "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
@@ -236,7 +237,8 @@ def train_row(manifest_name, row, overrides=(), resume=False, force=False, devic
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "FAILED").unlink(missing_ok=True)
     records.write_yaml(directory / "config.yaml", cfg)
-    records.append_command(directory / "command.txt")
+    records.append_command(directory / "command.txt",
+                           records.run_command(manifest.name, row, overrides, resume=bool(resuming)))
     try:
         return _train(cfg, directory, resuming, pick_device(device))
     except BaseException as e:
@@ -252,14 +254,14 @@ def _train(cfg, directory, resuming, device):
     model.to(device)
     optimizer = build_optimizer(model, tc)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=tc["lr_drop"], gamma=0.1)
-    history, start = [], 0
+    history, start = [], 0  # start: epochs already completed
     checkpoint = directory / "checkpoint.pth"
     if resuming:
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        history, start = state["history"], state["epoch"] + 1
+        history, start = state["history"], state["epoch"]
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
@@ -273,18 +275,17 @@ def _train(cfg, directory, resuming, device):
     workers = cfg["data"]["num_workers"]
     train_loader = make_loader(train_set, tc["batch_size"], True, workers, seed=tc["seed"])
     val_loader = make_loader(val_set, tc["batch_size"], False, workers)
-    for epoch in range(start, tc["epochs"]):
+    for epoch in range(start + 1, tc["epochs"] + 1):  # epochs count from 1, as in the paper
         train_loader.generator.manual_seed(tc["seed"] + epoch)  # the same order whether resumed or not
         t0 = time.time()
         lr = optimizer.param_groups[0]["lr"]
         train_losses = train_one_epoch(model, criterion, train_loader, optimizer, device, tc["clip_max_norm"],
-                                       epoch, tc["max_iters_per_epoch"])
+                                       f"{epoch}/{tc['epochs']}", tc["max_iters_per_epoch"])
         scheduler.step()
         record = {"epoch": epoch, "lr": lr, "train": train_losses}
-        last = epoch == tc["epochs"] - 1
-        if last or (epoch + 1) % tc["eval_every"] == 0:
+        if epoch == tc["epochs"] or epoch % tc["eval_every"] == 0:
             record["eval"] = evaluate(model, val_loader, val_set, device, teachers, cfg["model"]["eval_topk"],
-                                      tc["max_eval_images"], desc=f"epoch {epoch} eval")
+                                      tc["max_eval_images"], desc=f"epoch {epoch}/{tc['epochs']} eval")
         record["time_s"] = round(time.time() - t0, 1)
         history.append(record)
         save_checkpoint(checkpoint, model, optimizer, scheduler, epoch, history, cfg)

@@ -15,7 +15,6 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -67,11 +66,16 @@ def read_log(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def append_command(path, argv=None):
-    argv = sys.argv if argv is None else argv
-    line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} python -m experiments {shlex.join(argv[1:])}\n"
+def run_command(manifest, row, overrides=(), resume=False):
+    """The command line that (re)produces a run."""
+    args = ["run", manifest, "--row", row] + (["--resume"] if resume else []) + list(overrides)
+    return f"python -m experiments {shlex.join(args)}"
+
+
+def append_command(path, command):
+    """Adds one time-stamped line per start or resume of the run."""
     old = Path(path).read_text() if Path(path).is_file() else ""
-    atomic_write(path, old + line)
+    atomic_write(path, old + f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {command}\n")
 
 
 def git_sha():

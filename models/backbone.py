@@ -21,6 +21,9 @@ RESNETS = {
     "resnet101": (tvm.resnet101, tvm.ResNet101_Weights.IMAGENET1K_V1, [256, 512, 1024, 2048]),
 }
 STAGES = ["layer1", "layer2", "layer3", "layer4"]
+# FrozenBatchNorm2d (the reference) for ImageNet-initialised backbones; trainable BatchNorm2d helps
+# a backbone trained from a random initialisation (the CPU demo).
+NORMS = {"frozen_bn": FrozenBatchNorm2d, "batch_norm": nn.BatchNorm2d}
 STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 
 
@@ -45,12 +48,14 @@ class Backbone(nn.Module):
     requested stage (in order), where mask is the nearest-downsampled padding mask (True = padding).
 
     freeze_at: 0 trains everything, 1 freezes the stem (the reference: detectron2 freeze_at=1), 2 the
-    stem and layer1 (original DETR), and so on.
+    stem and layer1 (original DETR), and so on. Frozen BatchNorm2d layers also keep their statistics.
     """
 
     def __init__(self, name="resnet50", weights=None, weights_path=None, freeze_at=1,
-                 out_stages=("layer4",)):
+                 out_stages=("layer4",), norm="frozen_bn"):
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"model.backbone.norm must be one of {sorted(NORMS)}, got {norm!r}")
         if name not in RESNETS:
             raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(RESNETS)}")
         if weights not in (None, "imagenet"):
@@ -59,7 +64,7 @@ class Backbone(nn.Module):
         if bad:
             raise ValueError(f"unknown backbone stages {bad}; expected some of {STAGES}")
         builder, weights_enum, channels = RESNETS[name]
-        body = builder(weights=None, norm_layer=FrozenBatchNorm2d)
+        body = builder(weights=None, norm_layer=NORMS[norm])
         self.init = "random"
         if weights == "imagenet":
             state, path = load_imagenet_state_dict(name, weights_enum, weights_path)
@@ -70,10 +75,16 @@ class Backbone(nn.Module):
         self.out_stages = list(out_stages)
         self.num_channels = [channels[STAGES.index(s)] for s in self.out_stages]
         self.strides = [STRIDES[s] for s in self.out_stages]
-        frozen = [["conv1", "bn1"]] + [[s] for s in STAGES]
-        for group in frozen[:freeze_at]:
-            for module_name in group:
-                getattr(self.body, module_name).requires_grad_(False)
+        groups = [["conv1", "bn1"]] + [[s] for s in STAGES]
+        self.frozen = [getattr(self.body, m) for group in groups[:freeze_at] for m in group]
+        for module in self.frozen:
+            module.requires_grad_(False)
+
+    def train(self, mode=True):
+        super().train(mode)
+        for module in self.frozen:
+            module.eval()
+        return self
 
     def forward(self, images, padding_mask):
         b = self.body

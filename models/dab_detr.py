@@ -124,7 +124,8 @@ class DABDETR(nn.Module):
         self.ks_mode = ks.check_ks_mode(cfg["ks"]["mode"])
         self.teacher_layers = cfg["ks"]["teacher_layers"]
         bb = cfg["backbone"]
-        self.backbone = Backbone(bb["name"], bb["weights"], bb["weights_path"], bb["freeze_at"], ("layer4",))
+        self.backbone = Backbone(bb["name"], bb["weights"], bb["weights_path"], bb["freeze_at"],
+                                 (bb["last_stage"],), bb["norm"])
         self.input_proj = nn.Conv2d(self.backbone.num_channels[-1], d, kernel_size=1)
         self.position = PositionEmbeddingSine(d // 2, temperature=cfg["pos_temperature"], normalize=True)
         layer_args = (d, nhead, cfg["dim_feedforward"], cfg["dropout"], cfg["activation"])

@@ -188,7 +188,7 @@ class KSEncoderLayer(EncoderLayer):
             else:
                 ys["attn2"] = attend(q, k, vt, mask)
         if "attn3" in self.branches:
-            qt, kt = split_heads(self.teacher.qk_proj(xt + pos), nhead).chunk(2, dim=-1)
+            qt, kt = (split_heads(t, nhead) for t in self.teacher.qk_proj(xt + pos).chunk(2, dim=-1))
             ys["attn3"] = attend(qt, kt, v, mask, p)
         if self.training and STUDENT not in ys:
             ys[STUDENT] = attend(q, k, v, mask, p)

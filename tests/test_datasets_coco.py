@@ -7,7 +7,7 @@ import torch
 
 from datasets import CocoDetection, build_dataset, collate
 from datasets.synthetic import generate
-from datasets_helpers import DATA_CFG, TINY_ANNOTATIONS, TINY_EXPECTED, TINY_IMAGES, write_coco
+from .datasets_helpers import DATA_CFG, TINY_ANNOTATIONS, TINY_EXPECTED, TINY_IMAGES, write_coco
 
 
 @pytest.fixture

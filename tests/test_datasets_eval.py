@@ -6,7 +6,7 @@ import torch
 from pycocotools.coco import COCO
 
 from datasets.coco_eval import CocoEvaluator
-from datasets_helpers import write_coco
+from .datasets_helpers import write_coco
 
 CATEGORIES = [{"id": 3, "name": "a"}, {"id": 8, "name": "b"}]
 # Three images 300x200 with small (<32^2), medium and large (>96^2) boxes; image 3 has a crowd box.

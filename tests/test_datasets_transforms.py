@@ -4,7 +4,7 @@ import torch
 from torchvision import tv_tensors
 
 from datasets.transforms import RandomSizeCrop, denormalize, make_transforms
-from datasets_helpers import DATA_CFG
+from .datasets_helpers import DATA_CFG
 
 HEIGHT, WIDTH = 120, 160
 # label -> (colour, xyxy box); red near the top-left corner, blue near the bottom-right one, so that
