@@ -5,12 +5,13 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.requirements.sha256
 
-.PHONY: setup demo test help
+.PHONY: setup demo test test-slow op help
 
 help:
 	@echo "make demo   train + evaluate DAB-DETR and KS-DAB-DETR on the synthetic data set (CPU, ~15 min)"
 	@echo "make test   run the test suite (CPU)"
 	@echo "make setup  create .venv and install requirements.txt"
+	@echo "make op     build the MSDeformAttn CUDA extension (needs nvcc; TORCH_CUDA_ARCH_LIST picks the GPUs)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,3 +28,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+op: setup
+	$(PY) -m models.ops.ms_deform_attn.build

@@ -1,0 +1,160 @@
+"""Multi-scale deformable attention: the op, its PyTorch path and the dispatch between the two.
+
+Shapes (N batch, S = sum_l H_l * W_l value positions, M heads, D channels per head, Lq queries,
+L levels, P points per level):
+    value               (N, S, M, D)
+    spatial_shapes      (L, 2) int64, (H_l, W_l)
+    level_start_index   (L,) int64, offset of each level in S
+    sampling_locations  (N, Lq, M, L, P, 2), normalised (x, y); 0 and 1 are the outer edges of
+                        the map (align_corners=False), samples outside read zeros
+    attention_weights   (N, Lq, M, L, P), already normalised over L * P
+    output              (N, Lq, M * D)
+"""
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .extension import BUILD_COMMAND, extension_load_error, get_extension
+
+logger = logging.getLogger(__name__)
+_fallback_logged = False
+
+
+def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    if value.dim() != 4:
+        raise ValueError(f"value must be (N, S, M, D), got shape {tuple(value.shape)}")
+    N, _, M, _ = value.shape
+    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
+        raise ValueError(f"spatial_shapes must be (L, 2), got shape {tuple(spatial_shapes.shape)}")
+    L = spatial_shapes.shape[0]
+    if level_start_index.shape != (L,):
+        raise ValueError(f"level_start_index must be (L,) with L={L}, got shape "
+                         f"{tuple(level_start_index.shape)}")
+    if (sampling_locations.dim() != 6 or sampling_locations.shape[0] != N
+            or sampling_locations.shape[2:4] != (M, L) or sampling_locations.shape[5] != 2):
+        raise ValueError(f"sampling_locations must be (N, Lq, M, L, P, 2) with N={N}, M={M}, "
+                         f"L={L}, got shape {tuple(sampling_locations.shape)}")
+    if attention_weights.shape != sampling_locations.shape[:5]:
+        raise ValueError(f"attention_weights must be (N, Lq, M, L, P) = "
+                         f"{tuple(sampling_locations.shape[:5])}, got {tuple(attention_weights.shape)}")
+    for name, t in (("value", value), ("sampling_locations", sampling_locations),
+                    ("attention_weights", attention_weights)):
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating point tensor, got {t.dtype}")
+    for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
+        if t.is_floating_point() or t.is_complex():
+            raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+
+
+def _compute_dtype(*tensors):
+    """float64 if any input is float64, else float32 (half and bfloat16 run in float32)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations,
+                           attention_weights):
+    """Pure-PyTorch path: one `grid_sample` per level. Runs on any device; the result has the
+    dtype of `value`. `level_start_index` is only checked against `spatial_shapes`."""
+    _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    N, S, M, D = value.shape
+    _, Lq, _, L, P, _ = sampling_locations.shape
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    sizes = [h * w for h, w in shapes]
+    if sum(sizes) != S:
+        raise ValueError(f"spatial_shapes {shapes} cover {sum(sizes)} positions but value has S={S}")
+    starts = [sum(sizes[:l]) for l in range(L)]
+    if level_start_index.tolist() != starts:
+        raise ValueError(f"level_start_index {level_start_index.tolist()} does not match "
+                         f"spatial_shapes {shapes} (expected {starts})")
+
+    dtype = _compute_dtype(value, sampling_locations, attention_weights)
+    # Explicit dtype: autocast must not lower grid_sample or the weighted sum.
+    with torch.autocast(value.device.type, enabled=False):
+        levels = value.to(dtype).split(sizes, dim=1)
+        grids = 2 * sampling_locations.to(dtype) - 1  # grid_sample wants [-1, 1]
+        sampled = []
+        for l, (H, W) in enumerate(shapes):
+            # (N, H*W, M, D) -> (N*M, D, H, W)
+            level = levels[l].flatten(2).transpose(1, 2).reshape(N * M, D, H, W)
+            # (N, Lq, M, P, 2) -> (N*M, Lq, P, 2)
+            grid = grids[:, :, :, l].transpose(1, 2).flatten(0, 1)
+            sampled.append(F.grid_sample(level, grid, mode="bilinear", padding_mode="zeros",
+                                         align_corners=False))  # (N*M, D, Lq, P)
+        sampled = torch.stack(sampled, dim=-2).flatten(-2)  # (N*M, D, Lq, L*P)
+        weights = attention_weights.to(dtype).transpose(1, 2).reshape(N * M, 1, Lq, L * P)
+        output = (sampled * weights).sum(-1).view(N, M * D, Lq).transpose(1, 2)
+    return output.to(value.dtype).contiguous()
+
+
+class _MSDeformAttnCUDA(torch.autograd.Function):
+    """The compiled kernels; inputs are contiguous, on one GPU, float32 or float64 alike."""
+
+    @staticmethod
+    def forward(ctx, ext, value, spatial_shapes, level_start_index, sampling_locations,
+                attention_weights):
+        ctx.ext = ext
+        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations,
+                              attention_weights)
+        return ext.forward(value, spatial_shapes, level_start_index, sampling_locations,
+                           attention_weights)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        grad_value, grad_locations, grad_weights = ctx.ext.backward(
+            *ctx.saved_tensors, grad_output.contiguous())
+        return None, grad_value, None, None, grad_locations, grad_weights
+
+
+def _ms_deform_attn_cuda(ext, value, spatial_shapes, level_start_index, sampling_locations,
+                         attention_weights):
+    _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    dtype = _compute_dtype(value, sampling_locations, attention_weights)
+    device = value.device
+    try:
+        # The casts are recorded by autograd, so gradients reach the inputs in their own dtypes.
+        output = _MSDeformAttnCUDA.apply(
+            ext, value.to(dtype).contiguous(),
+            spatial_shapes.to(device, torch.int64).contiguous(),
+            level_start_index.to(device, torch.int64).contiguous(),
+            sampling_locations.to(dtype).contiguous(), attention_weights.to(dtype).contiguous())
+    except RuntimeError as exc:
+        if "no kernel image" not in str(exc):
+            raise
+        arch = ".".join(map(str, torch.cuda.get_device_capability(device))) if value.is_cuda else "?"
+        raise RuntimeError(f"the MSDeformAttn extension was not compiled for this GPU (compute "
+                           f"capability {arch}); rebuild it with TORCH_CUDA_ARCH_LIST='{arch}' "
+                           f"{BUILD_COMMAND}") from exc
+    return output.to(value.dtype)
+
+
+def _log_fallback(device):
+    global _fallback_logged
+    if _fallback_logged:
+        return
+    _fallback_logged = True
+    logger.log(logging.WARNING if device.type == "cuda" else logging.INFO,
+               "MSDeformAttn CUDA extension is not built or failed to load (%s); using the "
+               "PyTorch grid_sample path. Build it with: %s",
+               extension_load_error(), BUILD_COMMAND)
+
+
+def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """Multi-scale deformable attention, (N, Lq, M * D) in the dtype of `value`.
+
+    CUDA tensors use the compiled kernels when the extension is loaded; CPU tensors, and CUDA
+    tensors without the extension, use `ms_deform_attn_pytorch` (the latter logged once per
+    process). Half and bfloat16 inputs are computed in float32. On CUDA the value gradient is
+    accumulated with atomicAdd, so it is not bitwise reproducible.
+    """
+    if value.is_cuda:
+        ext = get_extension()
+        if ext is not None:
+            return _ms_deform_attn_cuda(ext, value, spatial_shapes, level_start_index,
+                                        sampling_locations, attention_weights)
+    if get_extension() is None:
+        _log_fallback(value.device)
+    return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations,
+                                  attention_weights)
