@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from models import VARIANTS
-from models.backbone import NORMS, RESNETS, STAGES
+from models.backbone import BACKBONE_NAMES, NORMS, STAGES
 from models.ks_encoder import KS_MODES, TEACHER_LAYERS
 
 MANIFEST_DIR = Path(__file__).resolve().parent
@@ -42,11 +42,14 @@ DEFAULTS = {
         "activation": "prelu",
         "num_queries": 300,
         "pos_temperature": 20,
+        "pos_offset": 0.0,
         "eval_topk": 300,
         "backbone": {"name": "resnet50", "weights": "imagenet", "weights_path": None, "freeze_at": 1,
                      "norm": "frozen_bn", "last_stage": "layer4"},
         "ks": {"mode": "none", "teacher_layers": "last"},
         "dab": {"modulate_hw_attn": True, "random_anchor_xy": True, "freeze_anchor_xy": False},
+        "dn": {"groups": 5, "label_noise": 0.2, "box_noise": 0.4},
+        "deformable": {"num_levels": 4, "n_points": 4, "box_refine": False},
         "loss": {"class_weight": 1.0, "bbox_weight": 5.0, "giou_weight": 2.0, "alpha": 0.25, "gamma": 2.0},
         "matcher": {"cost_class": 2.0, "cost_bbox": 5.0, "cost_giou": 2.0, "alpha": 0.25, "gamma": 2.0},
     },
@@ -91,7 +94,7 @@ NULLABLE = {
 CHOICES = {
     "model.variant": sorted(VARIANTS),
     "model.activation": ["relu", "prelu", "gelu"],
-    "model.backbone.name": sorted(RESNETS),
+    "model.backbone.name": BACKBONE_NAMES,
     "model.backbone.weights": [None, "imagenet"],
     "model.backbone.norm": sorted(NORMS),
     "model.backbone.last_stage": STAGES,
@@ -102,7 +105,8 @@ CHOICES = {
 # Smallest allowed value of numeric keys.
 MINIMUM = {"model.hidden_dim": 1, "model.nheads": 1, "model.enc_layers": 1, "model.dec_layers": 1,
            "model.dim_feedforward": 1, "model.num_queries": 1, "model.eval_topk": 1, "model.dropout": 0.0,
-           "model.backbone.freeze_at": 0, "data.num_workers": 0, "train.epochs": 1, "train.batch_size": 1,
+           "model.backbone.freeze_at": 0, "model.dn.groups": 0, "model.dn.label_noise": 0.0,
+           "model.dn.box_noise": 0.0, "model.deformable.num_levels": 1, "model.deformable.n_points": 1, "data.num_workers": 0, "train.epochs": 1, "train.batch_size": 1,
            "train.eval_every": 1, "train.max_iters_per_epoch": 1, "train.max_eval_images": 1, "train.lr": 0.0,
            "train.lr_backbone": 0.0, "train.weight_decay": 0.0, "train.clip_max_norm": 0.0}
 ROW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")

@@ -20,6 +20,8 @@ RESNETS = {
     "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1, [256, 512, 1024, 2048]),
     "resnet101": (tvm.resnet101, tvm.ResNet101_Weights.IMAGENET1K_V1, [256, 512, 1024, 2048]),
 }
+SWIN = {"swin_t"}  # torchvision Swin-T: not built yet
+BACKBONE_NAMES = sorted(RESNETS) + sorted(SWIN)
 STAGES = ["layer1", "layer2", "layer3", "layer4"]
 # FrozenBatchNorm2d (the reference) for ImageNet-initialised backbones; trainable BatchNorm2d helps
 # a backbone trained from a random initialisation (the CPU demo).
@@ -56,8 +58,10 @@ class Backbone(nn.Module):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"model.backbone.norm must be one of {sorted(NORMS)}, got {norm!r}")
+        if name in SWIN:
+            raise NotImplementedError(f"backbone {name!r} is not available yet")
         if name not in RESNETS:
-            raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(RESNETS)}")
+            raise ValueError(f"unknown backbone {name!r}; expected one of {BACKBONE_NAMES}")
         if weights not in (None, "imagenet"):
             raise ValueError(f"model.backbone.weights must be null or 'imagenet', got {weights!r}")
         bad = [s for s in out_stages if s not in STAGES]
@@ -71,11 +75,13 @@ class Backbone(nn.Module):
             body.load_state_dict(state)
             self.init = f"imagenet:{path.name}"
         del body.fc, body.avgpool
+        for stage in STAGES[STAGES.index(out_stages[-1]) + 1:]:  # stages after the last one used
+            delattr(body, stage)
         self.body = body
         self.out_stages = list(out_stages)
         self.num_channels = [channels[STAGES.index(s)] for s in self.out_stages]
         self.strides = [STRIDES[s] for s in self.out_stages]
-        groups = [["conv1", "bn1"]] + [[s] for s in STAGES]
+        groups = [["conv1", "bn1"]] + [[s] for s in STAGES if hasattr(self.body, s)]
         self.frozen = [getattr(self.body, m) for group in groups[:freeze_at] for m in group]
         for module in self.frozen:
             module.requires_grad_(False)
