@@ -103,12 +103,16 @@ CHOICES = {
     "data.dataset": ["coco", "synthetic"],
 }
 # Smallest allowed value of numeric keys.
-MINIMUM = {"model.hidden_dim": 1, "model.nheads": 1, "model.enc_layers": 1, "model.dec_layers": 1,
-           "model.dim_feedforward": 1, "model.num_queries": 1, "model.eval_topk": 1, "model.dropout": 0.0,
-           "model.backbone.freeze_at": 0, "model.dn.groups": 0, "model.dn.label_noise": 0.0,
-           "model.dn.box_noise": 0.0, "model.deformable.num_levels": 1, "model.deformable.n_points": 1, "data.num_workers": 0, "train.epochs": 1, "train.batch_size": 1,
-           "train.eval_every": 1, "train.max_iters_per_epoch": 1, "train.max_eval_images": 1, "train.lr": 0.0,
-           "train.lr_backbone": 0.0, "train.weight_decay": 0.0, "train.clip_max_norm": 0.0}
+MINIMUM = {
+    "model.hidden_dim": 1, "model.nheads": 1, "model.enc_layers": 1, "model.dec_layers": 1,
+    "model.dim_feedforward": 1, "model.num_queries": 1, "model.eval_topk": 1, "model.dropout": 0.0,
+    "model.backbone.freeze_at": 0, "model.dn.groups": 0, "model.dn.label_noise": 0.0, "model.dn.box_noise": 0.0,
+    "model.deformable.num_levels": 1, "model.deformable.n_points": 1,
+    "data.num_workers": 0,
+    "train.epochs": 1, "train.batch_size": 1, "train.eval_every": 1, "train.max_iters_per_epoch": 1,
+    "train.max_eval_images": 1, "train.lr": 0.0, "train.lr_backbone": 0.0, "train.weight_decay": 0.0,
+    "train.clip_max_norm": 0.0,
+}
 ROW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
