@@ -13,8 +13,8 @@ from .matcher import HungarianMatcher
 
 VARIANTS = {
     "dab_detr": "models.dab_detr",
-    "conditional_detr": None,
-    "dn_detr": None,
+    "conditional_detr": "models.conditional_detr",
+    "dn_detr": "models.dn_detr",
     "deformable_detr": None,
     "dn_deformable_detr": None,
 }

@@ -1,9 +1,16 @@
-"""Backbones: torchvision ResNets with FrozenBatchNorm2d, returning padding masks per stage.
+"""Backbones: torchvision ResNets with FrozenBatchNorm2d and torchvision's Swin-T, returning padding
+masks per stage.
+
+Stages are named as torchvision's ResNet ones for every backbone: `layer1`..`layer4` (strides 4, 8,
+16, 32). Single-scale models take the last stage, multi-scale ones the last three.
 
 Weights: `weights: null` gives a random initialisation; `weights: imagenet` loads torchvision's
 ImageNet-1k weights from the torch hub cache (`$TORCH_HOME/hub/checkpoints/`, as torchvision's own
 download would place them) or from `weights_path`. Nothing is downloaded here: a missing file is an
-error that names the file and where it comes from.
+error that names the file and where it comes from. For Swin-T, `weights_path` may also be a checkpoint
+of the official Swin repository (microsoft/Swin-Transformer, e.g. the IN-22k->1k
+`swin_tiny_patch4_window7_224_22kto1k_finetune.pth` that the KS-DETR Swin-T rows load): it is
+converted to torchvision's layout. `backbone.init` says which initialisation was used (run records).
 """
 import os
 from pathlib import Path
@@ -20,7 +27,15 @@ RESNETS = {
     "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1, [256, 512, 1024, 2048]),
     "resnet101": (tvm.resnet101, tvm.ResNet101_Weights.IMAGENET1K_V1, [256, 512, 1024, 2048]),
 }
-SWIN = {"swin_t"}  # torchvision Swin-T: not built yet
+
+
+def _swin_t(stochastic_depth_prob):
+    """torchvision's swin_t architecture (whose builder fixes stochastic depth at 0.2)."""
+    return tvm.SwinTransformer(patch_size=[4, 4], embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
+                               window_size=[7, 7], stochastic_depth_prob=stochastic_depth_prob)
+
+
+SWIN = {"swin_t": (_swin_t, tvm.Swin_T_Weights.IMAGENET1K_V1, [96, 192, 384, 768])}
 BACKBONE_NAMES = sorted(RESNETS) + sorted(SWIN)
 STAGES = ["layer1", "layer2", "layer3", "layer4"]
 # FrozenBatchNorm2d (the reference) for ImageNet-initialised backbones; trainable BatchNorm2d helps
@@ -37,12 +52,34 @@ def cached_weights_file(weights_enum):
 def load_imagenet_state_dict(name, weights_enum, weights_path=None):
     path = Path(weights_path) if weights_path else cached_weights_file(weights_enum)
     if not path.is_file():
+        where = ("model.backbone.weights_path" if weights_path else
+                 f"the torch hub cache ({cached_weights_file(weights_enum).parent}; set TORCH_HOME to move it)")
         raise FileNotFoundError(
-            f"ImageNet weights for backbone {name!r} not found at {path}. They are torchvision's "
-            f"{weights_enum} ({weights_enum.url}); put that file in the torch hub cache "
-            f"({cached_weights_file(weights_enum).parent}, set TORCH_HOME to move it) or set "
-            f"model.backbone.weights_path to a copy.")
+            f"ImageNet weights for backbone {name!r} not found: no file {path} (from {where}). They are "
+            f"torchvision's {weights_enum} ({weights_enum.url}); put that file in the torch hub cache "
+            f"({cached_weights_file(weights_enum).parent}) or set model.backbone.weights_path to a copy.")
     return torch.load(path, map_location="cpu", weights_only=True), path
+
+
+def build_backbone(cfg, out_stages):
+    """The backbone a `model.backbone` configuration section asks for, giving `out_stages`."""
+    if cfg["name"] in SWIN:
+        return SwinBackbone(cfg["name"], cfg["weights"], cfg["weights_path"], cfg["freeze_at"], out_stages,
+                            cfg.get("drop_path", 0.0))
+    return Backbone(cfg["name"], cfg["weights"], cfg["weights_path"], cfg["freeze_at"], out_stages, cfg["norm"])
+
+
+def check_stages(out_stages):
+    bad = [s for s in out_stages if s not in STAGES]
+    if bad or not out_stages:
+        raise ValueError(f"unknown backbone stages {list(out_stages)}; expected some of {STAGES}")
+    if list(out_stages) != sorted(out_stages, key=STAGES.index):
+        raise ValueError(f"backbone stages must be in order, got {list(out_stages)}")
+
+
+def downsample_mask(padding_mask, feature):
+    """Nearest-downsampled padding mask (True = padding) at the feature's resolution."""
+    return F.interpolate(padding_mask[None].float(), size=feature.shape[-2:])[0].bool()
 
 
 class Backbone(nn.Module):
@@ -59,14 +96,12 @@ class Backbone(nn.Module):
         if norm not in NORMS:
             raise ValueError(f"model.backbone.norm must be one of {sorted(NORMS)}, got {norm!r}")
         if name in SWIN:
-            raise NotImplementedError(f"backbone {name!r} is not available yet")
+            raise ValueError(f"backbone {name!r} is a Swin Transformer: build it with SwinBackbone (build_backbone)")
         if name not in RESNETS:
             raise ValueError(f"unknown backbone {name!r}; expected one of {BACKBONE_NAMES}")
         if weights not in (None, "imagenet"):
             raise ValueError(f"model.backbone.weights must be null or 'imagenet', got {weights!r}")
-        bad = [s for s in out_stages if s not in STAGES]
-        if bad:
-            raise ValueError(f"unknown backbone stages {bad}; expected some of {STAGES}")
+        check_stages(out_stages)
         builder, weights_enum, channels = RESNETS[name]
         body = builder(weights=None, norm_layer=NORMS[norm])
         self.init = "random"
@@ -99,6 +134,107 @@ class Backbone(nn.Module):
         for stage in STAGES[:STAGES.index(self.out_stages[-1]) + 1]:
             x = getattr(b, stage)(x)
             if stage in self.out_stages:
-                mask = F.interpolate(padding_mask[None].float(), size=x.shape[-2:])[0].bool()
-                outs.append((x, mask))
+                outs.append((x, downsample_mask(padding_mask, x)))
+        return outs
+
+
+# --------------------------------------------------------------------------------------------------
+# Swin-T
+
+def swin_state_dict_from_official(state):
+    """A checkpoint of the official Swin repository (keys `patch_embed.*`, `layers.{i}.blocks.{j}.*`,
+    `layers.{i}.downsample.*`, `norm.*`, `head.*`, possibly under `model`) in torchvision's Swin
+    layout (`features.{k}...`). The computed buffers (relative_position_index, attn_mask) are dropped:
+    torchvision builds the same ones. Other keys are an error."""
+    state = state.get("model", state)
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if key.endswith(("relative_position_index", "attn_mask")):
+            continue
+        if parts[0] == "patch_embed":
+            new = {"proj": "features.0.0", "norm": "features.0.2"}[parts[1]] + "." + parts[-1]
+        elif parts[0] == "layers" and parts[2] == "blocks":
+            stage, block, rest = int(parts[1]), parts[3], parts[4:]
+            rest = ".".join(rest).replace("mlp.fc1", "mlp.0").replace("mlp.fc2", "mlp.3")
+            new = f"features.{2 * stage + 1}.{block}.{rest}"
+        elif parts[0] == "layers" and parts[2] == "downsample":
+            new = f"features.{2 * int(parts[1]) + 2}." + ".".join(parts[3:])
+        elif parts[0] in ("norm", "head"):
+            new = key
+        else:
+            raise KeyError(f"unexpected key {key!r} in a Swin checkpoint")
+        out[new] = value
+    return out
+
+
+def load_swin_state_dict(name, weights_enum, weights_path, body):
+    """Loads ImageNet weights into a torchvision Swin `body`: torchvision's file, or an official Swin
+    repository checkpoint (converted). Returns the `init` description."""
+    state, path = load_imagenet_state_dict(name, weights_enum, weights_path)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    if any(k.startswith("patch_embed.") for k in state):
+        state, kind = swin_state_dict_from_official(state), "official Swin checkpoint"
+    else:
+        kind = "torchvision"
+    # the classifier head (1k or 22k classes) is not used by a detector
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    missing, unexpected = body.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("relative_position_index") and not k.startswith("head.")]
+    if missing or unexpected:
+        raise ValueError(f"Swin weights {path} do not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return f"imagenet:{path.name} ({kind})"
+
+
+class SwinBackbone(nn.Module):
+    """torchvision Swin-T (embed 96, depths 2-2-6-2, heads 3-6-12-24, window 7). forward(images,
+    padding_mask) returns a list of (feature (B, C, h, w), mask) pairs, one per requested stage.
+
+    As the detection Swin of the reference (detectron2/detrex), each returned stage gets its own new
+    LayerNorm (`out_norms`, default init; the classification checkpoint's final `norm` is not used), and
+    stochastic depth rises linearly over the blocks from 0 to `drop_path` (the reference: 0.1).
+    freeze_at: 0 trains everything (the reference's frozen_stages=-1), 1 freezes the patch embedding,
+    k > 1 also the first k-1 stages with their patch merging. Dropping later stages as for ResNets.
+    """
+
+    def __init__(self, name="swin_t", weights=None, weights_path=None, freeze_at=0, out_stages=("layer4",),
+                 drop_path=0.0):
+        super().__init__()
+        if name not in SWIN:
+            raise ValueError(f"unknown Swin backbone {name!r}; expected one of {sorted(SWIN)}")
+        if weights not in (None, "imagenet"):
+            raise ValueError(f"model.backbone.weights must be null or 'imagenet', got {weights!r}")
+        check_stages(out_stages)
+        builder, weights_enum, channels = SWIN[name]
+        body = builder(stochastic_depth_prob=drop_path)
+        self.init = "random"
+        if weights == "imagenet":
+            self.init = load_swin_state_dict(name, weights_enum, weights_path, body)
+        last = STAGES.index(out_stages[-1])
+        # features: [patch embed, stage1, merge, stage2, merge, stage3, merge, stage4]
+        self.features = nn.Sequential(*list(body.features)[:2 * last + 2])
+        self.out_stages = list(out_stages)
+        self.num_channels = [channels[STAGES.index(s)] for s in self.out_stages]
+        self.strides = [STRIDES[s] for s in self.out_stages]
+        self.out_norms = nn.ModuleList(nn.LayerNorm(c) for c in self.num_channels)
+        groups = [[0]] + [[2 * i + 1, 2 * i + 2] for i in range(4)]
+        self.frozen = [self.features[j] for group in groups[:freeze_at] for j in group if j < len(self.features)]
+        for module in self.frozen:
+            module.requires_grad_(False)
+
+    def train(self, mode=True):
+        super().train(mode)
+        for module in self.frozen:
+            module.eval()
+        return self
+
+    def forward(self, images, padding_mask):
+        x = images
+        outs = []
+        for j, module in enumerate(self.features):
+            x = module(x)  # channels last (B, h, w, C)
+            if j % 2 == 1 and STAGES[j // 2] in self.out_stages:
+                i = self.out_stages.index(STAGES[j // 2])
+                feature = self.out_norms[i](x).permute(0, 3, 1, 2).contiguous()
+                outs.append((feature, downsample_mask(padding_mask, feature)))
         return outs

@@ -4,6 +4,13 @@ Every output (each student decoder layer and each kept teacher layer) gets its o
 same weighted loss: class_weight * sigmoid focal loss + bbox_weight * L1 + giou_weight * GIoU loss,
 each normalised by the number of target boxes in the (global) batch. Equal weights across outputs,
 as the reference (section 5).
+
+Denoising (DN-DETR family): when the outputs carry `dn_meta`, every output that has a DN part
+(`dn_pred_logits`, `dn_pred_boxes`: the student layers and the kept teacher layers) also gets the same
+three losses on it, against the boxes its DN queries were made from (fixed-index matching, no
+Hungarian matching), normalised by num_boxes x groups, with the same weights; the focal loss covers
+every DN slot (padding slots count as background), as the reference (detrex DNCriterion).
+Keys: `loss_class_dn`, `loss_class_dn_0`, `loss_class_dn_attn3`, ...
 """
 import torch
 import torch.distributed as dist
@@ -11,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
+from .denoising import dn_indices
 from .ks_encoder import STUDENT
 
 
@@ -66,15 +74,27 @@ class SetCriterion(nn.Module):
 
     def forward(self, outputs, targets):
         """Returns a dict: `loss` (the total to minimise), the unweighted components of every output
-        (`loss_class`, `loss_class_0`, `loss_class_attn3`, ...) and the weighted total per branch
-        (`loss_attn1`, `loss_attn2`, `loss_attn3`)."""
+        (`loss_class`, `loss_class_0`, `loss_class_attn3`, ..., and `loss_class_dn`, ... for the DN
+        parts) and the weighted total per branch (`loss_attn1`, `loss_attn2`, `loss_attn3`, DN
+        losses included)."""
         num_boxes = global_num_boxes(targets, outputs["pred_logits"].device)
+        dn_meta = outputs.get("dn_meta")
+        if dn_meta is not None:
+            dn_idx = dn_indices(targets, dn_meta["groups"], dn_meta["single_pad"])
+            dn_num_boxes = num_boxes * dn_meta["groups"]
         result, branch_totals = {}, {}
         for suffix, branch, output in output_names(outputs):
             indices = self.matcher(output["pred_logits"], output["pred_boxes"], targets)
             losses = self.matched_losses(output, targets, indices, num_boxes)
             result.update({k + suffix: v for k, v in losses.items()})
             branch_totals[branch] = branch_totals.get(branch, 0) + self.weighted(losses)
+            if dn_meta is not None:
+                if "dn_pred_logits" not in output:
+                    raise ValueError(f"output {suffix or '(last layer)'!r} has no DN part although dn_meta is set")
+                dn_out = {"pred_logits": output["dn_pred_logits"], "pred_boxes": output["dn_pred_boxes"]}
+                dn_losses = self.matched_losses(dn_out, targets, dn_idx, dn_num_boxes)
+                result.update({f"{k}_dn{suffix}": v for k, v in dn_losses.items()})
+                branch_totals[branch] = branch_totals[branch] + self.weighted(dn_losses)
         result.update({f"loss_{b}": v for b, v in branch_totals.items()})
         result["loss"] = sum(branch_totals.values())
         return result

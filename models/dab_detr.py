@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from . import ks_encoder as ks
-from .backbone import Backbone
-from .layers import (MLP, EncoderLayer, attend, box_sine_embedding, inverse_sigmoid, make_activation,
-                     merge_heads, sdpa_mask, split_heads, xavier_init_)
+from .backbone import build_backbone
+from .conditional_detr import ConditionalDecoderLayer
+from .layers import MLP, EncoderLayer, box_sine_embedding, inverse_sigmoid, xavier_init_
 from .position_encoding import PositionEmbeddingSine
 
 
@@ -33,46 +33,8 @@ class DABEncoder(nn.Module):
         return ks.run_last_layer(self.layers[-1], x, pos * self.query_scale(x), key_padding_mask, fg)
 
 
-class DABDecoderLayer(nn.Module):
-    """Conditional self- and cross-attention with separate content/position projections (no packed
-    in-projection). In the cross-attention each head's query is [content ; sine-embedded anchor] and
-    its key [content ; position], so the q/k head dim is twice the value head dim. The first layer
-    also adds the positional query and key to the content parts."""
-
-    def __init__(self, d_model, nhead, dim_feedforward, dropout, activation, is_first):
-        super().__init__()
-        self.nhead, self.dropout = nhead, dropout
-        linear = lambda: nn.Linear(d_model, d_model)  # noqa: E731
-        self.sa_q_content, self.sa_q_pos, self.sa_k_content, self.sa_k_pos = linear(), linear(), linear(), linear()
-        self.sa_v, self.sa_out = linear(), linear()
-        self.ca_q_content, self.ca_k_content, self.ca_k_pos, self.ca_v = linear(), linear(), linear(), linear()
-        self.ca_q_pos = linear() if is_first else None
-        self.ca_q_sine, self.ca_out = linear(), linear()
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.activation = make_activation(activation)
-        self.ffn_dropout1, self.ffn_dropout2 = nn.Dropout(dropout), nn.Dropout(dropout)
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-
-    def forward(self, tgt, memory, memory_pos, query_pos, query_sine, memory_padding_mask, self_attn_mask=None):
-        h, p = self.nhead, self.dropout if self.training else 0.0
-        q = self.sa_q_content(tgt) + self.sa_q_pos(query_pos)
-        k = self.sa_k_content(tgt) + self.sa_k_pos(query_pos)
-        out = attend(split_heads(q, h), split_heads(k, h), split_heads(self.sa_v(tgt), h),
-                     sdpa_mask(None, self_attn_mask), p)
-        tgt = self.norm1(tgt + self.sa_out(merge_heads(out)))
-
-        q, k = self.ca_q_content(tgt), self.ca_k_content(memory)
-        k_pos = self.ca_k_pos(memory_pos)
-        if self.ca_q_pos is not None:
-            q, k = q + self.ca_q_pos(query_pos), k + k_pos
-        q = torch.cat([split_heads(q, h), split_heads(self.ca_q_sine(query_sine), h)], -1)
-        k = torch.cat([split_heads(k, h), split_heads(k_pos, h)], -1)
-        out = attend(q, k, split_heads(self.ca_v(memory), h), sdpa_mask(memory_padding_mask), p)
-        tgt = self.norm2(tgt + self.ca_out(merge_heads(out)))
-
-        ffn = self.linear2(self.ffn_dropout1(self.activation(self.linear1(tgt))))
-        return self.norm3(tgt + self.ffn_dropout2(ffn))
+# The DAB decoder layer is Conditional-DETR's; DAB changes what goes into it.
+DABDecoderLayer = ConditionalDecoderLayer
 
 
 class DABDecoder(nn.Module):
@@ -123,9 +85,7 @@ class DABDETR(nn.Module):
         d, nhead = cfg["hidden_dim"], cfg["nheads"]
         self.ks_mode = ks.check_ks_mode(cfg["ks"]["mode"])
         self.teacher_layers = cfg["ks"]["teacher_layers"]
-        bb = cfg["backbone"]
-        self.backbone = Backbone(bb["name"], bb["weights"], bb["weights_path"], bb["freeze_at"],
-                                 (bb["last_stage"],), bb["norm"])
+        self.backbone = build_backbone(cfg["backbone"], (cfg["backbone"]["last_stage"],))
         self.input_proj = nn.Conv2d(self.backbone.num_channels[-1], d, kernel_size=1)
         self.position = PositionEmbeddingSine(d // 2, temperature=cfg["pos_temperature"], normalize=True)
         layer_args = (d, nhead, cfg["dim_feedforward"], cfg["dropout"], cfg["activation"])
@@ -149,29 +109,40 @@ class DABDETR(nn.Module):
         nn.init.zeros_(self.bbox_embed.layers[-1].weight)
         nn.init.zeros_(self.bbox_embed.layers[-1].bias)
 
-    def forward(self, images, padding_mask, targets=None, with_teachers=None):
-        teachers = ks.teachers_wanted(self.ks_mode, self.training, with_teachers)
+    def encode(self, images, padding_mask, targets, teachers):
+        """Backbone and encoder: (student memory, {teacher: memory}, pos, flattened padding mask)."""
         (feature, mask), = self.backbone(images, padding_mask)
         pos = self.position(mask).flatten(2).transpose(1, 2)
         src = self.input_proj(feature)
         fg = ks.token_fg_mask(targets, images.shape[-2:], src.shape[-2:], mask) if teachers else None
         mask = mask.flatten(1)
         memory, teacher_memories = self.encoder(src.flatten(2).transpose(1, 2), pos, mask, fg)
+        return memory, teacher_memories, pos, mask
 
-        B = images.shape[0]
-        anchors = torch.cat([self.anchor_xy, self.anchor_wh], -1)
+    def queries(self, batch_size, targets):
+        """Decoder queries: content (B, Q, d) (zeros), anchors (B, Q, 4) unsigmoided, the decoder
+        self-attention mask (None) and the denoising batch (None; see DN-DETR)."""
+        anchors = torch.cat([self.anchor_xy, self.anchor_wh], -1).expand(batch_size, -1, -1)
+        return anchors.new_zeros(*anchors.shape[:2], self.class_embed.in_features), anchors, None, None
+
+    def forward(self, images, padding_mask, targets=None, with_teachers=None):
+        teachers = ks.teachers_wanted(self.ks_mode, self.training, with_teachers)
+        memory, teacher_memories, pos, mask = self.encode(images, padding_mask, targets, teachers)
+        content, anchors, self_attn_mask, dn = self.queries(images.shape[0], targets)
 
         def decode(memory, n):
-            q_anchors = anchors.expand(n * B, -1, -1)
-            tgt = memory.new_zeros(n * B, anchors.shape[0], memory.shape[-1])
-            hidden, refs = self.decoder(tgt, memory, pos.repeat(n, 1, 1), mask.repeat(n, 1), q_anchors,
-                                        self.bbox_embed)
+            hidden, refs = self.decoder(content.repeat(n, 1, 1), memory, pos.repeat(n, 1, 1), mask.repeat(n, 1),
+                                        anchors.repeat(n, 1, 1), self.bbox_embed, self_attn_mask)
             logits = self.class_embed(hidden)
             boxes = (self.bbox_embed(hidden) + inverse_sigmoid(refs)).sigmoid()
-            return [{"pred_logits": c, "pred_boxes": b} for c, b in zip(logits, boxes)]
+            layers = [{"pred_logits": c, "pred_boxes": b} for c, b in zip(logits, boxes)]
+            return layers if dn is None else [dn.split(layer) for layer in layers]
 
         branches = ks.decode_branches(decode, memory, teacher_memories, self.training)
-        return ks.assemble_outputs(branches, self.teacher_layers)
+        out = ks.assemble_outputs(branches, self.teacher_layers)
+        if dn is not None:
+            out["dn_meta"] = dn.meta()
+        return out
 
 
 def build(cfg, num_classes):

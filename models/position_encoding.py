@@ -20,14 +20,16 @@ class PositionEmbeddingSine(nn.Module):
         self.num_pos_feats, self.temperature = num_pos_feats, temperature
         self.normalize, self.scale, self.offset, self.eps = normalize, scale, offset, eps
 
-    def forward(self, mask):
+    def forward(self, mask, dtype=torch.float32):
+        """mask (B, h, w) True at padding. Computed in float32 (the reference) unless `dtype` asks
+        for more (a float64 model in numerical checks)."""
         not_mask = ~mask
-        y = not_mask.cumsum(1, dtype=torch.float32)
-        x = not_mask.cumsum(2, dtype=torch.float32)
+        y = not_mask.cumsum(1, dtype=dtype)
+        x = not_mask.cumsum(2, dtype=dtype)
         if self.normalize:
             y = (y + self.offset) / (y[:, -1:, :] + self.eps) * self.scale
             x = (x + self.offset) / (x[:, :, -1:] + self.eps) * self.scale
-        dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)
+        dim_t = torch.arange(self.num_pos_feats, dtype=dtype, device=mask.device)
         dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)
         pos_x = x[..., None] / dim_t
         pos_y = y[..., None] / dim_t

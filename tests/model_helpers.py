@@ -1,16 +1,27 @@
-"""Tiny model configurations and inputs shared by the model tests."""
+"""Tiny model configurations and inputs shared by the model tests, and checks every variant passes."""
 import copy
 
 import torch
 
 from experiments.config import DEFAULTS, merge
-from models import model_targets
+from models import build_model, is_teacher_parameter, model_targets
+from models.ks_encoder import TEACHER_BRANCHES
 
 TINY = {
     "hidden_dim": 32, "nheads": 4, "enc_layers": 2, "dec_layers": 3, "dim_feedforward": 64,
     "num_queries": 12, "eval_topk": 20,
     "backbone": {"name": "resnet18", "weights": None, "freeze_at": 0},
 }
+# The family settings of the reference (spec section 7) that differ from DEFAULTS (DAB-DETR's).
+FAMILIES = {
+    "conditional_detr": {"dropout": 0.1, "activation": "relu", "pos_temperature": 10000,
+                         "loss": {"class_weight": 2.0}},
+    "dab_detr": {},
+    "dn_detr": {"dab": {"random_anchor_xy": False, "freeze_anchor_xy": False},
+                "dn": {"groups": 5, "label_noise": 0.2, "box_noise": 0.4}},
+}
+KS_MODES = ["none", "triple", "dual_share_v", "dual_share_a"]
+NUM_CLASSES = 3
 
 
 def tiny_config(variant="dab_detr", ks_mode="none", **model):
@@ -18,6 +29,20 @@ def tiny_config(variant="dab_detr", ks_mode="none", **model):
     cfg = merge(DEFAULTS, {"model": {**copy.deepcopy(TINY), "variant": variant, **model}}, "test config")
     cfg["model"]["ks"]["mode"] = ks_mode
     return cfg["model"]
+
+
+def family_config(variant, ks_mode="none", **model):
+    """tiny_config with the reference's family settings of `variant`, then `model` on top."""
+    cfg = merge(DEFAULTS, {"model": {**copy.deepcopy(TINY), "variant": variant}}, "test config")
+    cfg = merge(cfg, {"model": copy.deepcopy(FAMILIES[variant])}, "test family config")
+    cfg = merge(cfg, {"model": model}, "test config")
+    cfg["model"]["ks"]["mode"] = ks_mode
+    return cfg["model"]
+
+
+def build(variant, ks_mode="none", seed=0, **model):
+    torch.manual_seed(seed)
+    return build_model(family_config(variant, ks_mode, **model), NUM_CLASSES)
 
 
 def tiny_batch(seed=0):
@@ -36,3 +61,69 @@ def tiny_batch(seed=0):
          "orig_size": torch.tensor([80, 100]), "image_id": 2},
     ]
     return images, padding, model_targets(targets)
+
+
+def tiny_batch_two_annotated(seed=0):
+    """tiny_batch with a box in image 1 too (two boxes fewer than image 0: DN padding slots)."""
+    images, padding, targets = tiny_batch(seed)
+    extra = {"boxes": torch.tensor([[10.0, 12.0, 50.0, 70.0]]), "labels": torch.tensor([1]),
+             "size": torch.tensor([80, 100]), "orig_size": torch.tensor([80, 100]), "image_id": 2}
+    return images, padding, targets[:1] + model_targets([extra])
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks shared by the variant tests
+
+def check_train_step(variant, ks_mode, **model):
+    """Training forward/backward: output layout, finite loss, equal-weight sum over branches, and a
+    gradient for every trainable parameter (non-zero for every teacher parameter). Returns
+    (outputs, losses)."""
+    net, criterion = build(variant, ks_mode, **model)
+    cfg = family_config(variant, ks_mode, **model)
+    Q, L = cfg["num_queries"], cfg["dec_layers"]
+    images, padding, targets = tiny_batch_two_annotated()
+    out = net.train()(images, padding, targets)
+    assert out["pred_logits"].shape == (2, Q, NUM_CLASSES) and out["pred_boxes"].shape == (2, Q, 4)
+    assert len(out["aux_outputs"]) == L - 1
+    teachers = out.get("teacher_outputs", {})
+    assert list(teachers) == list(TEACHER_BRANCHES[ks_mode])
+    assert all(len(layers) == 1 for layers in teachers.values())  # the reference keeps the last layer
+    losses = criterion(out, targets)
+    assert torch.isfinite(losses["loss"])
+    torch.testing.assert_close(losses["loss"], sum(losses[f"loss_{b}"] for b in ["attn1", *teachers]))
+    losses["loss"].backward()
+    for name, p in net.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"no gradient for {name}"
+            if is_teacher_parameter(name):
+                assert p.grad.abs().sum() > 0, f"zero gradient for teacher parameter {name}"
+    return out, losses
+
+
+def check_teacher_removal(variant, ks_mode, **model):
+    """At inference a KS model is its baseline: the baseline loads the KS state minus the teacher
+    parameters strictly, has that many fewer parameters, and gives bit-identical outputs; GT-assisted
+    evaluation (with_teachers=True) leaves the student bit-identical too."""
+    ks_model, _ = build(variant, ks_mode, **model)
+    baseline, _ = build(variant, "none", seed=1, **model)
+    state = {k: v for k, v in ks_model.state_dict().items() if not is_teacher_parameter(k)}
+    baseline.load_state_dict(state)  # strict: every other parameter has the baseline's name
+    n_teacher = sum(p.numel() for n, p in ks_model.named_parameters() if is_teacher_parameter(n))
+    assert n_teacher > 0
+    assert sum(p.numel() for p in baseline.parameters()) == sum(p.numel() for p in ks_model.parameters()) - n_teacher
+
+    images, padding, targets = tiny_batch()
+    ks_model.eval()
+    baseline.eval()
+    with torch.no_grad():
+        ks_out = ks_model(images, padding)  # no targets: inference needs no ground truth
+        base_out = baseline(images, padding)
+        with_teachers = ks_model(images, padding, targets, with_teachers=True)
+    assert "teacher_outputs" not in ks_out
+    for key in ("pred_logits", "pred_boxes"):
+        assert torch.equal(ks_out[key], base_out[key])
+        assert torch.equal(with_teachers[key], ks_out[key])
+        for a, b, c in zip(ks_out["aux_outputs"], base_out["aux_outputs"], with_teachers["aux_outputs"]):
+            assert torch.equal(a[key], b[key]) and torch.equal(a[key], c[key])
+    assert list(with_teachers["teacher_outputs"]) == list(TEACHER_BRANCHES[ks_mode])
+    assert not any(k.startswith("dn_") for k in with_teachers)  # no denoising outside training
