@@ -1,8 +1,16 @@
-"""python -m experiments: run and inspect the rows of the experiment manifests.
+"""python -m experiments: run, submit and inspect the rows of the experiment manifests.
 
-    python -m experiments list demo
-    python -m experiments run demo                     # every row of experiments/demo.yaml
+    python -m experiments list table1                          # rows, settings, status
+    python -m experiments run demo                             # every row of experiments/demo.yaml
     python -m experiments run demo --row ks_dab_r18 train.epochs=2
+    python -m experiments run table1 --row dab_r50_ks --gpus 8 # one row on 8 local GPUs (DDP)
+    python -m experiments submit table1 --partition P --timeout-min 1440 --dry-run
+    python -m experiments status table1                        # run status and SLURM jobs
+    python -m experiments eval table1 --row dab_r50_ks --teachers
+
+Overrides `key.sub=value` (any configuration key; the value is parsed as YAML) may follow the
+options of run, submit and eval; they are recorded in the run's config.yaml and command.txt.
+`python -m experiments COMMAND --help` describes each command.
 """
 import argparse
 import json
@@ -15,65 +23,257 @@ from .config import ConfigError, Manifest
 OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
 
 
+def _table(rows, cols=None):
+    cols = cols or list(rows[0])
+    text = {c: [("-" if r[c] is None else str(r[c])) for r in rows] for c in cols}
+    widths = {c: max(len(c), *(len(v) for v in text[c])) for c in cols}
+    lines = ["  ".join(c.ljust(widths[c]) for c in cols).rstrip()]
+    for i in range(len(rows)):
+        lines.append("  ".join(text[c][i].ljust(widths[c]) for c in cols).rstrip())
+    return "\n".join(lines)
+
+
+def _unavailable(cfg):
+    """Why a configuration cannot run yet (a variant or backbone not built), or None."""
+    from .engine import RunError, check_available
+
+    try:
+        check_available(cfg, "")
+    except RunError as e:  # NotAvailableError, or a model that cannot be built
+        return str(e).lstrip(": ")
+    return None
+
+
 def cmd_list(args):
     manifest = Manifest(args.manifest)
     rows = []
-    for name in manifest.rows:
+    for name, row in manifest.rows.items():
         cfg = manifest.resolve(name)
         m = cfg["model"]
+        missing = _unavailable(cfg)
         directory = records.run_dir(manifest.name, name, args.results)
+        paper = row.get("paper")
         rows.append({"row": name, "variant": m["variant"], "ks": m["ks"]["mode"], "backbone": m["backbone"]["name"],
-                     "epochs": cfg["train"]["epochs"], "status": records.status(directory)})
+                     "epochs": cfg["train"]["epochs"], "status": records.status(directory),
+                     "last_epoch": records.last_epoch(directory),
+                     "paper": f"T{paper['table']}/{paper['row']} {paper['source']}" if paper else None,
+                     "available": missing is None, "unavailable_reason": missing,
+                     "family": row.get("family"), "baseline": row.get("baseline"), "note": row.get("note")})
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    cols = list(rows[0])
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
-    print("  ".join(c.ljust(widths[c]) for c in cols))
     for r in rows:
-        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+        r["built"] = "yes" if r["available"] else "not yet"
+    print(_table(rows, ["row", "variant", "ks", "backbone", "epochs", "status", "last_epoch", "paper", "built"]))
+    reasons = sorted({r["unavailable_reason"] for r in rows if not r["available"]})
+    if reasons:
+        print("\nnot built yet (`run` and `submit` refuse these rows with this message):\n  " + "\n  ".join(reasons))
+
+
+def _local_processes(args):
+    """(number of processes, device) for run/eval: --gpus N (CUDA) or --nproc N (CPU, gloo)."""
+    import torch
+
+    if args.gpus and args.nproc:
+        raise ConfigError("give either --gpus N (GPU processes) or --nproc N (CPU processes), not both")
+    if args.gpus:
+        have = torch.cuda.device_count()
+        if have < args.gpus:
+            raise ConfigError(f"--gpus {args.gpus}: only {have} CUDA device(s) visible"
+                              + ("; use --nproc N for CPU processes" if not have else ""))
+        return args.gpus, args.device
+    if args.nproc:
+        return args.nproc, args.device or "cpu"
+    return 1, args.device
 
 
 def cmd_run(args):
-    from .engine import train_row  # torch import only when needed
+    from . import distributed
+    from .engine import RunError, batch_plan, check_available, train_row
 
     manifest = Manifest(args.manifest)
     rows = args.row or list(manifest.rows)
+    nprocs, device = _local_processes(args)
+    for row in rows:  # fail early on a typo, an unknown key or a variant that is not built, before training
+        cfg = manifest.resolve(row, args.overrides)
+        check_available(cfg, f"manifest {manifest.path}, row {row!r}")
+        if distributed.from_environment() is None:
+            batch_plan(cfg["train"], nprocs)
     for row in rows:
-        manifest.row(row)  # fail early on a typo, before any training
-    for row in rows:
-        print(f"== {manifest.name} / {row}")
-        directory = train_row(manifest.name, row, args.overrides, resume=args.resume, force=args.force,
-                              device=args.device, results=args.results)
-        print(f"== {row}: record in {directory}")
+        print(f"== {manifest.name} / {row}", flush=True)
+        kwargs = dict(resume=args.resume, force=args.force, device=device, results=args.results)
+        if nprocs > 1:
+            if distributed.from_environment() is not None:
+                raise RunError("--gpus/--nproc inside an already distributed launch (torchrun or srun); "
+                               "let the launcher start the processes")
+            distributed.spawn(nprocs, train_row, str(manifest.path), row, list(args.overrides),
+                              launch_option=f"--gpus {nprocs}" if args.gpus else f"--nproc {nprocs}", **kwargs)
+            directory = records.run_dir(manifest.name, row, args.results)
+        else:
+            directory = train_row(str(manifest.path), row, args.overrides, **kwargs)
+        print(f"== {row}: record in {directory}", flush=True)
 
 
-def main(argv=None):
+def cmd_submit(args):
+    from .slurm import submit
+
+    manifest = Manifest(args.manifest)
+    rows = args.rows or list(manifest.rows)
+    for row in rows:
+        manifest.row(row)
+    if args.gpus_per_node < 0 or args.nodes < 1:
+        raise ConfigError("--gpus-per-node must be >= 0 and --nodes >= 1")
+    submit(manifest, rows, args.overrides, args, results=args.results, dry_run=args.dry_run, force=args.force,
+           skip_unavailable=args.skip_unavailable)
+
+
+def cmd_status(args):
+    from .slurm import status_rows
+
+    manifest = Manifest(args.manifest)
+    rows = status_rows(manifest, args.results)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(_table(rows, ["row", "status", "last_epoch", "slurm_job", "slurm_state", "submissions", "host"]))
+
+
+def cmd_eval(args):
+    from . import distributed
+
+    manifest = Manifest(args.manifest)
+    manifest.row(args.row)
+    nprocs, device = _local_processes(args)
+    kwargs = dict(checkpoint=args.checkpoint, teachers=args.teachers, overrides=list(args.overrides),
+                  device=device, results=args.results)
+    if nprocs > 1:
+        distributed.spawn(nprocs, _eval_and_print, str(manifest.path), args.row,
+                          launch_option=f"--gpus {nprocs}" if args.gpus else f"--nproc {nprocs}", **kwargs)
+    else:
+        _eval_and_print(str(manifest.path), args.row, **kwargs)
+
+
+def _eval_and_print(manifest, row, **kwargs):
+    from .engine import evaluate_row
+
+    metrics, path = evaluate_row(manifest, row, **kwargs)
+    if path is None:  # not rank 0
+        return
+    lines = [{"branch": b, **{k: f"{100 * v:.1f}" for k, v in m.items()}} for b, m in metrics.items()]
+    print(_table(lines))
+    print(f"(COCO box AP in percent; written to {path})")
+
+
+def _add_overrides(p):
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="configuration overrides (YAML values), recorded with the run")
+
+
+def build_parser():
     parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default=str(records.RESULTS),
                         help="results folder holding runs/<manifest>/<row>/ (default: %(default)s)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    manifest_help = "manifest name (experiments/<name>.yaml) or path to a manifest YAML"
 
-    p = sub.add_parser("list", help="rows of a manifest with their status")
-    p.add_argument("manifest", help="manifest name (experiments/<name>.yaml) or path")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p = sub.add_parser("list", help="rows of a manifest with their settings and status",
+                       description="Rows of a manifest: variant, KS mode, backbone, epochs, the paper row they "
+                                   "reproduce, and their status read from results/runs/ (not started, running, "
+                                   "interrupted, done, failed).")
+    p.add_argument("manifest", help=manifest_help)
+    p.add_argument("--json", action="store_true", help="print JSON (with family, baseline, note) instead of a table")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("run", help="train and evaluate manifest rows on this machine",
-                       description="Train and evaluate rows on this machine (CPU or one GPU), writing "
-                                   "results/runs/<manifest>/<row>/. A finished row is skipped.")
-    p.add_argument("manifest", help="manifest name (experiments/<name>.yaml) or path")
+    p = sub.add_parser("run", help="train and evaluate rows on this machine",
+                       description="Train and evaluate rows on this machine, writing results/runs/<manifest>/<row>/. "
+                                   "One process by default (GPU if available); --gpus N starts N GPU processes "
+                                   "(DDP, NCCL), --nproc N starts N CPU processes (DDP, gloo; for tests). Under "
+                                   "torchrun or srun the launcher's processes are used. When fewer images per step "
+                                   "than train.total_batch_size fit, gradients are accumulated (recorded in "
+                                   "env.json). A finished row is skipped.")
+    p.add_argument("manifest", help=manifest_help)
     p.add_argument("--row", action="append", help="row to run (repeatable; default: every row)")
+    p.add_argument("--gpus", type=int, default=0, metavar="N", help="number of local GPU processes")
+    p.add_argument("--nproc", type=int, default=0, metavar="N", help="number of local CPU processes (gloo)")
     p.add_argument("--resume", action="store_true",
-                   help="continue an unfinished run from its last checkpoint (starts fresh if it has none)")
+                   help="continue an unfinished run from its last checkpoint (starts fresh, saying so, if it has none)")
     p.add_argument("--force", action="store_true",
                    help="start over even if a record exists (the old record is moved aside, not deleted)")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="configuration overrides, recorded in the run's config.yaml")
+    p.add_argument("--device", help="torch device of a single process (default: cuda if available, else cpu)")
+    _add_overrides(p)
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("submit", help="submit rows as SLURM jobs (submitit)",
+                       description="Submit one SLURM job per row (a job array for several rows) through submitit. "
+                                   "Each job runs nodes x tasks-per-node processes (one per GPU) that train the row "
+                                   "with DDP and always resume from the row's checkpoint: a job that times out or is "
+                                   "preempted is requeued and continues, never starts over. Rows that are done, "
+                                   "running or queued are skipped (--force reruns done rows, moving their record "
+                                   "aside). Rows whose variant is not built yet stop the submission before anything "
+                                   "is submitted. submitit's logs go to <results>/slurm/<manifest>/<job id>/.")
+    p.add_argument("manifest", help=manifest_help)
+    p.add_argument("--rows", nargs="+", metavar="ROW", help="rows to submit (default: every row)")
+    p.add_argument("--partition", help="SLURM partition (default: the cluster's default)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, one process each (default: 8; "
+                                                                 "0 for CPU jobs)")
+    p.add_argument("--tasks-per-node", type=int, default=0,
+                   help="processes per node (default: --gpus-per-node, or 1 without GPUs)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes per job (default: 1)")
+    p.add_argument("--timeout-min", type=int, default=1440,
+                   help="time limit of one job in minutes; a job that reaches it is requeued (default: 1440)")
+    p.add_argument("--qos", help="SLURM quality of service")
+    p.add_argument("--account", help="SLURM account")
+    p.add_argument("--cpus-per-task", type=int, default=0,
+                   help="CPUs per process (default: data.num_workers + 1 of the rows)")
+    p.add_argument("--mem-per-gpu", help="memory per GPU, e.g. 40G (default: the cluster's)")
+    p.add_argument("--constraint", help="SLURM node constraint (features)")
+    p.add_argument("--exclude", help="nodes to exclude")
+    p.add_argument("--job-name", default="ks-detr", help="SLURM job name (default: %(default)s)")
+    p.add_argument("--signal-delay-s", type=int, default=90,
+                   help="seconds before the time limit at which the job is signalled to requeue (default: 90)")
+    p.add_argument("--max-timeouts", type=int, default=30,
+                   help="how many times one job may be requeued after reaching its time limit (default: 30; "
+                        "preemptions do not count)")
+    p.add_argument("--array-parallelism", type=int, default=256, help="jobs of the array running at once")
+    p.add_argument("--sbatch", action="append", metavar="KEY=VALUE",
+                   help="any other sbatch option, e.g. --sbatch mail-type=END (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch parameters and each row's command; "
+                                                          "submit nothing")
+    p.add_argument("--force", action="store_true", help="also submit rows that are done (their record is moved aside)")
+    p.add_argument("--skip-unavailable", action="store_true",
+                   help="submit the other rows when some need a variant or backbone that is not built yet")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="rows with their run status and SLURM jobs",
+                       description="Rows with their run status, last finished epoch, latest SLURM job id and its "
+                                   "state (squeue; sacct where accounting is enabled; '-' without SLURM).")
+    p.add_argument("manifest", help=manifest_help)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("eval", help="evaluate a row's checkpoint (student, optionally the teachers)",
+                       description="Evaluate a checkpoint of a row (default: its checkpoint.pth) on the validation "
+                                   "set: the student (attn1) and, with --teachers, the KS teacher branches with "
+                                   "ground-truth masks (paper Fig. 4). Prints the metrics and writes "
+                                   "eval-<time>.json in the run directory; eval.json and DONE are never touched. "
+                                   "The model configuration comes from the checkpoint; overrides may change data "
+                                   "and evaluation keys (e.g. data.root, train.max_eval_images).")
+    p.add_argument("manifest", help=manifest_help)
+    p.add_argument("--row", required=True, help="row to evaluate")
+    p.add_argument("--checkpoint", help="checkpoint file (default: results/runs/<manifest>/<row>/checkpoint.pth)")
+    p.add_argument("--teachers", action="store_true", help="also evaluate the teacher branches with GT masks")
+    p.add_argument("--gpus", type=int, default=0, metavar="N", help="number of local GPU processes")
+    p.add_argument("--nproc", type=int, default=0, metavar="N", help="number of local CPU processes (gloo)")
+    p.add_argument("--device", help="torch device of a single process (default: cuda if available, else cpu)")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     # Overrides may come after options too (`run demo --row x train.epochs=2`), which argparse's
     # positional handling does not allow: collect them from the unrecognised arguments.
     args, extra = parser.parse_known_args(argv)
@@ -82,10 +282,18 @@ def main(argv=None):
         parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    from .engine import RunError  # noqa: E402 - torch only when a command runs
+
     try:
         args.func(args)
-    except ConfigError as e:
+    except (ConfigError, RunError) as e:
         sys.exit(f"error: {e}")
+    except Exception as e:
+        from .distributed import WorkerFailed
+
+        if isinstance(e, WorkerFailed):
+            sys.exit(f"error: {e}")
+        raise
 
 
 if __name__ == "__main__":

@@ -1,22 +1,42 @@
 """Run configurations: built-in defaults, YAML manifests, command-line overrides, validation.
 
-A run's configuration is the built-in DEFAULTS (the reference's DAB-DETR-R50 COCO setting), updated
-by the manifest's `defaults`, then by the row's `config`, then by command-line overrides
-`key.sub=value`. Every level is checked against DEFAULTS: an unknown key, a wrong type or a value
-outside its choices is an error naming the manifest, the row and the key.
+A run's configuration is built in this order, each level updating the one before:
 
-Manifest (experiments/<name>.yaml):
+    DEFAULTS (below: the reference's DAB-DETR-R50 COCO setting)
+      -> the manifest's `defaults`            (every row)
+      -> the manifest's `families[<family>]`  (the rows of that family)
+      -> the row's `config`
+      -> command-line overrides `key.sub=value` (recorded in the run's config.yaml and command.txt)
 
-    description: free text
-    defaults: {model: {...}, data: {...}, train: {...}}   # optional, for every row
-    rows:
-      - name: dab_r50_ks          # stable identifier: letters, digits, '_' and '-'
+Every level is checked against DEFAULTS: an unknown key, a wrong type, a value below its minimum or
+outside its choices (variants, backbones, KS modes, ...) is an error naming the manifest, the row (or
+family) and the key.
+
+Manifest format (experiments/<name>.yaml):
+
+    description: free text                      # optional
+    paper_table: 1                              # optional: every row must then say which row of
+                                                #   results/paper/table1.csv it reproduces
+    defaults: {model: {...}, data: {...}, train: {...}}        # optional, for every row
+    families:                                   # optional: named configuration trees
+      dab_detr: {model: {variant: dab_detr, pos_temperature: 20, ...}}
+    rows:                                       # required, non-empty
+      - name: dab_r50_ks          # required: stable identifier (letters, digits, '_', '-'), unique
+        family: dab_detr          # required when the manifest has `families`: one of them
         baseline: dab_r50         # optional: the row this one is compared against (KS gain)
-        paper: {table: 1, row: 6, source: rerun}   # optional: the paper row it reproduces
-        config: {model: {ks: {mode: triple}}}
+        paper: {table: 1, row: 6, source: rerun}   # required with `paper_table`, optional otherwise
+        note: free text           # optional: what a reader should know (init differences, ...)
+        config: {model: {ks: {mode: triple}}}      # optional: the row's own settings
 
 `paper.row` is the 1-based row of results/paper/table<table>.csv; `source` says whether the paper's
 number was re-run by the authors with this configuration (`rerun`) or cited from elsewhere (`cited`).
+Schedules are in epochs (`train.epochs`, `train.lr_drop`). `train.batch_size` is the batch of one
+process (one GPU); `train.total_batch_size` (when set) is the batch of one optimizer step, kept by
+gradient accumulation when fewer processes run than it assumes (see experiments/engine.py).
+
+`Manifest(name_or_path)`: `.rows` (ordered: name -> row dict, with the keys above), `.row(name)`,
+`.resolve(name, overrides)` (the full configuration). `variant_available(name)` says whether a
+variant is built (models.VARIANTS, read at call time since variants are being added).
 """
 import copy
 import re
@@ -44,8 +64,10 @@ DEFAULTS = {
         "pos_temperature": 20,
         "pos_offset": 0.0,
         "eval_topk": 300,
+        # weights_path: a relative path is relative to the repository root. drop_path: stochastic depth
+        # of a Swin backbone (the reference's Swin-T: 0.1); ResNets have none and ignore it.
         "backbone": {"name": "resnet50", "weights": "imagenet", "weights_path": None, "freeze_at": 1,
-                     "norm": "frozen_bn", "last_stage": "layer4"},
+                     "norm": "frozen_bn", "last_stage": "layer4", "drop_path": 0.0},
         "ks": {"mode": "none", "teacher_layers": "last"},
         "dab": {"modulate_hw_attn": True, "random_anchor_xy": True, "freeze_anchor_xy": False},
         "dn": {"groups": 5, "label_noise": 0.2, "box_noise": 0.4},
@@ -74,11 +96,20 @@ DEFAULTS = {
         "lr_backbone": 1e-5,
         "weight_decay": 1e-4,
         "clip_max_norm": 0.1,
-        "batch_size": 2,
+        "batch_size": 2,  # per process (per GPU)
+        # The batch of one optimizer step across all processes (the reference: 16). null: whatever
+        # batch_size x processes gives. When batch_size x processes is smaller, gradients are
+        # accumulated over total_batch_size / (batch_size x processes) steps (recorded in env.json).
+        "total_batch_size": None,
+        "eval_batch_size": None,  # per process; null: batch_size (the reference evaluates with 1)
+        "find_unused_parameters": False,  # DDP: only for models with parameters a step may not use
         "seed": 42,
         "eval_every": 1,
         "eval_teachers": True,
-        "max_iters_per_epoch": None,
+        # Also save a checkpoint every N optimizer steps inside an epoch (null: only after each
+        # epoch), so that a preempted or timed-out job loses at most N steps when it resumes.
+        "checkpoint_every_iters": None,
+        "max_iters_per_epoch": None,  # optimizer steps (of total_batch_size images), for smoke runs
         "max_eval_images": None,
     },
 }
@@ -90,6 +121,9 @@ NULLABLE = {
     "data.root": str,
     "train.max_iters_per_epoch": int,
     "train.max_eval_images": int,
+    "train.total_batch_size": int,
+    "train.eval_batch_size": int,
+    "train.checkpoint_every_iters": int,
 }
 CHOICES = {
     "model.variant": sorted(VARIANTS),
@@ -111,28 +145,56 @@ MINIMUM = {
     "data.num_workers": 0,
     "train.epochs": 1, "train.batch_size": 1, "train.eval_every": 1, "train.max_iters_per_epoch": 1,
     "train.max_eval_images": 1, "train.lr": 0.0, "train.lr_backbone": 0.0, "train.weight_decay": 0.0,
-    "train.clip_max_norm": 0.0,
+    "train.clip_max_norm": 0.0, "train.total_batch_size": 1, "train.eval_batch_size": 1,
+    "train.checkpoint_every_iters": 1, "model.backbone.drop_path": 0.0,
 }
 ROW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
-ROW_KEYS = {"name", "config", "baseline", "paper"}
+ROW_KEYS = ("name", "family", "baseline", "paper", "note", "config")
+TOP_KEYS = ("description", "paper_table", "defaults", "families", "rows")
 PAPER_SOURCES = ("rerun", "cited")
+PAPER_DIR = MANIFEST_DIR.parent / "results" / "paper"
 
 
 class ConfigError(ValueError):
     pass
 
 
-def _check_paper(paper, where):
+def variant_available(variant):
+    """True when models.VARIANTS has a module for `variant` (None: not built yet). Read at call time."""
+    import models
+
+    return models.VARIANTS.get(variant) is not None
+
+
+def paper_rows(table):
+    """Number of rows of results/paper/table<table>.csv (None when the file is missing)."""
+    path = PAPER_DIR / f"table{table}.csv"
+    if not path.is_file():
+        return None
+    return sum(1 for line in path.read_text().splitlines()[1:] if line.strip())
+
+
+def _check_paper(paper, where, table=None):
     if paper is None:
+        if table is not None:
+            raise ConfigError(f"{where}: missing required key 'paper' (the manifest has paper_table: {table}; "
+                              f"give {{table: {table}, row: N, source: rerun or cited}})")
         return
     ok = (isinstance(paper, dict) and set(paper) == {"table", "row", "source"}
-          and paper["table"] in (1, 2) and isinstance(paper["row"], int) and paper["row"] >= 1
-          and paper["source"] in PAPER_SOURCES)
+          and paper["table"] in (1, 2) and isinstance(paper["row"], int) and not isinstance(paper["row"], bool)
+          and paper["row"] >= 1 and paper["source"] in PAPER_SOURCES)
     if not ok:
         raise ConfigError(f"{where}: key 'paper' must be {{table: 1 or 2, row: N >= 1, source: "
                           f"{' or '.join(PAPER_SOURCES)}}}, got {paper!r}")
+    if table is not None and paper["table"] != table:
+        raise ConfigError(f"{where}: key 'paper.table' must be {table} (the manifest's paper_table), "
+                          f"got {paper['table']}")
+    n = paper_rows(paper["table"])
+    if n is not None and paper["row"] > n:
+        raise ConfigError(f"{where}: key 'paper.row' is {paper['row']}, but "
+                          f"{PAPER_DIR / ('table%d.csv' % paper['table'])} has {n} rows")
 
 
 def _type_name(t):
@@ -219,8 +281,21 @@ def manifest_path(name_or_path):
     return path
 
 
+def _check_consistency(cfg, where):
+    """Checks between keys that the per-key schema cannot express."""
+    tc = cfg["train"]
+    total, batch = tc["total_batch_size"], tc["batch_size"]
+    if total is not None and total % batch:
+        raise ConfigError(f"{where}: key 'train.total_batch_size' ({total}) must be a multiple of "
+                          f"train.batch_size ({batch})")
+    bad = [e for e in tc["lr_drop"] if not isinstance(e, int) or isinstance(e, bool) or e < 1]
+    if bad:
+        raise ConfigError(f"{where}: key 'train.lr_drop' must list epochs >= 1, got {tc['lr_drop']!r}")
+
+
 class Manifest:
-    """A validated manifest: `name`, `path`, `rows` (name -> row dict), `resolve(row, overrides)`."""
+    """A validated manifest: `name`, `path`, `description`, `paper_table`, `defaults`, `families`,
+    `rows` (name -> row dict), `row(name)`, `resolve(row, overrides)`."""
 
     def __init__(self, name_or_path):
         self.path = manifest_path(name_or_path)
@@ -232,12 +307,28 @@ class Manifest:
         where = f"manifest {self.path}"
         if not isinstance(doc, dict):
             raise ConfigError(f"{where}: expected a mapping with 'rows'")
-        unknown = set(doc) - {"description", "defaults", "rows"}
+        unknown = set(doc) - set(TOP_KEYS)
         if unknown:
             raise ConfigError(f"{where}: unknown top-level keys {sorted(unknown)} "
-                              f"(expected description, defaults, rows)")
+                              f"(expected {', '.join(TOP_KEYS)})")
         self.description = doc.get("description", "")
+        if not isinstance(self.description, str):
+            raise ConfigError(f"{where}: key 'description' must be a string, got {self.description!r}")
+        self.paper_table = doc.get("paper_table")
+        if self.paper_table is not None and self.paper_table not in (1, 2):
+            raise ConfigError(f"{where}: key 'paper_table' must be 1 or 2, got {self.paper_table!r}")
         self.defaults = merge(DEFAULTS, doc.get("defaults") or {}, f"{where}, defaults")
+
+        families = doc.get("families")
+        if families is not None and (not isinstance(families, dict) or not families):
+            raise ConfigError(f"{where}: key 'families' must be a non-empty mapping of name -> configuration, "
+                              f"got {families!r}")
+        self.families = {}
+        for fam, tree in (families or {}).items():
+            if not isinstance(fam, str) or not ROW_NAME.match(fam):
+                raise ConfigError(f"{where}: family name {fam!r} must be letters, digits, '_' or '-'")
+            self.families[fam] = merge(self.defaults, tree or {}, f"{where}, family {fam!r}")
+
         rows = doc.get("rows")
         if not isinstance(rows, list) or not rows:
             raise ConfigError(f"{where}: 'rows' must be a non-empty list")
@@ -249,35 +340,68 @@ class Manifest:
             if not isinstance(name, str) or not ROW_NAME.match(name):
                 raise ConfigError(f"{where}: row {i + 1} name {name!r} must be letters, digits, '_' or '-'")
             if name in self.rows:
-                raise ConfigError(f"{where}: duplicate row name {name!r}")
-            unknown = set(row) - ROW_KEYS
+                raise ConfigError(f"{where}: duplicate row name {name!r} (rows {list(self.rows).index(name) + 1} "
+                                  f"and {i + 1})")
+            here = f"{where}, row {name!r}"
+            unknown = set(row) - set(ROW_KEYS)
             if unknown:
-                raise ConfigError(f"{where}, row {name!r}: unknown keys {sorted(unknown)} "
-                                  f"(expected {sorted(ROW_KEYS)})")
-            _check_paper(row.get("paper"), f"{where}, row {name!r}")
-            merge(self.defaults, row.get("config") or {}, f"{where}, row {name!r}")  # validate now
+                raise ConfigError(f"{here}: unknown keys {sorted(unknown)} (expected {sorted(ROW_KEYS)})")
+            if self.families:
+                if "family" not in row:
+                    raise ConfigError(f"{here}: missing required key 'family' (one of {sorted(self.families)})")
+                if row["family"] not in self.families:
+                    raise ConfigError(f"{here}: key 'family' is {row['family']!r}, not one of this manifest's "
+                                      f"families {sorted(self.families)}")
+            elif "family" in row:
+                raise ConfigError(f"{here}: key 'family' is {row['family']!r} but the manifest defines no 'families'")
+            if "note" in row and not isinstance(row["note"], str):
+                raise ConfigError(f"{here}: key 'note' must be a string, got {row['note']!r}")
+            if "baseline" in row and not isinstance(row["baseline"], str):
+                raise ConfigError(f"{here}: key 'baseline' must be a row name, got {row['baseline']!r}")
+            _check_paper(row.get("paper"), here, self.paper_table)
             self.rows[name] = row
+            _check_consistency(self._merged(name), here)  # validates the row's config now
         for name, row in self.rows.items():
             if "baseline" in row and row["baseline"] not in self.rows:
                 raise ConfigError(f"{where}, row {name!r}: baseline {row['baseline']!r} is not a row of this manifest")
+            if row.get("baseline") == name:
+                raise ConfigError(f"{where}, row {name!r}: a row cannot be its own baseline")
 
     def row(self, name):
         if name not in self.rows:
             raise ConfigError(f"manifest {self.path}: no row {name!r}; rows: {list(self.rows)}")
         return self.rows[name]
 
+    def _merged(self, row_name):
+        row = self.row(row_name)
+        base = self.families[row["family"]] if "family" in row else self.defaults
+        return merge(base, row.get("config") or {}, f"manifest {self.path}, row {row_name!r}")
+
     def resolve(self, row_name, overrides=()):
         """The full configuration of one row, with command-line overrides applied."""
-        cfg = merge(self.defaults, self.row(row_name).get("config") or {},
-                    f"manifest {self.path}, row {row_name!r}")
+        cfg = self._merged(row_name)
         for text in overrides:
-            where = f"override {text!r} (row {row_name!r})"
+            where = f"override {text!r} (manifest {self.path}, row {row_name!r})"
             try:
                 tree = parse_override(text)
             except ConfigError as e:
                 raise ConfigError(f"{where}: {e}") from None
             cfg = merge(cfg, tree, where)
+        if overrides:
+            _check_consistency(cfg, f"manifest {self.path}, row {row_name!r} with overrides {list(overrides)}")
         return cfg
+
+
+def flatten(tree, prefix=""):
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    return _flatten(tree, prefix)
+
+
+def new_default_keys(recorded, cfg):
+    """Keys present in `cfg` but not in the `recorded` configuration whose value is the default: keys
+    added to DEFAULTS after the run started, which do not change it."""
+    fr, fc = _flatten(recorded), _flatten(cfg)
+    return sorted(k for k in fc if k not in fr and k in DEFAULTS_FLAT and fc[k] == DEFAULTS_FLAT[k])
 
 
 def diff(a, b, prefix=""):

@@ -2,20 +2,34 @@
 
     config.yaml     the resolved configuration
     command.txt     the command line(s) that produced the run (one line per start or resume)
-    env.json        git SHA, versions, device, world size, batch sizes, backbone initialisation
+    env.json        git SHA, versions, device, world size, per-process batch, gradient accumulation,
+                    backbone initialisation, and where this start resumed from (rewritten per start)
     log.jsonl       one JSON line per finished epoch: {"epoch", "lr", "train": {...},
                     "eval": {"attn1": {AP...}, "attn2": {...}, "attn3": {...}}, "time_s"}
     eval.json       final COCO metrics per branch (fractions in [0, 1])
     DONE            written last and atomically, after the final evaluation
+    FAILED          the error that stopped the run (removed when it is resumed); an interruption
+                    (Ctrl-C, SLURM timeout or preemption) is not a failure and writes none
     checkpoint.pth  the latest epoch (git-ignored)
+    heartbeat.json  while a process trains the row: {"time", "host", "pid", "slurm_job_id", "epoch",
+                    "iteration", "phase"}, refreshed every HEARTBEAT_INTERVAL_S by a background thread
+                    and removed when the process stops
+    slurm.json      the SLURM jobs submitted for the row ({"jobs": [{"job_id", "submitted", ...}]})
+    eval-<time>.json  metrics of `python -m experiments eval` (never eval.json)
+
+Status of a row (`status()`): "done" (DONE), "failed" (FAILED), "running" (a fresh heartbeat),
+"interrupted" (started, not finished, nothing running: resume it), "not started". A heartbeat older
+than HEARTBEAT_STALE_S, or one left by a process of this host that no longer exists, is stale.
 
 Every file is written atomically (temporary file + rename), so a reader never sees half a record.
 """
 import json
 import os
 import shlex
+import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -66,9 +80,9 @@ def read_log(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_command(manifest, row, overrides=(), resume=False):
-    """The command line that (re)produces a run."""
-    args = ["run", manifest, "--row", row] + (["--resume"] if resume else []) + list(overrides)
+def run_command(manifest, row, overrides=(), resume=False, options=()):
+    """The command line that (re)produces a run (`options`: e.g. ['--gpus', '8'])."""
+    args = ["run", manifest, "--row", row] + (["--resume"] if resume else []) + list(options) + list(overrides)
     return f"python -m experiments {shlex.join(args)}"
 
 
@@ -89,13 +103,128 @@ def git_sha():
         return None
 
 
-def status(directory):
-    """'done', 'failed', 'interrupted' (started, not finished), or 'not started'."""
+HEARTBEAT = "heartbeat.json"
+HEARTBEAT_INTERVAL_S = 30
+HEARTBEAT_STALE_S = 300
+STATES = ("not started", "running", "interrupted", "done", "failed")
+
+
+def read_json(path, default=None):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def slurm_job_id():
+    """This process's SLURM job id (array jobs: <array id>_<task>), or None outside SLURM."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID")
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError, OSError):
+        return True  # exists but not ours, or unknown: assume alive
+    return True
+
+
+def heartbeat_holder(directory, now=None):
+    """The live heartbeat of a run (a dict), or None when there is none or it is stale."""
+    beat = read_json(Path(directory) / HEARTBEAT)
+    if not isinstance(beat, dict) or not isinstance(beat.get("time"), (int, float)):
+        return None
+    if (now or time.time()) - beat["time"] > HEARTBEAT_STALE_S:
+        return None
+    if beat.get("host") == socket.gethostname() and not _pid_alive(beat.get("pid")):
+        return None
+    return beat
+
+
+class Heartbeat:
+    """Keeps results/runs/<manifest>/<row>/heartbeat.json fresh while a run trains: a daemon thread
+    rewrites it every `interval` seconds with the time and the progress set by `update()`; `stop()`
+    removes it. Only the process that writes the records (rank 0) runs one."""
+
+    def __init__(self, directory, interval=HEARTBEAT_INTERVAL_S):
+        self.path = Path(directory) / HEARTBEAT
+        self.interval = interval
+        self.info = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": slurm_job_id(),
+                     "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "epoch": None, "iteration": None,
+                     "phase": "starting"}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = None
+
+    def update(self, **progress):
+        with self._lock:
+            self.info.update(progress)
+
+    def beat(self):
+        with self._lock:
+            info = dict(self.info, time=time.time())
+        try:
+            write_json(self.path, info)
+        except OSError:
+            pass  # a full or unreachable disk must not kill the training; the heartbeat goes stale
+
+    def start(self):
+        self.beat()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.beat()
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        beat = read_json(self.path)
+        if isinstance(beat, dict) and beat.get("pid") == self.info["pid"] and beat.get("host") == self.info["host"]:
+            self.path.unlink(missing_ok=True)
+
+
+def status(directory, now=None):
+    """'done', 'failed', 'running' (a live heartbeat), 'interrupted' (started, not finished, not
+    running) or 'not started'."""
     d = Path(directory)
     if (d / "DONE").is_file():
         return "done"
     if (d / "FAILED").is_file():
         return "failed"
+    if heartbeat_holder(d, now) is not None:
+        return "running"
     if (d / "config.yaml").is_file():
         return "interrupted"
     return "not started"
+
+
+def last_epoch(directory):
+    log = read_log(Path(directory) / "log.jsonl")
+    return log[-1]["epoch"] if log else None
+
+
+# --------------------------------------------------------------------------------------------------
+# SLURM submissions of a row (written by `python -m experiments submit`, read by `status`)
+
+SLURM_RECORD = "slurm.json"
+
+
+def slurm_jobs(directory):
+    """The SLURM jobs submitted for a run, oldest first."""
+    doc = read_json(Path(directory) / SLURM_RECORD, {})
+    return doc.get("jobs", []) if isinstance(doc, dict) else []
+
+
+def add_slurm_job(directory, job):
+    """Appends one submission ({"job_id", "submitted", ...}) to the run's slurm.json."""
+    jobs = slurm_jobs(directory) + [job]
+    write_json(Path(directory) / SLURM_RECORD, {"jobs": jobs})

@@ -70,3 +70,72 @@ def test_unknown_manifest_and_row():
         Manifest("no_such_manifest")
     with pytest.raises(ConfigError, match="no row 'nope'"):
         Manifest("demo").resolve("nope")
+
+
+def test_families_and_resolution_order(tmp_path):
+    """DEFAULTS -> defaults -> families[family] -> row config -> overrides."""
+    path = write_manifest(tmp_path, {
+        "defaults": {"train": {"epochs": 5, "lr": 1e-3}, "model": {"dropout": 0.2}},
+        "families": {"fam": {"train": {"epochs": 7}, "model": {"dropout": 0.3, "activation": "relu"}}},
+        "rows": [{"name": "a", "family": "fam", "config": {"model": {"dropout": 0.4}}, "note": "x"}],
+    })
+    m = Manifest(str(path))
+    assert list(m.families) == ["fam"] and m.rows["a"]["note"] == "x"
+    cfg = m.resolve("a")
+    assert (cfg["train"]["epochs"], cfg["train"]["lr"], cfg["model"]["dropout"], cfg["model"]["activation"]) == \
+        (7, 1e-3, 0.4, "relu")
+    assert cfg["train"]["batch_size"] == 2  # DEFAULTS
+    assert m.resolve("a", ["model.dropout=0.5", "train.epochs=1"])["model"]["dropout"] == 0.5
+
+
+def test_family_and_paper_errors_name_manifest_row_and_key(tmp_path):
+    fam = {"f": {"model": {"variant": "dab_detr"}}}
+    cases = [
+        ({"families": fam, "rows": [{"name": "a"}]}, "row 'a': missing required key 'family'"),
+        ({"families": fam, "rows": [{"name": "a", "family": "g"}]}, "row 'a': key 'family' is 'g', not one of"),
+        ({"rows": [{"name": "a", "family": "f"}]}, "row 'a': key 'family' is 'f' but the manifest defines no"),
+        ({"families": {"f": {"model": {"nope": 1}}}, "rows": [{"name": "a", "family": "f"}]},
+         "family 'f': unknown key 'model.nope'"),
+        ({"families": {"f": {"model": {"variant": "yolo"}}}, "rows": [{"name": "a", "family": "f"}]},
+         "family 'f': key 'model.variant' must be one of"),
+        ({"families": [], "rows": [{"name": "a"}]}, "key 'families' must be a non-empty mapping"),
+        ({"paper_table": 1, "rows": [{"name": "a"}]}, "row 'a': missing required key 'paper'"),
+        ({"paper_table": 1, "rows": [{"name": "a", "paper": {"table": 2, "row": 1, "source": "rerun"}}]},
+         "row 'a': key 'paper.table' must be 1"),
+        ({"paper_table": 3, "rows": [{"name": "a"}]}, "key 'paper_table' must be 1 or 2"),
+        ({"rows": [{"name": "a", "paper": {"table": 2, "row": 9, "source": "rerun"}}]},
+         "row 'a': key 'paper.row' is 9, but"),
+        ({"rows": [{"name": "a", "paper": {"table": 1, "row": 2, "source": "guessed"}}]}, "row 'a': key 'paper'"),
+        ({"rows": [{"name": "a", "note": 5}]}, "row 'a': key 'note' must be a string"),
+        ({"rows": [{"name": "a", "config": {"train": {"total_batch_size": 15}}}]},
+         "row 'a': key 'train.total_batch_size' (15) must be a multiple of train.batch_size (2)"),
+        ({"rows": [{"name": "a", "config": {"train": {"lr_drop": [0]}}}]}, "row 'a': key 'train.lr_drop'"),
+        ({"rows": [{"name": "a", "config": {"model": {"backbone": {"name": "vgg"}}}}]},
+         "row 'a': key 'model.backbone.name' must be one of"),
+        ({"rows": [{"name": "a", "config": {"model": {"ks": {"mode": "quad"}}}}]},
+         "row 'a': key 'model.ks.mode' must be one of"),
+        ({"rows": [{"name": "a", "baseline": "a"}]}, "row 'a': a row cannot be its own baseline"),
+    ]
+    for doc, message in cases:
+        path = write_manifest(tmp_path, doc)
+        with pytest.raises(ConfigError) as e:
+            Manifest(str(path))
+        assert str(path) in str(e.value) and message in str(e.value), str(e.value)
+
+
+def test_override_checks_cross_key_consistency():
+    with pytest.raises(ConfigError, match="dab_r18.*train.total_batch_size' \\(6\\) must be a multiple"):
+        Manifest("demo").resolve("dab_r18", ["train.total_batch_size=6", "train.batch_size=4"])
+    cfg = Manifest("demo").resolve("dab_r18", ["train.total_batch_size=16"])
+    assert cfg["train"]["total_batch_size"] == 16
+
+
+def test_keys_added_to_the_defaults_do_not_block_a_resume():
+    from experiments.config import new_default_keys
+
+    cfg = Manifest("demo").resolve("dab_r18")
+    old = yaml.safe_load(yaml.safe_dump(cfg))
+    del old["train"]["total_batch_size"], old["model"]["backbone"]["drop_path"]
+    assert new_default_keys(old, cfg) == ["model.backbone.drop_path", "train.total_batch_size"]
+    assert new_default_keys(old, Manifest("demo").resolve("dab_r18", ["train.total_batch_size=16"])) == \
+        ["model.backbone.drop_path"]

@@ -63,7 +63,8 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, data_root, monkey
     with pytest.raises(KeyboardInterrupt):
         train_row("demo", "ks_dab_r18", overrides(data_root), results=tmp_path)
     directory = records.run_dir("demo", "ks_dab_r18", tmp_path)
-    assert records.status(directory) == "failed"
+    assert records.status(directory) == "interrupted"  # an interruption is not a failure: no FAILED
+    assert not (directory / "FAILED").exists() and not (directory / records.HEARTBEAT).exists()
     assert [r["epoch"] for r in records.read_log(directory / "log.jsonl")] == [1]
 
     with pytest.raises(RunError, match="--resume"):
@@ -100,3 +101,101 @@ def test_missing_data_set_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(missing)):
         train_row("demo", "dab_r18", [f"data.root={missing}", "data.dataset=coco"], results=tmp_path)
     assert records.status(records.run_dir("demo", "dab_r18", tmp_path)) == "failed"
+
+
+def test_mid_epoch_checkpoint_resumes_exactly(tmp_path, data_root, monkeypatch):
+    """With train.checkpoint_every_iters, a run stopped in the middle of an epoch resumes at the next
+    step and ends with the same weights and losses as an uninterrupted run (data order, augmentation
+    and dropout are functions of seed, epoch and step)."""
+    import torch
+
+    args = overrides(data_root, "train.checkpoint_every_iters=1", "train.eval_every=2", "model.dropout=0.1")
+    whole = train_row("demo", "ks_dab_r18", args, results=tmp_path / "a")
+    reference = torch.load(whole / "checkpoint.pth", weights_only=False)
+
+    real_save = engine.save_checkpoint
+
+    def save_then_stop(path, model, optimizer, scheduler, epoch, history, cfg, step=0, **kwargs):
+        real_save(path, model, optimizer, scheduler, epoch, history, cfg, step=step, **kwargs)
+        if epoch == 1 and step == 1:  # after the first step of epoch 2
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_row("demo", "ks_dab_r18", args, results=tmp_path / "b")
+    directory = records.run_dir("demo", "ks_dab_r18", tmp_path / "b")
+    state = torch.load(directory / "checkpoint.pth", weights_only=False)
+    assert (state["epoch"], state["step"]) == (1, 1) and records.status(directory) == "interrupted"
+    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    steps = []
+    real_train = engine.train_one_epoch
+    monkeypatch.setattr(engine, "train_one_epoch", lambda *a, **k: steps.append(k["start_step"]) or real_train(*a, **k))
+    train_row("demo", "ks_dab_r18", args, resume=True, results=tmp_path / "b")
+    assert steps == [1]  # only the second step of epoch 2 was trained again
+    resumed = torch.load(directory / "checkpoint.pth", weights_only=False)
+    for k, v in reference["model"].items():
+        torch.testing.assert_close(resumed["model"][k], v, rtol=0, atol=0, msg=k)
+    assert [r["train"] for r in resumed["history"]] == [r["train"] for r in reference["history"]]
+    assert json.loads((directory / "env.json").read_text())["resumed_after_epoch"] == 1
+
+
+def test_heartbeat_marks_a_running_row_and_blocks_a_second_run(tmp_path, data_root):
+    import os
+    import time
+
+    directory = records.run_dir("demo", "dab_r18", tmp_path)
+    records.write_yaml(directory / "config.yaml", {})
+    beat = {"time": time.time(), "host": "another-host", "pid": 1, "slurm_job_id": None}
+    records.write_json(directory / records.HEARTBEAT, beat)
+    assert records.status(directory) == "running"
+    with pytest.raises(RunError, match="being trained by another process.*another-host"):
+        train_row("demo", "dab_r18", overrides(data_root), resume=True, results=tmp_path)
+    records.write_json(directory / records.HEARTBEAT, {**beat, "time": time.time() - records.HEARTBEAT_STALE_S - 1})
+    assert records.status(directory) == "interrupted"  # stale
+    import socket
+
+    records.write_json(directory / records.HEARTBEAT, {**beat, "host": socket.gethostname(), "pid": 2 ** 22 + 7})
+    assert records.status(directory) == "interrupted"  # a process of this host that no longer exists
+    records.write_json(directory / records.HEARTBEAT, {**beat, "host": socket.gethostname(), "pid": os.getpid()})
+    assert records.status(directory) == "running"
+
+    hb = records.Heartbeat(directory, interval=0.05).start()
+    hb.update(epoch=3, iteration=7, phase="train")
+    time.sleep(0.2)
+    assert json.loads((directory / records.HEARTBEAT).read_text())["epoch"] == 3
+    hb.stop()
+    assert not (directory / records.HEARTBEAT).exists()
+
+
+def test_unavailable_variant_fails_before_any_record(tmp_path, data_root, monkeypatch):
+    import models
+
+    monkeypatch.setitem(models.VARIANTS, "dab_detr", None)
+    with pytest.raises(engine.NotAvailableError, match="row 'dab_r18': model.variant 'dab_detr' is not available yet"):
+        train_row("demo", "dab_r18", overrides(data_root), results=tmp_path)
+    assert not records.run_dir("demo", "dab_r18", tmp_path).exists()
+
+
+def test_eval_command_writes_a_new_file_and_leaves_the_record(tmp_path, data_root, capsys):
+    from experiments.__main__ import main
+
+    directory = train_row("demo", "ks_dab_r18", overrides(data_root, "train.epochs=1", "train.lr_drop=[]"),
+                          results=tmp_path)
+    before = {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+    main(["--results", str(tmp_path), "eval", "demo", "--row", "ks_dab_r18", "--teachers",
+          f"data.root={data_root}"])
+    out = capsys.readouterr().out
+    assert "attn1" in out and "attn2" in out and "attn3" in out
+    main(["--results", str(tmp_path), "eval", "demo", "--row", "ks_dab_r18", "--checkpoint",
+          str(directory / "checkpoint.pth")])
+    files = sorted(directory.glob("eval-*.json"), key=lambda p: p.stat().st_mtime_ns)
+    assert len(files) == 2  # never overwritten
+    first, second = (json.loads(p.read_text()) for p in files)
+    assert list(first["metrics"]) == ["attn1", "attn3", "attn2"] and list(second["metrics"]) == ["attn1"]
+    assert first["checkpoint_epoch"] == 1 and first["teachers"] is True
+    final = json.loads((directory / "eval.json").read_text())
+    assert first["metrics"]["attn1"] == final["attn1"]  # the same weights, the same images
+    for name, data in before.items():  # eval.json, DONE, log... untouched
+        assert (directory / name).read_bytes() == data, name
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        main(["--results", str(tmp_path), "eval", "demo", "--row", "dab_r18"])

@@ -1,0 +1,287 @@
+"""SLURM submission of manifest rows through submitit, and the state of their jobs.
+
+`python -m experiments submit MANIFEST` submits one job per row (one job array for several rows):
+each job runs `nodes x tasks_per_node` processes with srun, one per GPU, which train the row with DDP
+(experiments/distributed.py reads the SLURM step's environment). Every job runs the row with
+`--resume`: it starts fresh when the row has no checkpoint and continues from its checkpoint
+otherwise, so a job that SLURM requeues never starts over. submitit sends the job USR2
+`signal_delay_s` seconds before its time limit (and SLURM sends it on preemption); rank 0 then calls
+`RowJob.checkpoint()`, which requeues the same call, and exits. The last checkpoint (after each epoch,
+and every `train.checkpoint_every_iters` steps when set) is where the requeued job continues.
+
+Nothing here knows a cluster: partition, account, QoS, time limit, GPUs, memory come from the
+command line; submitit's logs and pickles go to results/slurm/<manifest>/<job id>/ (beside the run
+records, which must be on a file system the nodes share). Job ids are recorded in each row's
+slurm.json, which `status` reads together with squeue (and sacct where accounting is enabled).
+"""
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import records
+
+# squeue/sacct states of a job that is queued or still holds resources
+ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
+                 "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
+
+
+def _query(cmd, timeout=20):
+    """stdout of a SLURM client command, or None when it is missing or fails."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def job_states(job_ids):
+    """{job id: state} from squeue for those of the jobs still in the queue (this user's jobs); None
+    when squeue cannot be run or reach the controller. Array tasks are given as <array id>_<task>."""
+    ids = {str(j) for j in job_ids if j}
+    if not ids:
+        return {}
+    out = _query(["squeue", "-h", "-r", "--me", "-o", "%i|%T"])
+    if out is None:
+        return None
+    states = {}
+    for line in out.splitlines():
+        if "|" in line:
+            job, state = line.strip().split("|", 1)
+            states[job] = state.strip()
+    return {j: states[j] for j in sorted(ids) if j in states}
+
+
+def sacct_states(job_ids):
+    """{job id: state} from sacct (finished jobs too); None without accounting."""
+    ids = sorted({str(j) for j in job_ids if j})
+    if not ids:
+        return {}
+    out = _query(["sacct", "-n", "-P", "-X", "-j", ",".join(ids), "-o", "JobID,State"])
+    if out is None:
+        return None
+    states = {}
+    for line in out.splitlines():
+        if "|" in line:
+            job, state = line.split("|", 1)
+            states[job.strip()] = state.split()[0] if state.strip() else ""
+    return {j: states[j] for j in ids if j in states}
+
+
+class RowJob:
+    """What each task of a row's SLURM job runs: `python -m experiments run MANIFEST --row ROW
+    --resume [overrides]` in-process, as one rank of the row's DDP group."""
+
+    def __init__(self, manifest, row, overrides, results):
+        self.manifest, self.row, self.overrides, self.results = str(manifest), row, list(overrides), str(results)
+
+    def __call__(self):
+        from .engine import train_row
+
+        return str(train_row(self.manifest, self.row, self.overrides, resume=True, results=Path(self.results)))
+
+    def checkpoint(self, *args, **kwargs):
+        """Called by submitit (rank 0) on timeout or preemption: requeue the same call. It resumes
+        from the row's last checkpoint, never from scratch."""
+        import submitit
+
+        print(f"{self.row}: timeout or preemption signal; requeueing (the row resumes from its last checkpoint)",
+              flush=True)
+        return submitit.helpers.DelayedSubmission(RowJob(self.manifest, self.row, self.overrides, self.results))
+
+    def command(self, manifest_name):
+        return records.run_command(manifest_name, self.row, self.overrides, resume=True)
+
+
+def executor_parameters(opts, cpus_per_task):
+    """submitit SlurmExecutor parameters (sbatch options) from the submit options."""
+    tasks = opts.tasks_per_node or max(opts.gpus_per_node, 1)
+    params = {
+        "job_name": opts.job_name,
+        "time": opts.timeout_min,
+        "nodes": opts.nodes,
+        "ntasks_per_node": tasks,
+        "cpus_per_task": cpus_per_task,
+        "signal_delay_s": opts.signal_delay_s,
+        "array_parallelism": opts.array_parallelism,
+        # the job runs from this repository (found from this file, not a fixed path)
+        "setup": [f"cd {shlex.quote(str(records.REPO))}",
+                  f"export PYTHONPATH={shlex.quote(str(records.REPO))}${{PYTHONPATH:+:$PYTHONPATH}}",
+                  # one process per GPU: its CPU threads share the task's CPUs (as torchrun does)
+                  "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"],
+        "srun_args": ["--kill-on-bad-exit=1"],  # one rank failing ends the job instead of hanging the others
+        "stderr_to_stdout": True,
+    }
+    if opts.gpus_per_node:
+        params["gpus_per_node"] = opts.gpus_per_node
+    for key, value in (("partition", opts.partition), ("qos", opts.qos), ("account", opts.account),
+                       ("mem_per_gpu", opts.mem_per_gpu), ("constraint", opts.constraint),
+                       ("exclude", opts.exclude)):
+        if value:
+            params[key] = value
+    extra = {}
+    for item in opts.sbatch or []:
+        key, _, value = item.partition("=")
+        extra[key.lstrip("-")] = value if value else True
+    if extra:
+        params["additional_parameters"] = extra
+    return params
+
+
+def submitit_folder(manifest_name, results):
+    return Path(results) / "slurm" / manifest_name / "%j"
+
+
+def sbatch_preview(folder, params):
+    """The sbatch script submitit would write (for --dry-run), or None if it cannot be rendered."""
+    try:
+        from submitit.slurm.slurm import _make_sbatch_string
+
+        command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+        return _make_sbatch_string(command=command, folder=folder, **params)
+    except Exception:  # noqa: BLE001 - a private helper of submitit; the parameters are printed anyway
+        return None
+
+
+def plan_rows(manifest, rows, overrides, results, force):
+    """[(row, action, reason)]: action 'submit' or 'skip'."""
+    out = []
+    for row in rows:
+        directory = records.run_dir(manifest.name, row, results)
+        state = records.status(directory)
+        jobs = records.slurm_jobs(directory)
+        active = {}
+        if jobs:
+            active = {j: s for j, s in (job_states([jobs[-1]["job_id"]]) or {}).items() if s in ACTIVE_STATES}
+        if active:
+            job, s = next(iter(active.items()))
+            out.append((row, "skip", f"SLURM job {job} is {s}"))
+        elif state == "running":
+            beat = records.heartbeat_holder(directory) or {}
+            out.append((row, "skip", f"running (host {beat.get('host')}, pid {beat.get('pid')})"))
+        elif state == "done" and not force:
+            out.append((row, "skip", "done (pass --force to run it again; the old record is moved aside)"))
+        else:
+            out.append((row, "submit", state))
+    return out
+
+
+def submit(manifest, rows, overrides, opts, results=records.RESULTS, dry_run=False, force=False,
+           skip_unavailable=False, out=None):
+    """Submits the rows (one job each, a job array for several). Returns {row: job id} (empty for a dry
+    run). Raises RunError before submitting anything when a row cannot run."""
+    from .engine import NotAvailableError, RunError, batch_plan, check_available, move_aside
+
+    out = out or sys.stdout
+    world = opts.nodes * (opts.tasks_per_node or max(opts.gpus_per_node, 1))
+    cfgs, unavailable = {}, {}
+    for row in rows:
+        cfg = manifest.resolve(row, overrides)
+        try:
+            check_available(cfg, f"row {row!r}")
+        except RunError as e:  # not built yet (NotAvailableError), or the model cannot be built
+            unavailable[row] = str(e)
+            continue
+        try:
+            batch_plan(cfg["train"], world)
+        except RunError as e:
+            raise RunError(f"manifest {manifest.path}, row {row!r}: {e}") from None
+        cfgs[row] = cfg
+    if unavailable and not skip_unavailable:
+        lines = "\n  ".join(unavailable.values())
+        raise NotAvailableError(f"not submitting anything: {len(unavailable)} row(s) cannot run yet:\n  {lines}\n"
+                                f"(select rows with --rows, or pass --skip-unavailable)")
+    for row, reason in unavailable.items():
+        print(f"{row}: skipped ({reason})", file=out)
+    plan = plan_rows(manifest, list(cfgs), overrides, results, force)
+    for row, action, reason in plan:
+        if action == "skip":
+            print(f"{row}: skipped ({reason})", file=out)
+    todo = [row for row, action, _ in plan if action == "submit"]
+    if not todo:
+        print("nothing to submit", file=out)
+        return {}
+    workers = max(cfgs[r]["data"]["num_workers"] for r in todo)
+    params = executor_parameters(opts, opts.cpus_per_task or workers + 1)
+    folder = submitit_folder(manifest.name, results)
+    jobs = {row: RowJob(manifest.path, row, overrides, results) for row in todo}
+
+    if dry_run:
+        print(f"dry run: {len(todo)} job(s) of {world} process(es) each"
+              f"{' as one job array' if len(todo) > 1 else ''}; nothing submitted", file=out)
+        print("sbatch parameters (submitit SlurmExecutor):", file=out)
+        for k, v in params.items():
+            print(f"  {k}: {v}", file=out)
+        for row, job in jobs.items():
+            _, accumulation, total = batch_plan(cfgs[row]["train"], world)
+            print(f"{row}: srun (x{world}) {job.command(manifest.name)}   "
+                  f"[total batch {total} = {cfgs[row]['train']['batch_size']} x {world} x {accumulation} "
+                  f"accumulation]", file=out)
+        script = sbatch_preview(folder, {**params, **({"map_count": len(todo)} if len(todo) > 1 else {})})
+        if script:
+            print("sbatch script (per job):\n" + script, file=out)
+        return {}
+
+    import submitit
+
+    if force:
+        for row in todo:
+            directory = records.run_dir(manifest.name, row, results)
+            if directory.exists() and records.status(directory) != "not started":
+                move_aside(directory, row)
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=opts.max_timeouts)
+    executor.update_parameters(**params)
+    if len(todo) == 1:
+        submitted = {todo[0]: executor.submit(jobs[todo[0]])}
+    else:
+        with executor.batch():
+            handles = {row: executor.submit(job) for row, job in jobs.items()}
+        submitted = handles
+    ids = {}
+    for row, handle in submitted.items():
+        job_id = str(handle.job_id)
+        ids[row] = job_id
+        _, accumulation, total = batch_plan(cfgs[row]["train"], world)
+        records.add_slurm_job(records.run_dir(manifest.name, row, results), {
+            "job_id": job_id, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "command": jobs[row].command(manifest.name), "overrides": list(overrides),
+            "nodes": opts.nodes, "tasks_per_node": params["ntasks_per_node"], "gpus_per_node": opts.gpus_per_node,
+            "world_size": world, "accumulation_steps": accumulation, "total_batch_size": total,
+            "partition": opts.partition, "qos": opts.qos, "account": opts.account, "timeout_min": opts.timeout_min,
+            "log_folder": str(Path(str(folder).replace("%j", job_id)))})
+        print(f"{row}: submitted SLURM job {job_id} (logs: {str(folder).replace('%j', job_id)})", file=out)
+    return ids
+
+
+def status_rows(manifest, results=records.RESULTS):
+    """One dict per row: run status, last epoch, latest SLURM job, its state."""
+    rows, latest = [], {}
+    for name in manifest.rows:
+        jobs = records.slurm_jobs(records.run_dir(manifest.name, name, results))
+        if jobs:
+            latest[name] = jobs[-1]["job_id"]
+    queue = job_states(latest.values()) if latest else {}
+    accounting = None
+    missing = [j for j in latest.values() if queue is not None and j not in queue]
+    if latest and (queue is None or missing):
+        accounting = sacct_states(latest.values() if queue is None else missing)
+    for name in manifest.rows:
+        directory = records.run_dir(manifest.name, name, results)
+        job = latest.get(name)
+        if job is None:
+            state = "-"
+        elif queue and job in queue:
+            state = queue[job]
+        elif accounting and job in accounting:
+            state = accounting[job]
+        elif queue is None:
+            state = "unknown (no squeue)"
+        else:
+            state = "not in queue"
+        beat = records.heartbeat_holder(directory)
+        rows.append({"row": name, "status": records.status(directory), "last_epoch": records.last_epoch(directory),
+                     "slurm_job": job or "-", "slurm_state": state,
+                     "submissions": len(records.slurm_jobs(directory)),
+                     "host": beat.get("host") if beat else None})
+    return rows
