@@ -103,7 +103,8 @@ def cmd_run(args):
         print(f"== {manifest.name} / {row}", flush=True)
         kwargs = dict(resume=args.resume, force=args.force, device=device, results=args.results)
         if nprocs > 1:
-            if distributed.from_environment() is not None:
+            launch = distributed.from_environment()
+            if launch is not None and launch.world_size > 1:  # a one-task `srun --pty bash` is fine
                 raise RunError("--gpus/--nproc inside an already distributed launch (torchrun or srun); "
                                "let the launcher start the processes")
             distributed.spawn(nprocs, train_row, str(manifest.path), row, list(args.overrides),

@@ -138,9 +138,8 @@ def setup(device=None, environ=None):
         return Context(device=pick_device(device), source=launch.source if launch else "single")
     dev = pick_device(device, launch.local_rank)
     if dev.type == "cuda":
-        if launch.local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"local rank {launch.local_rank} but only {torch.cuda.device_count()} GPUs visible")
-        dev = torch.device("cuda", launch.local_rank)
+        # pick_device took local_rank modulo the visible GPUs: clusters that show each task only its
+        # own GPU (CUDA_VISIBLE_DEVICES per task) give every process cuda:0
         torch.cuda.set_device(dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if dist.is_initialized():  # set up by the caller (a test, a wrapper)

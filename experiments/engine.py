@@ -459,15 +459,21 @@ def prepare_run_dir(directory, row, resume, force):
     if state == "done":
         print(f"{row}: already done ({directory}); pass --force to run it again")
         return None
-    if state in ("interrupted", "failed"):
-        if (directory / "checkpoint.pth").is_file() and resume:
+    # "running" gets here only when the heartbeat is our own requeued SLURM job's or its job is gone
+    # (check_not_running): that record is as unfinished as an interrupted one
+    if state in ("interrupted", "failed", "running"):
+        has_checkpoint = (directory / "checkpoint.pth").is_file()
+        last = records.read_log(directory / "log.jsonl")
+        if has_checkpoint and resume:
             return True
-        if not resume:
-            last = records.read_log(directory / "log.jsonl")
+        if not resume or last:
+            # never start over silently: that would overwrite the log and checkpoint of finished epochs
+            why = ("pass --resume to continue it from its checkpoint" if has_checkpoint else
+                   f"its checkpoint is missing, so it cannot be resumed")
             raise RunError(
                 f"{row}: {directory} holds an unfinished run ({state}, last finished epoch "
-                f"{last[-1]['epoch'] if last else 'none'}); pass --resume to continue it from its checkpoint "
-                f"or --force to start over (the old record is then moved aside)")
+                f"{last[-1]['epoch'] if last else 'none'}); {why}, or pass --force to start over (the old record "
+                f"is then moved aside)")
         print(f"{row}: --resume: no checkpoint in {directory} (no epoch finished); starting from epoch 0")
     return False
 

@@ -174,6 +174,7 @@ def submit(manifest, rows, overrides, opts, results=records.RESULTS, dry_run=Fal
     from .engine import NotAvailableError, RunError, batch_plan, check_available, move_aside
 
     out = out or sys.stdout
+    results = Path(results).resolve()  # the jobs run in the repository, not in the caller's folder
     world = opts.nodes * (opts.tasks_per_node or max(opts.gpus_per_node, 1))
     cfgs, unavailable = {}, {}
     for row in rows:
@@ -228,7 +229,7 @@ def submit(manifest, rows, overrides, opts, results=records.RESULTS, dry_run=Fal
     if force:
         for row in todo:
             directory = records.run_dir(manifest.name, row, results)
-            if directory.exists() and records.status(directory) != "not started":
+            if directory.exists() and records.status(directory) == "done":  # unfinished rows resume
                 move_aside(directory, row)
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=opts.max_timeouts)
     executor.update_parameters(**params)

@@ -199,3 +199,55 @@ def test_eval_command_writes_a_new_file_and_leaves_the_record(tmp_path, data_roo
         assert (directory / name).read_bytes() == data, name
     with pytest.raises(SystemExit, match="no checkpoint at"):
         main(["--results", str(tmp_path), "eval", "demo", "--row", "dab_r18"])
+
+
+def test_a_requeued_job_resumes_despite_its_own_fresh_heartbeat(tmp_path, data_root, monkeypatch):
+    """A job killed without cleanup (preemption, node failure) leaves a fresh heartbeat behind; when
+    SLURM requeues the same job within HEARTBEAT_STALE_S, the row must resume, not start over."""
+    import time
+
+    real_evaluate = engine.evaluate
+    calls = []
+
+    def evaluate_then_stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "evaluate", evaluate_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_row("demo", "dab_r18", overrides(data_root), results=tmp_path)
+    monkeypatch.setattr(engine, "evaluate", real_evaluate)
+    directory = records.run_dir("demo", "dab_r18", tmp_path)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    records.write_json(directory / records.HEARTBEAT,
+                       {"time": time.time(), "host": "node-that-died", "pid": 1, "slurm_job_id": "4242"})
+    assert records.status(directory) == "running"
+    trained = []
+    real_train = engine.train_one_epoch
+    monkeypatch.setattr(engine, "train_one_epoch", lambda *a, **k: trained.append(a[6]) or real_train(*a, **k))
+    train_row("demo", "dab_r18", overrides(data_root), resume=True, results=tmp_path)
+    assert trained == ["2/2"] and records.status(directory) == "done"
+    assert [r["epoch"] for r in records.read_log(directory / "log.jsonl")] == [1, 2]
+
+
+def test_finished_epochs_without_a_checkpoint_are_never_overwritten(tmp_path, data_root, monkeypatch):
+    real_evaluate = engine.evaluate
+    calls = []
+
+    def evaluate_then_stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "evaluate", evaluate_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_row("demo", "dab_r18", overrides(data_root), results=tmp_path)
+    directory = records.run_dir("demo", "dab_r18", tmp_path)
+    (directory / "checkpoint.pth").unlink()
+    log = (directory / "log.jsonl").read_text()
+    with pytest.raises(RunError, match="checkpoint is missing.*--force"):
+        train_row("demo", "dab_r18", overrides(data_root), resume=True, results=tmp_path)
+    assert (directory / "log.jsonl").read_text() == log

@@ -16,7 +16,7 @@ FAMILY = {
                  "dropout": 0.0, "loss.class_weight": 1.0, "dab.modulate_hw_attn": True},
     "dn_detr": {"pos_temperature": 20, "pos_offset": 0.0, "dim_feedforward": 2048, "activation": "prelu",
                 "dropout": 0.0, "loss.class_weight": 1.0, "dab.modulate_hw_attn": True, "dab.freeze_anchor_xy": False,
-                "dn.groups": 5, "dn.label_noise": 0.2, "dn.box_noise": 0.4},
+                "dab.random_anchor_xy": False, "dn.groups": 5, "dn.label_noise": 0.2, "dn.box_noise": 0.4},
     "deformable_detr": {"pos_temperature": 10000, "pos_offset": -0.5, "dim_feedforward": 1024, "activation": "relu",
                         "dropout": 0.1, "loss.class_weight": 1.0, "deformable.num_levels": 4,
                         "deformable.n_points": 4, "deformable.box_refine": False},
