@@ -15,8 +15,8 @@ VARIANTS = {
     "dab_detr": "models.dab_detr",
     "conditional_detr": "models.conditional_detr",
     "dn_detr": "models.dn_detr",
-    "deformable_detr": None,
-    "dn_deformable_detr": None,
+    "deformable_detr": "models.deformable_detr",
+    "dn_deformable_detr": "models.dn_deformable_detr",
 }
 
 

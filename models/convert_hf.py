@@ -1,10 +1,11 @@
-"""Weights of Hugging Face transformers' ConditionalDetr / DabDetr object-detection models in this
-project's Conditional-DETR / DAB-DETR (and any KS mode of them: the teacher-only parameters keep their
-own initialisation). Used to prove that the baselines here are the published architectures
-(tests/test_hf_parity.py: same weights, same inputs, elementwise equal logits and boxes).
+"""Weights of Hugging Face transformers' ConditionalDetr / DabDetr / DeformableDetr object-detection
+models in this project's Conditional-DETR / DAB-DETR / Deformable-DETR (and any KS mode of them: the
+teacher-only parameters keep their own initialisation). Used to prove that the baselines here are the
+published architectures (tests/test_hf_parity.py, tests/test_hf_parity_deformable.py: same weights,
+same inputs, elementwise equal logits and boxes).
 
     model = build_model(cfg, num_classes)[0]
-    report = load_from_hf(model, hf_model)            # hf_model: ConditionalDetrForObjectDetection / DabDetrForObjectDetection
+    report = load_from_hf(model, hf_model)   # hf_model: ConditionalDetr/DabDetr/DeformableDetrForObjectDetection
     cfg_overrides = model_config_from_hf(hf_model.config, "dab_detr")   # the matching `model` section
 
 Every Hugging Face tensor is either mapped or skipped for a stated reason, and every non-teacher
@@ -23,6 +24,13 @@ What maps, and what differs (transformers 5.x):
   category id; this project's class head is contiguous. `class_index` (the Hugging Face output index of
   each of this project's classes) selects the rows; by default the heads must have the same size.
 - Packed attention. The encoders' separate q/k/v projections are packed into one in_proj (q, k, v).
+- Deformable-DETR. Names map one to one (`input_proj.{l}` = conv + GroupNorm per level, `level_embed`,
+  `query_position_embeddings` -> query_embed (Q x 2d, positional half first), `reference_points`, the
+  MSDeformAttn linears `sampling_offsets` / `attention_weights` / `value_proj` / `output_proj`); the
+  decoder self-attention's q/k/v are packed. Without box refinement transformers ties the heads of all
+  decoder layers (`class_embed.{l}`, `bbox_embed.{l}`, l > 0, are the layer-0 heads): one shared pair
+  here, the copies checked equal. With box refinement `model.decoder.bbox_embed` is tied to the
+  per-layer `bbox_embed` (checked equal).
 - DAB-DETR. `query_refpoint_embeddings` (Q x 4) is split into anchor_xy / anchor_wh; the decoder's
   `bbox_embed` is tied to `bbox_predictor` in transformers (one shared box head, as DAB-DETR's
   iterative refinement); an untied pair cannot be represented here and is an error. The conditional
@@ -45,10 +53,35 @@ deviation shows in a forward pass; tests/test_hf_parity.py):
   looks for "stage.1", which transformers' "stages.1" names never contain), DabDetr freezes none,
   while the reference freezes the stem only (freeze_at=1); inverse_sigmoid uses eps 1e-5 in
   transformers and here, 1e-3 in detrex (differs only within 1e-3 of 0 or 1).
+
+Where transformers' DeformableDetr (5.x) deviates from the original Deformable-DETR repository
+(fundamentalvision/Deformable-DETR) and from the KS reference (detrex); checked in
+tests/test_hf_parity_deformable.py:
+- Box refinement: transformers ties the class heads of all decoder layers to the first one
+  (`_tied_weights_keys` `class_embed.(?![0])\\d+` -> `class_embed.0` also applies with
+  `with_box_refine=True`); the original and detrex give every layer its own class head (clones). The
+  box heads are per layer in both. A converted refinement model therefore has equal per-layer class
+  heads here; inference parity is unaffected.
+- Encoder input dropout: transformers' encoder applies `dropout` to its input features (training
+  only); neither the original nor detrex does.
+- Decoder self-attention dropout: transformers drops the attention output (`dropout`, as the
+  original, which also drops the attention weights) and the attention weights with
+  `attention_dropout` (default 0.0); detrex (the reference) drops the attention weights (0.1) only.
+  Training only.
+- Backbone: transformers' non-timm ResNet is frozen completely (its filter looks for "stage.1",
+  which "stages.1" names never contain); the original trains layer2-4, the reference everything but
+  the stem (freeze_at=1). Training only.
+- Equal in inference: the sine encoding (offset -0.5, temperature 10000, normalised), the valid-ratio
+  scaled reference points, the extra level's padding mask (nearest-downsampled image mask), the
+  MSDeformAttn PyTorch path (grid_sample, align_corners=False, zero padding; equal to this project's
+  models.ops.ms_deform_attn), inverse_sigmoid eps 1e-5 (the original's too; detrex uses 1e-3).
+  Initialisation differs (transformers: xavier_uniform reference-point layer; detrex xavier_normal);
+  irrelevant to converted weights.
 """
 import torch
 
 from . import is_teacher_parameter
+from .deformable_detr import backbone_stages
 
 RESNET_DEPTHS = {
     ("basic", (2, 2, 2, 2)): "resnet18",
@@ -107,19 +140,39 @@ def model_config_from_hf(hf_config, variant):
             bad["sine_position_embedding_scale"] = hf_config.sine_position_embedding_scale
         if bad:
             raise ConversionError(f"DabDetr options without a counterpart here: {bad}")
+    elif variant == "deformable_detr":
+        d, pos_temperature, activation = hf_config.d_model, 10000, hf_config.activation_function
+        bad = {k: getattr(hf_config, k) for k, ok in (("two_stage", False), ("position_embedding_type", "sine"),
+                                                      ("dilation", False))
+               if getattr(hf_config, k) != ok}
+        if hf_config.encoder_n_points != hf_config.decoder_n_points:
+            bad["encoder_n_points/decoder_n_points"] = (hf_config.encoder_n_points, hf_config.decoder_n_points)
+        if bad:
+            raise ConversionError(f"DeformableDetr options without a counterpart here: {bad}")
+        levels = hf_config.num_feature_levels
+        expected = [f"stage{int(s[-1])}" for s in backbone_stages("layer4", levels)]
+        out_features = list(getattr(hf_config.backbone_config, "out_features", None) or [])
+        if out_features != expected:
+            raise ConversionError(f"DeformableDetr with {levels} feature levels must take the backbone stages "
+                                  f"{expected}, got out_features {out_features}")
     else:
         raise ConversionError(f"no Hugging Face model for variant {variant!r}")
     if hf_config.encoder_attention_heads != hf_config.decoder_attention_heads:
         raise ConversionError("different encoder/decoder head counts are not supported")
     if hf_config.encoder_ffn_dim != hf_config.decoder_ffn_dim:
         raise ConversionError("different encoder/decoder FFN sizes are not supported")
-    return {
+    cfg = {
         "variant": variant, "hidden_dim": d, "nheads": hf_config.encoder_attention_heads,
         "enc_layers": hf_config.encoder_layers, "dec_layers": hf_config.decoder_layers,
         "dim_feedforward": hf_config.encoder_ffn_dim, "num_queries": hf_config.num_queries,
         "activation": activation, "pos_temperature": pos_temperature, "dropout": float(hf_config.dropout),
         "backbone": {"name": resnet_name_from_hf(hf_config.backbone_config), "last_stage": "layer4"},
     }
+    if variant == "deformable_detr":
+        cfg["pos_offset"] = -0.5
+        cfg["deformable"] = {"num_levels": hf_config.num_feature_levels, "n_points": hf_config.encoder_n_points,
+                             "box_refine": bool(hf_config.with_box_refine)}
+    return cfg
 
 
 class _Mapper:
@@ -178,12 +231,16 @@ def _packed(m, dst, q, k, v):
         m.out[f"{dst}.{p}"] = torch.cat([m.get(f"{q}.{p}"), m.get(f"{k}.{p}"), m.get(f"{v}.{p}")])
 
 
-def _heads(m, class_src, box_src, class_index):
-    w, b = m.get(f"{class_src}.weight"), m.get(f"{class_src}.bias")
+def _class_head(m, dst, src, class_index):
+    w, b = m.get(f"{src}.weight"), m.get(f"{src}.bias")
     if class_index is not None:
         index = torch.as_tensor(class_index, dtype=torch.int64)
         w, b = w[index], b[index]
-    m.out["class_embed.weight"], m.out["class_embed.bias"] = w, b
+    m.out[f"{dst}.weight"], m.out[f"{dst}.bias"] = w, b
+
+
+def _heads(m, class_src, box_src, class_index):
+    _class_head(m, "class_embed", class_src, class_index)
     for i in range(3):
         m.linear(f"bbox_embed.layers.{i}", f"{box_src}.layers.{i}")
 
@@ -276,13 +333,74 @@ def convert_dab_detr(hf_state, enc_layers, dec_layers, class_index=None):
     return m
 
 
+def _tied_copies(m, pairs, reason):
+    """Skips the Hugging Face tensors that are tied copies of others ((copy, original) pairs; a copy
+    may also be left out of the state dict) after checking that they are equal; a different copy is
+    an error naming `reason`."""
+    for copy_key, original in pairs:
+        if copy_key in m.source:
+            if not torch.equal(m.get(copy_key), m.get(original)):
+                raise ConversionError(f"{copy_key} differs from {original}: {reason}")
+            m.skipped[copy_key] = f"tied to {original} (checked equal)"
+
+
+def convert_deformable_detr(hf_state, enc_layers, dec_layers, class_index=None, box_refine=False):
+    """DeformableDetrForObjectDetection state dict -> this project's DeformableDETR state dict."""
+    m = _Mapper(hf_state)
+    _resnet(m, "model.backbone.model")
+    levels = sorted({int(k.split(".")[2]) for k in hf_state if k.startswith("model.input_proj.")})
+    for level in levels:
+        for part in (0, 1):  # conv, GroupNorm
+            m.linear(f"input_proj.{level}.{part}", f"model.input_proj.{level}.{part}")
+    m.copy("level_embed", "model.level_embed")
+    m.copy("query_embed.weight", "model.query_position_embeddings.weight")
+    m.linear("reference_points", "model.reference_points")
+    msda = ("sampling_offsets", "attention_weights", "value_proj", "output_proj")
+    for i in range(enc_layers):
+        hf, ours = f"model.encoder.layers.{i}", f"encoder.layers.{i}"
+        for name in msda:
+            m.linear(f"{ours}.self_attn.{name}", f"{hf}.self_attn.{name}")
+        for a, b in (("norm1", "self_attn_layer_norm"), ("linear1", "mlp.fc1"), ("linear2", "mlp.fc2"),
+                     ("norm2", "final_layer_norm")):
+            m.linear(f"{ours}.{a}", f"{hf}.{b}")
+    for i in range(dec_layers):
+        hf, ours = f"model.decoder.layers.{i}", f"decoder.layers.{i}"
+        _packed(m, f"{ours}.self_attn.in_proj", f"{hf}.self_attn.q_proj", f"{hf}.self_attn.k_proj",
+                f"{hf}.self_attn.v_proj")
+        for name in msda:
+            m.linear(f"{ours}.cross_attn.{name}", f"{hf}.encoder_attn.{name}")
+        for a, b in (("self_attn.out_proj", "self_attn.o_proj"), ("norm1", "self_attn_layer_norm"),
+                     ("norm2", "encoder_attn_layer_norm"), ("linear1", "mlp.fc1"), ("linear2", "mlp.fc2"),
+                     ("norm3", "final_layer_norm")):
+            m.linear(f"{ours}.{a}", f"{hf}.{b}")
+    params = ("weight", "bias")
+    box_params = [f"layers.{k}.{p}" for k in range(3) for p in params]
+    class_copies = [(f"class_embed.{i}.{p}", f"class_embed.0.{p}") for i in range(1, dec_layers) for p in params]
+    if box_refine:
+        # per-layer heads here; transformers ties every layer's class head to the first one
+        _tied_copies(m, class_copies, "transformers ties the class heads of a box-refinement model")
+        for i in range(dec_layers):
+            _class_head(m, f"class_embed.{i}", "class_embed.0", class_index)
+            _mlp(m, f"bbox_embed.{i}", f"bbox_embed.{i}", layers=3)
+            _tied_copies(m, [(f"model.decoder.bbox_embed.{i}.{p}", f"bbox_embed.{i}.{p}") for p in box_params],
+                         "the refinement's box heads are the prediction heads (one per layer)")
+    else:  # one pair of heads shared by all layers
+        _tied_copies(m, class_copies, "Deformable-DETR without box refinement shares one class head")
+        box_copies = [(f"bbox_embed.{i}.{p}", f"bbox_embed.0.{p}") for i in range(1, dec_layers) for p in box_params]
+        _tied_copies(m, box_copies, "Deformable-DETR without box refinement shares one box head")
+        _class_head(m, "class_embed", "class_embed.0", class_index)
+        _mlp(m, "bbox_embed", "bbox_embed.0", layers=3)
+    return m
+
+
 CONVERTERS = {"ConditionalDetrForObjectDetection": ("conditional_detr", convert_conditional_detr),
-              "DabDetrForObjectDetection": ("dab_detr", convert_dab_detr)}
+              "DabDetrForObjectDetection": ("dab_detr", convert_dab_detr),
+              "DeformableDetrForObjectDetection": ("deformable_detr", convert_deformable_detr)}
 
 
 @torch.no_grad()
 def load_from_hf(model, hf_model, class_index=None):
-    """Copies a transformers ConditionalDetr/DabDetr object-detection model's weights into `model`
+    """Copies a transformers ConditionalDetr/DabDetr/DeformableDetr object-detection model's weights into `model`
     (this project's model of the same variant and architecture, any KS mode). Returns
     {hf key: reason} for the Hugging Face tensors that were skipped. Raises ConversionError when a
     Hugging Face tensor is left unmapped, a (non-teacher) tensor here is left unfilled, or shapes
@@ -293,7 +411,8 @@ def load_from_hf(model, hf_model, class_index=None):
     variant, convert = CONVERTERS[kind]
     hf_config = hf_model.config
     model_config_from_hf(hf_config, variant)  # raises on options without a counterpart
-    m = convert(hf_model.state_dict(), hf_config.encoder_layers, hf_config.decoder_layers, class_index)
+    extra = {"box_refine": bool(hf_config.with_box_refine)} if variant == "deformable_detr" else {}
+    m = convert(hf_model.state_dict(), hf_config.encoder_layers, hf_config.decoder_layers, class_index, **extra)
     unused = m.unused()
     if unused:
         raise ConversionError(f"Hugging Face tensors left unmapped: {unused[:10]}{' ...' if len(unused) > 10 else ''}")

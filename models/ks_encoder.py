@@ -3,7 +3,9 @@
 Everything that is KS lives here and every variant takes it from here:
 - the ground-truth foreground/background (Fg-Bg) mask at token resolution (`fg_mask`),
 - the sMLP teacher feature X^t (paper Eq. 9),
-- the last encoder layer with triple or dual attention (`KSEncoderLayer`),
+- the last encoder layer with triple or dual attention: `KSEncoderLayer` for standard attention
+  (Conditional-, DAB-, DN-DETR) and `KSDeformableEncoderLayer` for multi-scale deformable attention
+  (Deformable-, DN-Deformable-DETR), with the multi-scale mask of `token_fg_mask_levels`,
 - the bookkeeping around it: when teachers run, running the decoder on every branch, and which
   outputs get a loss.
 
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import EncoderLayer, attend, merge_heads, sdpa_mask, split_heads
+from .layers import DeformableEncoderLayer, EncoderLayer, attend, merge_heads, sdpa_mask, split_heads
 
 STUDENT = "attn1"
 # Teacher branches per mode, in the reference's order (its feat_t = [A^t V, A V^t]).
@@ -200,6 +202,87 @@ class KSEncoderLayer(EncoderLayer):
         return student, outs
 
 
+# --------------------------------------------------------------------------------------------------
+# The deformable KS encoder layer (reference section 4)
+
+class DeformableTeacherParameters(nn.Module):
+    """Every parameter that exists only for the teachers of a deformable KS layer: the sMLP, the
+    teacher attention-weights head on X^t + P (attn3: the student's sampling locations with teacher
+    weights) and the teacher value projection on X^t (attn2). There are no teacher sampling offsets:
+    A^t differs from A only in its weights."""
+
+    def __init__(self, d_model, branches, n_weights):
+        super().__init__()
+        self.smlp = SMLP(d_model)
+        self.attention_weights = nn.Linear(d_model, n_weights) if "attn3" in branches else None
+        self.value_proj = nn.Linear(d_model, d_model) if "attn2" in branches else None
+
+
+class KSDeformableEncoderLayer(DeformableEncoderLayer):
+    """Deformable encoder layer plus teacher branches. In MSDeformAttn the attention "A" is (sampling
+    locations, attention weights) and "V" the projected values, so with q = X + P, q^t = X^t + P:
+        attn1 = MSDA(value_proj(X),         loc(q), softmax(attention_weights(q)))
+        attn3 = MSDA(value_proj(X),         loc(q), softmax(teacher.attention_weights(q^t)))
+        attn2 = MSDA(teacher.value_proj(X^t), loc(q), softmax(attention_weights(q)))
+    Only the student's sampling offsets exist. The output projection, the dropout after it, the
+    residual from the student input X, both LayerNorms and the FFN are shared; dropout draws are
+    independent per branch. The student parameters keep the plain layer's names, so the state dict
+    minus `teacher.*` is a baseline layer's.
+    """
+
+    def __init__(self, mode, d_model, nhead, dim_feedforward, dropout=0.0, activation="relu", n_levels=4,
+                 n_points=4):
+        super().__init__(d_model, nhead, dim_feedforward, dropout, activation, n_levels, n_points)
+        check_ks_mode(mode)
+        if mode == "none":
+            raise ValueError("KSDeformableEncoderLayer needs a KS mode other than 'none'")
+        self.mode = mode
+        self.branches = TEACHER_BRANCHES[mode]
+        self.teacher = DeformableTeacherParameters(d_model, self.branches, nhead * n_levels * n_points)
+        self.reset_ks_parameters()
+
+    @torch.no_grad()
+    def reset_ks_parameters(self):
+        """The reference's effective init: its transformer-wide xavier loop runs after the teacher
+        init and only the student MSDA is re-initialised afterwards, so the teacher attention-weights
+        head ends up xavier (not zero like the student's) with zero bias, the teacher value
+        projection xavier with zero bias; the sMLP keeps PyTorch's default init. Call this after any
+        xavier loop over the transformer."""
+        for proj in (self.teacher.attention_weights, self.teacher.value_proj):
+            if proj is not None:
+                nn.init.xavier_uniform_(proj.weight)
+                nn.init.zeros_(proj.bias)
+        self.teacher.smlp.linear.reset_parameters()
+
+    def forward(self, x, pos, key_padding_mask, reference_points, spatial_shapes, level_start_index, fg=None):
+        """As DeformableEncoderLayer.forward, plus fg (B, S) bool foreground tokens or None. Returns
+        (student output, {teacher branch: output}); fg None runs the plain layer alone (inference)."""
+        plain_inputs = (x, pos, key_padding_mask, reference_points, spatial_shapes, level_start_index)
+        if fg is None:
+            return super().forward(*plain_inputs), {}
+        attn = self.self_attn
+        q = x + pos
+        xt = self.teacher.smlp(x, fg)
+        locations = attn.locations(q, reference_points, spatial_shapes)
+        weights = attn.weights(q)
+        value = attn.values(x, key_padding_mask)
+        inputs = {}  # branch -> (values, attention weights); every branch samples at `locations`
+        if self.training:  # outside training the student runs the plain layer below, as at inference
+            inputs[STUDENT] = (value, weights)
+        if "attn3" in self.branches:
+            inputs["attn3"] = (value, attn.weights(xt + pos, self.teacher.attention_weights))
+        if "attn2" in self.branches:
+            inputs["attn2"] = (attn.values(xt, key_padding_mask, self.teacher.value_proj), weights)
+        names = [n for n in (STUDENT,) + self.branches if n in inputs]
+        k = len(names)
+        # one op call for all branches, stacked on the batch axis
+        y = attn.sample(torch.cat([inputs[n][0] for n in names]), spatial_shapes, level_start_index,
+                        locations.repeat(k, *[1] * (locations.dim() - 1)), torch.cat([inputs[n][1] for n in names]))
+        outs = dict(zip(names, self.post_attention(x.repeat(k, 1, 1), attn.output_proj(y)).chunk(k)))
+        student = outs.pop(STUDENT) if STUDENT in outs else super().forward(*plain_inputs)
+        return student, outs
+
+
 def make_encoder_layer(mode, d_model, nhead, dim_feedforward, dropout=0.0, activation="relu"):
     """The last encoder layer for a KS mode: plain for `none`, KSEncoderLayer otherwise."""
     if check_ks_mode(mode) == "none":
@@ -207,17 +290,31 @@ def make_encoder_layer(mode, d_model, nhead, dim_feedforward, dropout=0.0, activ
     return KSEncoderLayer(mode, d_model, nhead, dim_feedforward, dropout, activation)
 
 
-def run_last_layer(layer, x, pos, key_padding_mask, fg):
-    """Runs the last encoder layer; returns (student memory, {teacher: memory})."""
-    if isinstance(layer, KSEncoderLayer):
-        return layer(x, pos, key_padding_mask, fg)
-    return layer(x, pos, key_padding_mask), {}
+def make_deformable_encoder_layer(mode, d_model, nhead, dim_feedforward, dropout=0.0, activation="relu",
+                                  n_levels=4, n_points=4):
+    """The last deformable encoder layer for a KS mode: plain for `none`, KSDeformableEncoderLayer otherwise."""
+    args = (d_model, nhead, dim_feedforward, dropout, activation, n_levels, n_points)
+    if check_ks_mode(mode) == "none":
+        return DeformableEncoderLayer(*args)
+    return KSDeformableEncoderLayer(mode, *args)
+
+
+KS_LAYERS = (KSEncoderLayer, KSDeformableEncoderLayer)
+
+
+def run_last_layer(layer, x, pos, key_padding_mask, fg, **layer_inputs):
+    """Runs the last encoder layer; returns (student memory, {teacher: memory}). layer_inputs: what
+    a deformable layer takes besides (x, pos, key_padding_mask): reference_points, spatial_shapes,
+    level_start_index."""
+    if isinstance(layer, KS_LAYERS):
+        return layer(x, pos, key_padding_mask, fg=fg, **layer_inputs)
+    return layer(x, pos, key_padding_mask, **layer_inputs), {}
 
 
 def init_ks_parameters(module):
     """Re-applies the reference's KS init to every KS layer below `module` (after xavier loops)."""
     for m in module.modules():
-        if isinstance(m, KSEncoderLayer):
+        if isinstance(m, KS_LAYERS):
             m.reset_ks_parameters()
 
 
@@ -241,6 +338,17 @@ def token_fg_mask(targets, batch_hw, feature_hw, padding_mask):
         raise ValueError("the teacher branches need ground-truth boxes: pass targets to the model")
     boxes = [t["boxes_xyxy"] for t in targets]
     return fg_mask(boxes, batch_hw, feature_hw, padding_mask).flatten(1)
+
+
+def token_fg_mask_levels(targets, batch_hw, level_hws, padding_masks):
+    """Multi-scale token mask (B, sum_l h_l * w_l) from model targets: each level resized from the
+    one full-resolution canvas (fg_mask_levels), flattened row-major and concatenated in level
+    order, which is the token order of the flattened multi-scale features. padding_masks: per level
+    (B, h_l, w_l), True at padding (never foreground)."""
+    if targets is None:
+        raise ValueError("the teacher branches need ground-truth boxes: pass targets to the model")
+    boxes = [t["boxes_xyxy"] for t in targets]
+    return torch.cat([m.flatten(1) for m in fg_mask_levels(boxes, batch_hw, level_hws, padding_masks)], 1)
 
 
 def decode_branches(decode, student_memory, teacher_memories, training):

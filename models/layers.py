@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ops.ms_deform_attn import ms_deform_attn
+
 
 class MLP(nn.Module):
     """Linear layers with ReLU in between (DETR's box head and small projection MLPs)."""
@@ -149,3 +151,134 @@ def xavier_init_(module):
     for p in module.parameters():
         if p.dim() > 1:
             nn.init.xavier_uniform_(p)
+
+
+# --------------------------------------------------------------------------------------------------
+# Multi-scale deformable attention (Deformable-DETR family)
+
+def box_from_delta(delta, references):
+    """Box logits from a box-head output `delta` (..., 4) and reference points (..., 2 or 4) in
+    [0, 1]: the reference's inverse sigmoid is added to the centre (2-d references) or to the whole
+    box (4-d). Sigmoid them to get normalised cxcywh boxes."""
+    if references.shape[-1] == 4:
+        return delta + inverse_sigmoid(references)
+    if references.shape[-1] != 2:
+        raise ValueError(f"reference points must have 2 or 4 coordinates, got {references.shape[-1]}")
+    return torch.cat([delta[..., :2] + inverse_sigmoid(references), delta[..., 2:]], -1)
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention (Zhu et al., ICLR 2021) on models.ops.ms_deform_attn.
+
+    Each query predicts, per head, level and point, a sampling offset and an attention weight (the
+    weights softmaxed jointly over levels x points) from its own feature; the values are projected
+    once, zeroed at padding, and sampled bilinearly. Sampling locations: for 2-d reference points
+    reference + offset / (W_l, H_l); for 4-d reference boxes centre + offset / n_points * wh / 2.
+
+    The pieces (`values`, `locations`, `weights`, `sample`) are separate so that the KS layer
+    (models.ks_encoder) can combine the student's locations with teacher weights or values.
+    """
+
+    def __init__(self, d_model, n_levels, n_heads, n_points):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """The reference's init: zero offset weights and a bias that puts head h's points on the ray
+        at angle 2 pi h / n_heads (scaled to the unit square's border), point p at p + 1 times that
+        step; zero attention weights (uniform attention); xavier value/output projections."""
+        nn.init.zeros_(self.sampling_offsets.weight)
+        angle = torch.arange(self.n_heads, dtype=torch.float32) * (2 * math.pi / self.n_heads)
+        direction = torch.stack([angle.cos(), angle.sin()], -1)
+        direction = direction / direction.abs().amax(-1, keepdim=True)
+        steps = torch.arange(1, self.n_points + 1, dtype=torch.float32)
+        bias = direction[:, None, None, :] * steps[None, None, :, None]  # (heads, 1, points, 2)
+        self.sampling_offsets.bias.copy_(bias.expand(-1, self.n_levels, -1, -1).flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for proj in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(proj.weight)
+            nn.init.zeros_(proj.bias)
+
+    def values(self, value_input, padding_mask=None, proj=None):
+        """(B, S, d) -> per-head values (B, S, heads, d / heads), zero at padding (True)."""
+        value = (self.value_proj if proj is None else proj)(value_input)
+        if padding_mask is not None:
+            value = value.masked_fill(padding_mask[..., None], 0.0)
+        return value.view(*value.shape[:2], self.n_heads, -1)
+
+    def locations(self, query, reference_points, spatial_shapes):
+        """Sampling locations (B, Nq, heads, levels, points, 2), normalised (x, y), from the queries
+        (B, Nq, d) and reference points (B, Nq, levels, 2 or 4), the latter already scaled to each
+        level's valid region; spatial_shapes (levels, 2) int64 (H_l, W_l): the offsets of 2-d
+        reference points are in units of each level's width/height."""
+        B, Nq, _ = query.shape
+        if spatial_shapes.shape != (self.n_levels, 2):
+            raise ValueError(f"spatial_shapes must be ({self.n_levels}, 2), got {tuple(spatial_shapes.shape)}")
+        offsets = self.sampling_offsets(query).view(B, Nq, self.n_heads, self.n_levels, self.n_points, 2)
+        ref = reference_points[:, :, None, :, None, :]
+        if reference_points.shape[-1] == 2:
+            return ref + offsets / spatial_shapes.flip(-1).to(offsets)[:, None, :]
+        if reference_points.shape[-1] == 4:
+            return ref[..., :2] + offsets / self.n_points * ref[..., 2:] * 0.5
+        raise ValueError(f"reference points must have 2 or 4 coordinates, got {reference_points.shape[-1]}")
+
+    def weights(self, query, head=None):
+        """Attention weights (B, Nq, heads, levels, points), softmaxed over levels x points, from
+        `head` (default: this module's attention_weights) applied to the queries."""
+        B, Nq, _ = query.shape
+        head = self.attention_weights if head is None else head
+        logits = head(query).view(B, Nq, self.n_heads, self.n_levels * self.n_points)
+        return logits.softmax(-1).view(B, Nq, self.n_heads, self.n_levels, self.n_points)
+
+    @staticmethod
+    def sample(value, spatial_shapes, level_start_index, locations, weights):
+        """The op: (B, Nq, d) before the output projection."""
+        return ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+
+    def forward(self, query, reference_points, value_input, spatial_shapes, level_start_index, padding_mask=None):
+        """query (B, Nq, d) (positional encoding already added); reference_points (B, Nq, levels, 2
+        or 4); value_input (B, S, d) the flattened levels; spatial_shapes (levels, 2) int64;
+        level_start_index (levels,) int64; padding_mask (B, S) True at padding."""
+        value = self.values(value_input, padding_mask)
+        locations = self.locations(query, reference_points, spatial_shapes)
+        out = self.sample(value, spatial_shapes, level_start_index, locations, self.weights(query))
+        return self.output_proj(out)
+
+
+class DeformableEncoderLayer(nn.Module):
+    """Post-norm deformable encoder layer: LN(x + dropout(MSDeformAttn(x + pos, refs, x))), then
+    LN(x + FFN(x)), with dropout on the attention output and inside the FFN (after the activation
+    and after the second linear layer), as the reference (detrex)."""
+
+    def __init__(self, d_model, nhead, dim_feedforward, dropout=0.0, activation="relu", n_levels=4, n_points=4):
+        super().__init__()
+        self.self_attn = MSDeformAttn(d_model, n_levels, nhead, n_points)
+        self.attn_dropout = nn.Dropout(dropout)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.activation = make_activation(activation)
+        self.ffn_dropout1 = nn.Dropout(dropout)
+        self.ffn_dropout2 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def post_attention(self, x, attn_out):
+        """Dropout, residual, norms and FFN after the attention (attn_out already out-projected)."""
+        x = self.norm1(x + self.attn_dropout(attn_out))
+        ffn = self.linear2(self.ffn_dropout1(self.activation(self.linear1(x))))
+        return self.norm2(x + self.ffn_dropout2(ffn))
+
+    def forward(self, x, pos, key_padding_mask, reference_points, spatial_shapes, level_start_index):
+        """x, pos (B, S, d); key_padding_mask (B, S) True at padding; reference_points (B, S, levels,
+        2); spatial_shapes (levels, 2) and level_start_index (levels,), int64."""
+        attn = self.self_attn(x + pos, reference_points, x, spatial_shapes, level_start_index, key_padding_mask)
+        return self.post_attention(x, attn)

@@ -19,6 +19,12 @@ FAMILIES = {
     "dab_detr": {},
     "dn_detr": {"dab": {"random_anchor_xy": False, "freeze_anchor_xy": False},
                 "dn": {"groups": 5, "label_noise": 0.2, "box_noise": 0.4}},
+    # TINY's hidden_dim 32 suits the GroupNorm(32) input projections; its FFN stays tiny
+    "deformable_detr": {"dropout": 0.1, "activation": "relu", "pos_temperature": 10000, "pos_offset": -0.5,
+                        "deformable": {"num_levels": 4, "n_points": 4, "box_refine": False}},
+    "dn_deformable_detr": {"dropout": 0.0, "activation": "relu", "pos_temperature": 10000, "pos_offset": -0.5,
+                           "deformable": {"num_levels": 4, "n_points": 4, "box_refine": True},
+                           "dn": {"groups": 5, "label_noise": 0.2, "box_noise": 0.4}},
 }
 KS_MODES = ["none", "triple", "dual_share_v", "dual_share_a"]
 NUM_CLASSES = 3

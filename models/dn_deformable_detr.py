@@ -1,0 +1,83 @@
+"""DN-Deformable-DETR (Li et al., CVPR 2022: DN-DETR on DAB-Deformable-DETR) with optional knowledge
+sharing in the last encoder layer.
+
+As the reference configuration (detrex DN-Deformable-DETR, spec section 7, family G): the multi-scale
+features, encoder (KS layer included) and deformable decoder layers of Deformable-DETR
+(models.deformable_detr), with
+- 4-d anchor-box queries: 300 learned boxes (unsigmoided, nn.Embedding's N(0, 1) init, trainable)
+  and learned content queries of d - 1 channels plus an indicator channel (0 for matching queries);
+- per-layer positional queries from the anchors, as DAB-DETR: an MLP of the sine embedding of the
+  layer's reference box (x, y, w, h, scaled by the level-0 valid ratios), times an MLP of the
+  layer's content for every layer but the first;
+- iterative box refinement with a class head and a box head per decoder layer (the next layer starts
+  from this layer's box, detached), `model.deformable.box_refine: true`;
+- denoising training from models.denoising (`model.dn`: groups, label noise, box noise, indicator
+  1): the DN queries go before the matching queries with the self-attention mask of
+  models.denoising, every decoder pass of every KS branch gets the same DN queries and mask, and the
+  DN part of every output is split off as `dn_pred_logits` / `dn_pred_boxes` with `dn_meta` for the
+  criterion (as DN-DETR, models.dn_detr).
+Family settings as config values: FFN 2048, ReLU, dropout 0.0, no final decoder LayerNorm. No DN
+queries outside training. (`box_refine: false` keeps the anchors of every layer and shares one pair of
+heads, an ablation the reference does not run.)
+"""
+import torch
+from torch import nn
+
+from .deformable_detr import DeformableDecoder, DeformableDETR
+from .denoising import DenoisingQueries
+from .layers import MLP, box_sine_embedding
+
+
+class DNDeformableDecoder(DeformableDecoder):
+    """The deformable decoder whose positional queries come from the reference boxes (DAB-style)."""
+
+    def __init__(self, d_model, *args, **kwargs):
+        super().__init__(d_model, *args, **kwargs)
+        self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
+        self.query_scale = MLP(d_model, d_model, d_model, 2)
+
+    def layer_query_pos(self, index, tgt, reference_input, query_pos):
+        # sine embedding (y, x, w, h; temperature 10000) of the level-0 scaled reference box
+        pos = self.ref_point_head(box_sine_embedding(reference_input[:, :, 0], self.d_model // 2))
+        return pos if index == 0 else self.query_scale(tgt) * pos
+
+
+class DNDeformableDETR(DeformableDETR):
+    """forward(images, padding_mask, targets=None, with_teachers=None) -> output dict (see
+    models.ks_encoder.assemble_outputs), plus `dn_meta` and the `dn_*` entries in training."""
+
+    decoder_class = DNDeformableDecoder
+    box_size_bias = -2.0  # detrex DN-Deformable-DETR: the first box head's w/h bias
+
+    def __init__(self, cfg, num_classes):
+        super().__init__(cfg, num_classes)
+        dn = cfg["dn"]
+        self.denoising = DenoisingQueries(num_classes, cfg["hidden_dim"], dn["groups"], dn["label_noise"],
+                                          dn["box_noise"])
+
+    def make_queries(self, cfg, num_classes):
+        self.tgt_embed = nn.Embedding(cfg["num_queries"], cfg["hidden_dim"] - 1)  # + the indicator channel
+        self.refpoint_embed = nn.Embedding(cfg["num_queries"], 4)  # unsigmoided anchor boxes
+
+    def queries(self, batch_size, targets):
+        """Matching queries (learned content with indicator 0, learned anchors), preceded in
+        training by the DN queries of this batch (generated once, shared by every branch's decoder
+        pass). Returns content (B, Q', d), None (positional queries come from the references),
+        references (B, Q', 4) in [0, 1], the self-attention mask and the DN batch."""
+        weight = self.tgt_embed.weight
+        content = torch.cat([weight, weight.new_zeros(weight.shape[0], 1)], -1).expand(batch_size, -1, -1)
+        anchors = self.refpoint_embed.weight.expand(batch_size, -1, -1)
+        if not self.training:
+            return content, None, anchors.sigmoid(), None, None
+        if targets is None:
+            raise ValueError("DN-Deformable-DETR training needs the ground truth for its denoising queries: "
+                             "pass targets")
+        dn = self.denoising(targets, anchors.shape[1])
+        if dn is None:  # no box in the whole batch (or model.dn.groups = 0)
+            return content, None, anchors.sigmoid(), None, None
+        return (torch.cat([dn.content, content], 1), None, torch.cat([dn.anchors.to(anchors), anchors], 1).sigmoid(),
+                dn.attn_mask, dn)
+
+
+def build(cfg, num_classes):
+    return DNDeformableDETR(cfg, num_classes)
