@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from experiments import records  # noqa: E402
 
@@ -91,6 +92,7 @@ def fig4(manifest, row, results=records.RESULTS):
         ax.plot(xs, ys, style, color=color, marker="o", markersize=3, label=label)
         series[label] = (xs, ys)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.set_ylabel("AP")
     ax.set_title(f"{model_name(manifest, row)} ({manifest.name} / {row})\n"
                  "Attn2, Attn3: teachers evaluated with GT Fg-Bg masks", fontsize=9)
@@ -131,6 +133,7 @@ def curves(manifest, rows=None, results=records.RESULTS):
                 series[row][label] = (xs, ys)
         ax.set_title(row + STATE_MARK.get(run.state, ""), fontsize=10)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set_ylabel("training loss")
         ax.grid(alpha=0.3)
         if series[row]:

@@ -293,6 +293,19 @@ def _check_consistency(cfg, where):
         raise ConfigError(f"{where}: key 'train.lr_drop' must list epochs >= 1, got {tc['lr_drop']!r}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that rejects a key given twice in one mapping (YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 class Manifest:
     """A validated manifest: `name`, `path`, `description`, `paper_table`, `defaults`, `families`,
     `rows` (name -> row dict), `row(name)`, `resolve(row, overrides)`."""
@@ -301,7 +314,7 @@ class Manifest:
         self.path = manifest_path(name_or_path)
         self.name = self.path.stem
         try:
-            doc = yaml.safe_load(self.path.read_text())
+            doc = yaml.load(self.path.read_text(), Loader=_UniqueKeyLoader)
         except yaml.YAMLError as e:
             raise ConfigError(f"manifest {self.path}: not valid YAML: {e}") from None
         where = f"manifest {self.path}"

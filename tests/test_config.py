@@ -139,3 +139,10 @@ def test_keys_added_to_the_defaults_do_not_block_a_resume():
     assert new_default_keys(old, cfg) == ["model.backbone.drop_path", "train.total_batch_size"]
     assert new_default_keys(old, Manifest("demo").resolve("dab_r18", ["train.total_batch_size=16"])) == \
         ["model.backbone.drop_path"]
+
+
+def test_a_key_given_twice_is_an_error(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("rows:\n  - name: a\n    config: {train: {epochs: 2}}\n    config: {train: {epochs: 3}}\n")
+    with pytest.raises(ConfigError, match=r"(?s)twice\.yaml: not valid YAML.*duplicate key 'config'.*line 4"):
+        Manifest(str(path))

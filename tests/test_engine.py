@@ -49,19 +49,26 @@ def test_demo_row_trains_evaluates_and_records(tmp_path, data_root, row, branche
     assert (directory / "DONE").read_text() == done
 
 
-def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, data_root, monkeypatch):
+def interrupt_during_second_evaluation(monkeypatch, row, data_root, results):
+    """Trains `row` for 2 epochs and lets the job die during the second epoch's evaluation; the
+    real evaluate() is back in place afterwards."""
     real_evaluate = engine.evaluate
     calls = []
 
     def evaluate_then_stop(*args, **kwargs):
-        calls.append(kwargs.get("desc"))
+        calls.append(1)
         if len(calls) == 2:
-            raise KeyboardInterrupt  # the job dies during the second epoch's evaluation
+            raise KeyboardInterrupt
         return real_evaluate(*args, **kwargs)
 
     monkeypatch.setattr(engine, "evaluate", evaluate_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        train_row("demo", "ks_dab_r18", overrides(data_root), results=tmp_path)
+        train_row("demo", row, overrides(data_root), results=results)
+    monkeypatch.setattr(engine, "evaluate", real_evaluate)
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, data_root, monkeypatch):
+    interrupt_during_second_evaluation(monkeypatch, "ks_dab_r18", data_root, tmp_path)
     directory = records.run_dir("demo", "ks_dab_r18", tmp_path)
     assert records.status(directory) == "interrupted"  # an interruption is not a failure: no FAILED
     assert not (directory / "FAILED").exists() and not (directory / records.HEARTBEAT).exists()
@@ -74,7 +81,6 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, data_root, monkey
 
     trained = []
     real_train = engine.train_one_epoch
-    monkeypatch.setattr(engine, "evaluate", real_evaluate)
     monkeypatch.setattr(engine, "train_one_epoch", lambda *a, **k: trained.append(a[6]) or real_train(*a, **k))
     train_row("demo", "ks_dab_r18", overrides(data_root), resume=True, results=tmp_path)
     assert trained == ["2/2"]  # only the unfinished epoch
@@ -206,19 +212,7 @@ def test_a_requeued_job_resumes_despite_its_own_fresh_heartbeat(tmp_path, data_r
     SLURM requeues the same job within HEARTBEAT_STALE_S, the row must resume, not start over."""
     import time
 
-    real_evaluate = engine.evaluate
-    calls = []
-
-    def evaluate_then_stop(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "evaluate", evaluate_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        train_row("demo", "dab_r18", overrides(data_root), results=tmp_path)
-    monkeypatch.setattr(engine, "evaluate", real_evaluate)
+    interrupt_during_second_evaluation(monkeypatch, "dab_r18", data_root, tmp_path)
     directory = records.run_dir("demo", "dab_r18", tmp_path)
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     records.write_json(directory / records.HEARTBEAT,
@@ -233,18 +227,7 @@ def test_a_requeued_job_resumes_despite_its_own_fresh_heartbeat(tmp_path, data_r
 
 
 def test_finished_epochs_without_a_checkpoint_are_never_overwritten(tmp_path, data_root, monkeypatch):
-    real_evaluate = engine.evaluate
-    calls = []
-
-    def evaluate_then_stop(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "evaluate", evaluate_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        train_row("demo", "dab_r18", overrides(data_root), results=tmp_path)
+    interrupt_during_second_evaluation(monkeypatch, "dab_r18", data_root, tmp_path)
     directory = records.run_dir("demo", "dab_r18", tmp_path)
     (directory / "checkpoint.pth").unlink()
     log = (directory / "log.jsonl").read_text()
