@@ -5,7 +5,7 @@ import torch
 from models import build_model, is_teacher_parameter
 from models.ks_encoder import TEACHER_BRANCHES
 
-from .model_helpers import tiny_batch, tiny_config
+from .model_helpers import check_teacher_removal, tiny_batch, tiny_config
 
 KS = ["triple", "dual_share_v", "dual_share_a"]
 NUM_CLASSES = 3
@@ -42,28 +42,7 @@ def test_train_step_outputs_and_finite_loss(ks_mode):
 
 @pytest.mark.parametrize("ks_mode", KS)
 def test_teacher_removal_is_exact_at_inference(ks_mode):
-    ks_model, _ = build(ks_mode)
-    baseline, _ = build("none", seed=1)
-    state = {k: v for k, v in ks_model.state_dict().items() if not is_teacher_parameter(k)}
-    baseline.load_state_dict(state)  # strict: every other parameter has the baseline's name
-    n_teacher = sum(p.numel() for n, p in ks_model.named_parameters() if is_teacher_parameter(n))
-    assert n_teacher > 0
-    assert sum(p.numel() for p in baseline.parameters()) == sum(p.numel() for p in ks_model.parameters()) - n_teacher
-
-    images, padding, targets = tiny_batch()
-    ks_model.eval()
-    baseline.eval()
-    with torch.no_grad():
-        ks_out = ks_model(images, padding)  # no targets: inference needs no ground truth
-        base_out = baseline(images, padding)
-        with_teachers = ks_model(images, padding, targets, with_teachers=True)
-    assert "teacher_outputs" not in ks_out
-    for key in ("pred_logits", "pred_boxes"):
-        assert torch.equal(ks_out[key], base_out[key])
-        assert torch.equal(with_teachers[key], ks_out[key])  # GT-assisted evaluation keeps the student exact
-        for a, b in zip(ks_out["aux_outputs"], base_out["aux_outputs"]):
-            assert torch.equal(a[key], b[key])
-    assert list(with_teachers["teacher_outputs"]) == list(TEACHER_BRANCHES[ks_mode])
+    check_teacher_removal("dab_detr", ks_mode)
 
 
 def test_inference_never_touches_teacher_parameters():
