@@ -82,7 +82,28 @@ def downsample_mask(padding_mask, feature):
     return F.interpolate(padding_mask[None].float(), size=feature.shape[-2:])[0].bool()
 
 
-class Backbone(nn.Module):
+class _StagedBackbone(nn.Module):
+    """What every backbone here shares: the requested stages with their channels and strides, and
+    frozen parts that get no gradient and stay in eval mode (their norm statistics never update)."""
+
+    def _set_stages(self, out_stages, channels):
+        self.out_stages = list(out_stages)
+        self.num_channels = [channels[STAGES.index(s)] for s in self.out_stages]
+        self.strides = [STRIDES[s] for s in self.out_stages]
+
+    def _freeze(self, modules):
+        self.frozen = list(modules)
+        for module in self.frozen:
+            module.requires_grad_(False)
+
+    def train(self, mode=True):
+        super().train(mode)
+        for module in self.frozen:
+            module.eval()
+        return self
+
+
+class Backbone(_StagedBackbone):
     """ResNet trunk. forward(images, padding_mask) returns a list of (feature, mask) pairs, one per
     requested stage (in order), where mask is the nearest-downsampled padding mask (True = padding).
 
@@ -113,19 +134,9 @@ class Backbone(nn.Module):
         for stage in STAGES[STAGES.index(out_stages[-1]) + 1:]:  # stages after the last one used
             delattr(body, stage)
         self.body = body
-        self.out_stages = list(out_stages)
-        self.num_channels = [channels[STAGES.index(s)] for s in self.out_stages]
-        self.strides = [STRIDES[s] for s in self.out_stages]
+        self._set_stages(out_stages, channels)
         groups = [["conv1", "bn1"]] + [[s] for s in STAGES if hasattr(self.body, s)]
-        self.frozen = [getattr(self.body, m) for group in groups[:freeze_at] for m in group]
-        for module in self.frozen:
-            module.requires_grad_(False)
-
-    def train(self, mode=True):
-        super().train(mode)
-        for module in self.frozen:
-            module.eval()
-        return self
+        self._freeze(getattr(self.body, m) for group in groups[:freeze_at] for m in group)
 
     def forward(self, images, padding_mask):
         b = self.body
@@ -186,7 +197,7 @@ def load_swin_state_dict(name, weights_enum, weights_path, body):
     return f"imagenet:{path.name} ({kind})"
 
 
-class SwinBackbone(nn.Module):
+class SwinBackbone(_StagedBackbone):
     """torchvision Swin-T (embed 96, depths 2-2-6-2, heads 3-6-12-24, window 7). forward(images,
     padding_mask) returns a list of (feature (B, C, h, w), mask) pairs, one per requested stage.
 
@@ -213,20 +224,10 @@ class SwinBackbone(nn.Module):
         last = STAGES.index(out_stages[-1])
         # features: [patch embed, stage1, merge, stage2, merge, stage3, merge, stage4]
         self.features = nn.Sequential(*list(body.features)[:2 * last + 2])
-        self.out_stages = list(out_stages)
-        self.num_channels = [channels[STAGES.index(s)] for s in self.out_stages]
-        self.strides = [STRIDES[s] for s in self.out_stages]
+        self._set_stages(out_stages, channels)
         self.out_norms = nn.ModuleList(nn.LayerNorm(c) for c in self.num_channels)
         groups = [[0]] + [[2 * i + 1, 2 * i + 2] for i in range(4)]
-        self.frozen = [self.features[j] for group in groups[:freeze_at] for j in group if j < len(self.features)]
-        for module in self.frozen:
-            module.requires_grad_(False)
-
-    def train(self, mode=True):
-        super().train(mode)
-        for module in self.frozen:
-            module.eval()
-        return self
+        self._freeze(self.features[j] for group in groups[:freeze_at] for j in group if j < len(self.features))
 
     def forward(self, images, padding_mask):
         x = images

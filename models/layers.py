@@ -102,15 +102,11 @@ class MultiheadAttention(nn.Module):
         return self.out_proj(merge_heads(out))
 
 
-class EncoderLayer(nn.Module):
-    """Post-norm transformer encoder layer: LN(x + SelfAttn(x + pos, x + pos, x)), then
-    LN(x + FFN(x)). Dropout acts on the attention weights and inside the FFN (after the activation
-    and after the second linear layer); the attention output itself has none (the reference's
-    proj_drop is 0)."""
+class _PostNormEncoderLayer(nn.Module):
+    """The part every encoder layer here shares: norm1 after the attention residual, then
+    LN(x + FFN(x)) with dropout after the activation and after the second linear layer."""
 
-    def __init__(self, d_model, nhead, dim_feedforward, dropout=0.0, activation="relu"):
-        super().__init__()
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout)
+    def _add_norms_and_ffn(self, d_model, dim_feedforward, dropout, activation):
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.activation = make_activation(activation)
@@ -119,11 +115,25 @@ class EncoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
 
+    def ffn(self, x):
+        """LN(x + FFN(x)); x is the output of norm1."""
+        return self.norm2(x + self.ffn_dropout2(self.linear2(self.ffn_dropout1(self.activation(self.linear1(x))))))
+
+
+class EncoderLayer(_PostNormEncoderLayer):
+    """Post-norm transformer encoder layer: LN(x + SelfAttn(x + pos, x + pos, x)), then
+    LN(x + FFN(x)). Dropout acts on the attention weights and inside the FFN (after the activation
+    and after the second linear layer); the attention output itself has none (the reference's
+    proj_drop is 0)."""
+
+    def __init__(self, d_model, nhead, dim_feedforward, dropout=0.0, activation="relu"):
+        super().__init__()
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout)
+        self._add_norms_and_ffn(d_model, dim_feedforward, dropout, activation)
+
     def post_attention(self, x, attn_out):
         """Residual, norms and FFN after the attention (attn_out already out-projected)."""
-        x = self.norm1(x + attn_out)
-        ffn = self.linear2(self.ffn_dropout1(self.activation(self.linear1(x))))
-        return self.norm2(x + self.ffn_dropout2(ffn))
+        return self.ffn(self.norm1(x + attn_out))
 
     def forward(self, x, pos, key_padding_mask=None):
         qk = x + pos
@@ -254,7 +264,7 @@ class MSDeformAttn(nn.Module):
         return self.output_proj(out)
 
 
-class DeformableEncoderLayer(nn.Module):
+class DeformableEncoderLayer(_PostNormEncoderLayer):
     """Post-norm deformable encoder layer: LN(x + dropout(MSDeformAttn(x + pos, refs, x))), then
     LN(x + FFN(x)), with dropout on the attention output and inside the FFN (after the activation
     and after the second linear layer), as the reference (detrex)."""
@@ -263,19 +273,11 @@ class DeformableEncoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, nhead, n_points)
         self.attn_dropout = nn.Dropout(dropout)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.activation = make_activation(activation)
-        self.ffn_dropout1 = nn.Dropout(dropout)
-        self.ffn_dropout2 = nn.Dropout(dropout)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
+        self._add_norms_and_ffn(d_model, dim_feedforward, dropout, activation)
 
     def post_attention(self, x, attn_out):
         """Dropout, residual, norms and FFN after the attention (attn_out already out-projected)."""
-        x = self.norm1(x + self.attn_dropout(attn_out))
-        ffn = self.linear2(self.ffn_dropout1(self.activation(self.linear1(x))))
-        return self.norm2(x + self.ffn_dropout2(ffn))
+        return self.ffn(self.norm1(x + self.attn_dropout(attn_out)))
 
     def forward(self, x, pos, key_padding_mask, reference_points, spatial_shapes, level_start_index):
         """x, pos (B, S, d); key_padding_mask (B, S) True at padding; reference_points (B, S, levels,
