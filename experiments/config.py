@@ -45,7 +45,7 @@ from pathlib import Path
 import yaml
 
 from models import VARIANTS
-from models.backbone import BACKBONE_NAMES, NORMS, STAGES
+from models.backbone import AUTOCAST_DTYPES, BACKBONE_NAMES, NORMS, STAGES
 from models.ks_encoder import KS_MODES, TEACHER_LAYERS
 
 MANIFEST_DIR = Path(__file__).resolve().parent
@@ -66,8 +66,9 @@ DEFAULTS = {
         "eval_topk": 300,
         # weights_path: a relative path is relative to the repository root. drop_path: stochastic depth
         # of a Swin backbone (the reference's Swin-T: 0.1); ResNets have none and ignore it.
+        # autocast: null (float32) or bfloat16 (the backbone only; see models/backbone.py).
         "backbone": {"name": "resnet50", "weights": "imagenet", "weights_path": None, "freeze_at": 1,
-                     "norm": "frozen_bn", "last_stage": "layer4", "drop_path": 0.0},
+                     "norm": "frozen_bn", "last_stage": "layer4", "drop_path": 0.0, "autocast": None},
         "ks": {"mode": "none", "teacher_layers": "last"},
         "dab": {"modulate_hw_attn": True, "random_anchor_xy": True, "freeze_anchor_xy": False},
         "dn": {"groups": 5, "label_noise": 0.2, "box_noise": 0.4},
@@ -118,6 +119,7 @@ DEFAULTS = {
 NULLABLE = {
     "model.backbone.weights": str,
     "model.backbone.weights_path": str,
+    "model.backbone.autocast": str,
     "data.root": str,
     "train.max_iters_per_epoch": int,
     "train.max_eval_images": int,
@@ -132,6 +134,7 @@ CHOICES = {
     "model.backbone.weights": [None, "imagenet"],
     "model.backbone.norm": sorted(NORMS),
     "model.backbone.last_stage": STAGES,
+    "model.backbone.autocast": list(AUTOCAST_DTYPES),
     "model.ks.mode": list(KS_MODES),
     "model.ks.teacher_layers": list(TEACHER_LAYERS),
     "data.dataset": ["coco", "synthetic"],

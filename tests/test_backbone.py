@@ -160,3 +160,30 @@ def test_official_swin_checkpoint_is_converted(tmp_path):
         assert torch.equal(mine[key], value), key
     with pytest.raises(KeyError, match="unexpected key"):
         swin_state_dict_from_official({"backbone.weird": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("name", ["resnet18", "swin_t"])
+def test_bfloat16_autocast_gives_float32_features_close_to_float32(name):
+    torch.manual_seed(0)
+    plain = build_backbone(backbone_cfg(name=name, norm="batch_norm", freeze_at=0), ("layer3",))
+    cast = build_backbone(backbone_cfg(name=name, norm="batch_norm", freeze_at=0, autocast="bfloat16"), ("layer3",))
+    cast.load_state_dict(plain.state_dict())
+    plain.eval(), cast.eval()
+    images, padding = torch.randn(2, 3, 96, 128), torch.zeros(2, 96, 128, dtype=torch.bool)
+    padding[1, :, 96:] = True
+    (ref, ref_mask), = plain(images, padding)
+    (out, out_mask), = cast(images, padding)
+    assert out.dtype == torch.float32 and torch.equal(out_mask, ref_mask)
+    # bfloat16 keeps 8 significant bits: elementwise agreement to a few percent of the feature scale
+    torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+    assert not torch.equal(out, ref)  # it really ran in bfloat16
+    out.square().mean().backward()
+    grads = [p.grad for p in cast.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_unknown_autocast_dtype_is_an_error():
+    with pytest.raises(ValueError, match=r"key 'model.backbone.autocast' must be one of \[None, 'bfloat16'\]"):
+        backbone_cfg(name="resnet18", autocast="float16")
+    with pytest.raises(ValueError, match="model.backbone.autocast must be one of"):
+        Backbone("resnet18", out_stages=("layer3",)).set_autocast("float16")

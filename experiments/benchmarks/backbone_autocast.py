@@ -1,0 +1,79 @@
+"""Training-step time of a manifest row with the backbone in float32 against bfloat16 autocast.
+
+    python -m experiments.benchmarks.backbone_autocast [--manifest demo --row dab_r18 --size 160 --repeats 5]
+
+Builds the row's model twice (same weights), feeds both the same random batch of `train.batch_size`
+images of --size x --size pixels with random boxes, and times forward + loss + backward + optimizer
+step. Prints the time per step of each and their ratio, all measured in this one run. bfloat16 pays
+off on CPUs with AVX512-BF16 or AMX and on GPUs from Ampere on; elsewhere it can be slower.
+"""
+import argparse
+import time
+
+import torch
+
+from experiments.config import Manifest
+from experiments.engine import build_optimizer, model_config, pick_device
+from models import build_model, model_targets
+
+
+def random_batch(batch_size, size, num_classes, device, generator):
+    images = torch.randn(batch_size, 3, size, size, generator=generator)
+    targets = []
+    for _ in range(batch_size):
+        n = int(torch.randint(1, 6, (), generator=generator))
+        xy = torch.rand(n, 2, generator=generator) * size * 0.6
+        wh = torch.rand(n, 2, generator=generator) * size * 0.4 + 8
+        labels = torch.randint(num_classes, (n,), generator=generator)
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1), "labels": labels, "size": torch.tensor([size, size])})
+    padding = torch.zeros(batch_size, size, size, dtype=torch.bool)
+    return images.to(device), padding.to(device), model_targets(targets, device)
+
+
+def time_steps(model, criterion, optimizer, batch, repeats, device):
+    images, padding, targets = batch
+    model.train()
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        criterion(model(images, padding, targets), targets)["loss"].backward()
+        optimizer.step()
+
+    step()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeats
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manifest", default="demo")
+    parser.add_argument("--row", default="dab_r18")
+    parser.add_argument("--size", type=int, default=160, help="square image side in pixels")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    args = parser.parse_args(argv)
+    device = pick_device(args.device)
+    times = {}
+    for autocast in (None, "bfloat16"):
+        cfg = Manifest(args.manifest).resolve(args.row, [f"model.backbone.autocast={autocast or 'null'}"])
+        torch.manual_seed(0)
+        model, criterion = build_model(model_config(cfg), num_classes=5)
+        model.to(device)
+        optimizer = build_optimizer(model, cfg["train"])
+        batch = random_batch(cfg["train"]["batch_size"], args.size, 5, device, torch.Generator().manual_seed(0))
+        times[autocast or "float32"] = time_steps(model, criterion, optimizer, batch, args.repeats, device)
+    base = times["float32"]
+    print(f"{args.manifest}/{args.row} on {device}, batch {cfg['train']['batch_size']} x {args.size} px, "
+          f"{args.repeats} steps each")
+    for name, t in times.items():
+        print(f"  backbone {name:9s} {t * 1000:8.1f} ms/step   {t / base:5.2f}x float32")
+
+
+if __name__ == "__main__":
+    main()
