@@ -21,6 +21,7 @@ from . import BRANCHES, VARIANT_NAMES, AnalysisError, load_manifest, load_run, n
 
 PAPER_DIR = records.RESULTS / "paper"
 METRICS = records.METRICS
+MOVED = "attn1_moved"  # the student's detections moved to other images (experiments eval --moved)
 PAPER_MANIFESTS = {"table1": 1, "table2": 2}  # rendered from the paper alone while they do not exist
 EXPERIMENT_NAMES = {"baseline": "baseline", "dual_attention_share_v": "dual attention, share V",
                     "dual_attention_share_a": "dual attention, share A", "triple_attention": "triple attention"}
@@ -145,8 +146,9 @@ def paper_report(manifest, tables, results=records.RESULTS):
 
 
 def runs_report(manifest, results=records.RESULTS):
-    """One line per manifest row (student, attn1) with the KS gain over its baseline row, and for rows
-    whose eval.json has teacher branches one line per teacher (evaluated with GT masks)."""
+    """One line per manifest row (student, attn1) with the KS gain over its baseline row, for rows
+    whose eval.json has teacher branches one line per teacher (evaluated with GT masks), and for rows
+    evaluated with train.eval_moved one line for the student's detections moved to other images."""
     runs = {n: load_run(manifest.name, n, results) for n in manifest.rows}
     lines = []
     for name, row in manifest.rows.items():
@@ -166,6 +168,9 @@ def runs_report(manifest, results=records.RESULTS):
         for branch in teachers:
             lines.append({**common, "branch": branch, "label": f"{name} / {branch} (teacher, GT mask)",
                           "baseline_row": None, "baseline_status": None, **percent(run.eval[branch])})
+        if run.state == "done" and MOVED in run.eval:
+            lines.append({**common, "branch": MOVED, "label": f"{name} / attn1 on other images (data set prior)",
+                          "baseline_row": None, "baseline_status": None, **percent(run.eval[MOVED])})
     return _frame(lines, RUN_COLUMNS)
 
 

@@ -41,6 +41,26 @@ class CocoEvaluator:
                     "score": float(score),
                 })
 
+    def moved_to_other_images(self, offset=1):
+        """A new evaluator holding these detections, each image's given to another image: image k of
+        the evaluated images (sorted by id) passes its detections to image k + offset (cyclically),
+        boxes rescaled from its size to the receiver's. A detector that reads nothing from the image
+        (every image gets the same boxes and scores, the "dataset prior") scores the same AP both
+        ways; the gap between the two is what the detector takes from the image."""
+        ids = sorted(set(self.image_ids) | {d["image_id"] for d in self.detections})
+        if len(ids) < 2:
+            raise ValueError("moving detections to other images needs at least two evaluated images")
+        receiver = {a: ids[(k + offset) % len(ids)] for k, a in enumerate(ids)}
+        size = {i: (self.coco_gt.imgs[i]["width"], self.coco_gt.imgs[i]["height"]) for i in ids}
+        moved = CocoEvaluator(self.coco_gt, self.category_ids)
+        moved.image_ids = list(ids)
+        for d in self.detections:
+            to = receiver[d["image_id"]]
+            sx, sy = size[to][0] / size[d["image_id"]][0], size[to][1] / size[d["image_id"]][1]
+            x, y, w, h = d["bbox"]
+            moved.detections.append({**d, "image_id": to, "bbox": [x * sx, y * sy, w * sx, h * sy]})
+        return moved
+
     def summarize(self, quiet=True):
         """Return {AP, AP50, AP75, APs, APm, APl} in [0, 1]; NaN where undefined (no GT in that range).
 

@@ -146,7 +146,7 @@ def cmd_eval(args):
     manifest.row(args.row)
     nprocs, device = _local_processes(args)
     kwargs = dict(checkpoint=args.checkpoint, teachers=args.teachers, overrides=list(args.overrides),
-                  device=device, results=args.results)
+                  device=device, results=args.results, moved=args.moved)
     if nprocs > 1:
         distributed.spawn(nprocs, _eval_and_print, str(manifest.path), args.row,
                           launch_option=f"--gpus {nprocs}" if args.gpus else f"--nproc {nprocs}", **kwargs)
@@ -265,6 +265,10 @@ def build_parser():
     p.add_argument("--row", required=True, help="row to evaluate")
     p.add_argument("--checkpoint", help="checkpoint file (default: results/runs/<manifest>/<row>/checkpoint.pth)")
     p.add_argument("--teachers", action="store_true", help="also evaluate the teacher branches with GT masks")
+    p.add_argument("--moved", action="store_true",
+                   help="also score the student's detections with each image's given to the next image "
+                        "(attn1_moved): the AP of the dataset prior alone; a detector that reads its input "
+                        "scores clearly above it")
     p.add_argument("--gpus", type=int, default=0, metavar="N", help="number of local GPU processes")
     p.add_argument("--nproc", type=int, default=0, metavar="N", help="number of local CPU processes (gloo)")
     p.add_argument("--device", help="torch device of a single process (default: cuda if available, else cpu)")

@@ -326,10 +326,13 @@ def train_one_epoch(model, criterion, loader, optimizer, device, clip_max_norm, 
 
 
 @torch.no_grad()
-def evaluate(model, loader, dataset, device, teachers=(), topk=300, max_images=None, desc="eval", ctx=None):
+def evaluate(model, loader, dataset, device, teachers=(), topk=300, max_images=None, desc="eval", ctx=None,
+             moved=False):
     """COCO metrics of the student and, with `teachers` (branch names), of each teacher branch's
     last decoder layer with GT masks. Returns {branch: {AP, AP50, ...}} (on every process; each
-    process evaluates the images of its `loader`, rank 0 computes the metrics)."""
+    process evaluates the images of its `loader`, rank 0 computes the metrics). With `moved`, also
+    `attn1_moved`: the student's detections each given to another image (CocoEvaluator.
+    moved_to_other_images), the AP a detector that ignores its input would keep."""
     ctx = ctx or distributed.Context(device=torch.device(device))
     model.eval()
     branches = (STUDENT,) + tuple(teachers)
@@ -359,7 +362,11 @@ def evaluate(model, loader, dataset, device, teachers=(), topk=300, max_images=N
                 for shard in shards:
                     e.detections.extend(shard[b][0])
                     e.image_ids.extend(shard[b][1])
-    metrics = {b: e.summarize() for b, e in evaluators.items()} if ctx.is_main else None
+    metrics = None
+    if ctx.is_main:
+        metrics = {b: e.summarize() for b, e in evaluators.items()}
+        if moved:
+            metrics[f"{STUDENT}_moved"] = evaluators[STUDENT].moved_to_other_images().summarize()
     return ctx.broadcast(metrics)
 
 
@@ -625,7 +632,7 @@ def _train(cfg, directory, resuming, ctx, plan):
                 if heartbeat:
                     heartbeat.update(phase="eval")
                 record["eval"] = evaluate(model, val_loader, val_set, device, teachers, cfg["model"]["eval_topk"],
-                                          None, desc=f"epoch {label} eval", ctx=ctx)
+                                          None, desc=f"epoch {label} eval", ctx=ctx, moved=tc["eval_moved"])
             record["time_s"] = round(time.time() - t0, 1)
             history.append(record)
             if ctx.is_main:
@@ -662,9 +669,10 @@ def eval_file(directory):
 
 
 def evaluate_row(manifest_name, row, checkpoint=None, teachers=False, overrides=(), device=None,
-                 results=records.RESULTS):
+                 results=records.RESULTS, moved=False):
     """Evaluates a checkpoint of a row (default: the run's checkpoint.pth): the student and, with
-    `teachers`, the teacher branches with GT masks. Writes eval-<time>.json in the run directory
+    `teachers`, the teacher branches with GT masks; with `moved`, also the student's detections
+    moved to other images (see `evaluate`). Writes eval-<time>.json in the run directory
     (never eval.json or DONE) and returns (metrics, path)."""
     manifest = Manifest(manifest_name)
     row_cfg = manifest.resolve(row)
@@ -703,14 +711,14 @@ def evaluate_row(manifest_name, row, checkpoint=None, teachers=False, overrides=
         loader = make_eval_loader(val_set, tc["eval_batch_size"] or tc["batch_size"], cfg["data"]["num_workers"], ctx,
                                   tc["max_eval_images"])
         metrics = evaluate(model, loader, val_set, ctx.device, branches, cfg["model"]["eval_topk"],
-                           desc=f"eval {row}", ctx=ctx)
+                           desc=f"eval {row}", ctx=ctx, moved=moved)
         out = None
         if ctx.is_main:
             out = eval_file(directory)
             records.write_json(out, {
                 "manifest": manifest.name, "row": row, "checkpoint": str(path), "checkpoint_epoch": state.get("epoch"),
                 "checkpoint_step": state.get("step", 0), "config_from": source, "overrides": list(overrides),
-                "teachers": bool(branches), "world_size": ctx.world_size, "git_sha": records.git_sha(),
+                "teachers": bool(branches), "moved": moved, "world_size": ctx.world_size, "git_sha": records.git_sha(),
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "metrics": metrics})
         return metrics, out
     finally:

@@ -191,14 +191,17 @@ def test_runs_table_with_teachers(tmp_path):
     results = tmp_path / "results"
     write_run(results, "toy", "base", "done", [(0, {"attn1": metrics(0.301)})], {"attn1": metrics(0.301)})
     write_run(results, "toy", "ks", "done", [(0, None)],
-              {"attn1": metrics(0.312), "attn2": metrics(0.405), "attn3": metrics(float("nan"))})
+              {"attn1": metrics(0.312), "attn2": metrics(0.405), "attn3": metrics(float("nan")),
+               "attn1_moved": metrics(0.021)})
     name, kind, df = report(str(manifest), results)
     assert kind == "runs"
     assert df["label"].tolist() == ["base", "ks", "ks / attn2 (teacher, GT mask)",
-                                    "ks / attn3 (teacher, GT mask)", "later"]
+                                    "ks / attn3 (teacher, GT mask)", "ks / attn1 on other images (data set prior)",
+                                    "later"]
+    assert df.loc[4, "branch"] == "attn1_moved" and df.loc[4, "AP"] == 2.1 and math.isnan(df.loc[4, "gain_AP"])
     assert df.loc[1, "AP"] == 31.2 and df.loc[1, "gain_AP"] == 1.1 and math.isnan(df.loc[0, "gain_AP"])
     assert df.loc[2, "AP"] == 40.5 and math.isnan(df.loc[2, "gain_AP"])
-    assert df.loc[4, "status"] == "not run" and math.isnan(df.loc[4, "AP"])
+    assert df.loc[5, "status"] == "not run" and math.isnan(df.loc[5, "AP"])
     markdown = write_tables(str(manifest), results)
     assert "| ks / attn2 (teacher, GT mask) |  | done | 40.5 |" in markdown
     assert "| ks / attn3 (teacher, GT mask) |  | done | n/a |" in markdown

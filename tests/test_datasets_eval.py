@@ -86,3 +86,25 @@ def test_detections_merge_with_extend(coco_gt):
 def test_not_quiet_prints_summary(coco_gt, capsys):
     run(coco_gt).summarize(quiet=False)
     assert "Average Precision" in capsys.readouterr().out
+
+
+def test_detections_moved_to_other_images(coco_gt, tmp_path):
+    own = run(coco_gt)
+    moved = own.moved_to_other_images()
+    # image 1's boxes now sit on image 2, 2's on 3, 3's on 1: nothing matches any more
+    assert [d["image_id"] for d in moved.detections] == [2, 2, 3, 3, 1]
+    assert moved.summarize()["AP50"] == pytest.approx(0.0)
+    assert own.summarize()["AP50"] == pytest.approx(1.0)  # the original is untouched
+    # a "prior" detector giving every image the same boxes scores the same either way
+    prior = CocoEvaluator(coco_gt, [3, 8])
+    for image_id in (1, 2, 3):
+        prior.update([image_id], [torch.tensor([[30.0, 30.0, 130.0, 130.0], [10.0, 10.0, 30.0, 30.0]])],
+                     [torch.tensor([0.9, 0.5])], [torch.tensor([0, 0])])
+    assert prior.summarize() == pytest.approx(prior.moved_to_other_images(offset=2).summarize(), nan_ok=True)
+    # boxes are rescaled to the receiving image's size
+    _, ann_file = write_coco(tmp_path / "sizes", "val", [(1, 100, 50), (2, 200, 150)], [], CATEGORIES)
+    sized = CocoEvaluator(COCO(str(ann_file)), [3, 8])
+    sized.update([1, 2], [torch.tensor([[10.0, 5.0, 30.0, 25.0]]), torch.zeros(0, 4)], [[1.0], []], [[0], []])
+    assert sized.moved_to_other_images().detections[0]["bbox"] == pytest.approx([20.0, 15.0, 40.0, 60.0])
+    with pytest.raises(ValueError, match="at least two"):
+        run(coco_gt, image_ids=(1,)).moved_to_other_images()

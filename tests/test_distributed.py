@@ -116,7 +116,9 @@ class SameSizeImages(torch.utils.data.Dataset):
 
 def tiny_model_config():
     cfg = Manifest("demo").resolve("ks_dab_r18", [o for o in TINY_RUN if o.startswith("model.")]
-                                   + ["model.backbone.norm=frozen_bn", "model.dropout=0.0"])
+                                   + ["model.backbone.norm=frozen_bn", "model.dropout=0.0",
+                                      # float32: bfloat16 rounding differs with the batch layout
+                                      "model.backbone.autocast=null"])
     return cfg
 
 

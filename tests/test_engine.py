@@ -12,7 +12,8 @@ TINY_RUN = ["model.hidden_dim=32", "model.nheads=4", "model.enc_layers=2", "mode
             "data.synthetic.train=8", "data.synthetic.val=4", "data.synthetic.size=96", "data.num_workers=0",
             "data.train_scales=[64,80]", "data.train_max_size=112", "data.crop_resize_scales=[64]",
             "data.crop_size=[48,64]", "data.test_size=72", "data.test_max_size=112",
-            "train.batch_size=2", "train.epochs=2", "train.lr_drop=[1]", "train.max_iters_per_epoch=2"]
+            "train.batch_size=2", "train.epochs=2", "train.lr_drop=[1]", "train.max_iters_per_epoch=2",
+            "train.eval_every=1"]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,8 @@ def overrides(data_root, *extra):
     return TINY_RUN + [f"data.root={data_root}", *extra]
 
 
-@pytest.mark.parametrize("row,branches", [("dab_r18", ["attn1"]), ("ks_dab_r18", ["attn1", "attn3", "attn2"])])
+@pytest.mark.parametrize("row,branches", [("dab_r18", ["attn1", "attn1_moved"]),
+                                          ("ks_dab_r18", ["attn1", "attn3", "attn2", "attn1_moved"])])
 def test_demo_row_trains_evaluates_and_records(tmp_path, data_root, row, branches):
     directory = train_row("demo", row, overrides(data_root), results=tmp_path)
     assert directory == tmp_path / "runs" / "demo" / row
@@ -192,13 +194,13 @@ def test_eval_command_writes_a_new_file_and_leaves_the_record(tmp_path, data_roo
           f"data.root={data_root}"])
     out = capsys.readouterr().out
     assert "attn1" in out and "attn2" in out and "attn3" in out
-    main(["--results", str(tmp_path), "eval", "demo", "--row", "ks_dab_r18", "--checkpoint",
+    main(["--results", str(tmp_path), "eval", "demo", "--row", "ks_dab_r18", "--moved", "--checkpoint",
           str(directory / "checkpoint.pth")])
     files = sorted(directory.glob("eval-*.json"), key=lambda p: p.stat().st_mtime_ns)
     assert len(files) == 2  # never overwritten
     first, second = (json.loads(p.read_text()) for p in files)
-    assert list(first["metrics"]) == ["attn1", "attn3", "attn2"] and list(second["metrics"]) == ["attn1"]
-    assert first["checkpoint_epoch"] == 1 and first["teachers"] is True
+    assert list(first["metrics"]) == ["attn1", "attn3", "attn2"] and list(second["metrics"]) == ["attn1", "attn1_moved"]
+    assert first["checkpoint_epoch"] == 1 and first["teachers"] is True and not first["moved"] and second["moved"]
     final = json.loads((directory / "eval.json").read_text())
     assert first["metrics"]["attn1"] == final["attn1"]  # the same weights, the same images
     for name, data in before.items():  # eval.json, DONE, log... untouched

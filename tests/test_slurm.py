@@ -237,7 +237,7 @@ def test_submitted_rows_survive_a_timeout_and_finish(cluster, tmp_path):
         log = records.read_log(d / "log.jsonl")
         assert [r["epoch"] for r in log] == list(range(1, epochs + 1)), row
         final = json.loads((d / "eval.json").read_text())
-        branches = ["attn1"] + (["attn3", "attn2"] if row == "ks_dab_r18" else [])
+        branches = ["attn1"] + (["attn3", "attn2"] if row == "ks_dab_r18" else []) + ["attn1_moved"]  # demo: eval_moved
         assert list(final)[1:] == branches and set(final["attn1"]) == set(records.METRICS), row
         env = json.loads((d / "env.json").read_text())
         assert (env["launcher"], env["world_size"], env["backend"], env["slurm_job_id"]) == \
