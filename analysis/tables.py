@@ -21,7 +21,7 @@ from . import BRANCHES, VARIANT_NAMES, AnalysisError, load_manifest, load_run, n
 
 PAPER_DIR = records.RESULTS / "paper"
 METRICS = records.METRICS
-MOVED = "attn1_moved"  # the student's detections moved to other images (experiments eval --moved)
+MOVED = "attn1_moved"  # the student's detections scored on other images (train.eval_moved, eval --moved)
 PAPER_MANIFESTS = {"table1": 1, "table2": 2}  # rendered from the paper alone while they do not exist
 EXPERIMENT_NAMES = {"baseline": "baseline", "dual_attention_share_v": "dual attention, share V",
                     "dual_attention_share_a": "dual attention, share A", "triple_attention": "triple attention"}
@@ -169,7 +169,7 @@ def runs_report(manifest, results=records.RESULTS):
             lines.append({**common, "branch": branch, "label": f"{name} / {branch} (teacher, GT mask)",
                           "baseline_row": None, "baseline_status": None, **percent(run.eval[branch])})
         if run.state == "done" and MOVED in run.eval:
-            lines.append({**common, "branch": MOVED, "label": f"{name} / attn1 on other images (data set prior)",
+            lines.append({**common, "branch": MOVED, "label": f"{name} / attn1 on other images",
                           "baseline_row": None, "baseline_status": None, **percent(run.eval[MOVED])})
     return _frame(lines, RUN_COLUMNS)
 

@@ -267,8 +267,8 @@ def build_parser():
     p.add_argument("--teachers", action="store_true", help="also evaluate the teacher branches with GT masks")
     p.add_argument("--moved", action="store_true",
                    help="also score the student's detections with each image's given to the next image "
-                        "(attn1_moved): the AP of the dataset prior alone; a detector that reads its input "
-                        "scores clearly above it")
+                        "(attn1_moved): a detector that ignores its input scores its own AP there, one that "
+                        "reads the image scores clearly less")
     p.add_argument("--gpus", type=int, default=0, metavar="N", help="number of local GPU processes")
     p.add_argument("--nproc", type=int, default=0, metavar="N", help="number of local CPU processes (gloo)")
     p.add_argument("--device", help="torch device of a single process (default: cuda if available, else cpu)")

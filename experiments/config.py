@@ -107,8 +107,8 @@ DEFAULTS = {
         "seed": 42,
         "eval_every": 1,
         "eval_teachers": True,
-        # Also score the student's detections moved to other images (`attn1_moved`, the AP of the
-        # data set's box statistics alone; see CocoEvaluator.moved_to_other_images).
+        # Also score the student's detections on other images (`attn1_moved`: equal to its own AP for a
+        # detector that ignores its input; see CocoEvaluator.moved_to_other_images).
         "eval_moved": False,
         # Also save a checkpoint every N optimizer steps inside an epoch (null: only after each
         # epoch), so that a preempted or timed-out job loses at most N steps when it resumes.

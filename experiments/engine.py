@@ -331,8 +331,8 @@ def evaluate(model, loader, dataset, device, teachers=(), topk=300, max_images=N
     """COCO metrics of the student and, with `teachers` (branch names), of each teacher branch's
     last decoder layer with GT masks. Returns {branch: {AP, AP50, ...}} (on every process; each
     process evaluates the images of its `loader`, rank 0 computes the metrics). With `moved`, also
-    `attn1_moved`: the student's detections each given to another image (CocoEvaluator.
-    moved_to_other_images), the AP a detector that ignores its input would keep."""
+    `attn1_moved`: the student's detections scored on other images (CocoEvaluator.
+    moved_to_other_images), equal to its own AP for a detector that ignores its input."""
     ctx = ctx or distributed.Context(device=torch.device(device))
     model.eval()
     branches = (STUDENT,) + tuple(teachers)
@@ -365,8 +365,11 @@ def evaluate(model, loader, dataset, device, teachers=(), topk=300, max_images=N
     metrics = None
     if ctx.is_main:
         metrics = {b: e.summarize() for b, e in evaluators.items()}
-        if moved:
-            metrics[f"{STUDENT}_moved"] = evaluators[STUDENT].moved_to_other_images().summarize()
+        if moved:  # needs two images to swap; with fewer, undefined (NaN) rather than an error on rank 0 only
+            student = evaluators[STUDENT]
+            metrics[f"{STUDENT}_moved"] = (student.moved_to_other_images().summarize()
+                                           if len(set(student.image_ids)) >= 2
+                                           else dict.fromkeys(records.METRICS, math.nan))
     return ctx.broadcast(metrics)
 
 

@@ -12,9 +12,10 @@ of the official Swin repository (microsoft/Swin-Transformer, e.g. the IN-22k->1k
 `swin_tiny_patch4_window7_224_22kto1k_finetune.pth` that the KS-DETR Swin-T rows load): it is
 converted to torchvision's layout. `backbone.init` says which initialisation was used (run records).
 
-`autocast: bfloat16` runs the backbone under torch.autocast in bfloat16 (on CPUs with AVX512-BF16 or
-AMX, and on Ampere and later GPUs, about twice as fast) and hands float32 features to the
-transformer, which stays in float32. bfloat16 has float32's range, so no loss scaling is needed.
+`autocast: bfloat16` runs the backbone under torch.autocast in bfloat16 and hands float32 features to
+the transformer, which stays in float32. bfloat16 has float32's range, so no loss scaling is needed.
+It pays off on CPUs with AVX512-BF16 or AMX and on GPUs from Ampere on; measure the gain with
+`python -m experiments.benchmarks.backbone_autocast`.
 """
 import os
 from pathlib import Path

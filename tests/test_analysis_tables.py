@@ -196,7 +196,7 @@ def test_runs_table_with_teachers(tmp_path):
     name, kind, df = report(str(manifest), results)
     assert kind == "runs"
     assert df["label"].tolist() == ["base", "ks", "ks / attn2 (teacher, GT mask)",
-                                    "ks / attn3 (teacher, GT mask)", "ks / attn1 on other images (data set prior)",
+                                    "ks / attn3 (teacher, GT mask)", "ks / attn1 on other images",
                                     "later"]
     assert df.loc[4, "branch"] == "attn1_moved" and df.loc[4, "AP"] == 2.1 and math.isnan(df.loc[4, "gain_AP"])
     assert df.loc[1, "AP"] == 31.2 and df.loc[1, "gain_AP"] == 1.1 and math.isnan(df.loc[0, "gain_AP"])

@@ -162,11 +162,11 @@ def test_official_swin_checkpoint_is_converted(tmp_path):
         swin_state_dict_from_official({"backbone.weird": torch.zeros(1)})
 
 
-@pytest.mark.parametrize("name", ["resnet18", "swin_t"])
-def test_bfloat16_autocast_gives_float32_features_close_to_float32(name):
+@pytest.mark.parametrize("name,norm", [("resnet18", "batch_norm"), ("resnet18", "frozen_bn"), ("swin_t", "batch_norm")])
+def test_bfloat16_autocast_gives_float32_features_close_to_float32(name, norm):
     torch.manual_seed(0)
-    plain = build_backbone(backbone_cfg(name=name, norm="batch_norm", freeze_at=0), ("layer3",))
-    cast = build_backbone(backbone_cfg(name=name, norm="batch_norm", freeze_at=0, autocast="bfloat16"), ("layer3",))
+    plain = build_backbone(backbone_cfg(name=name, norm=norm, freeze_at=0), ("layer3",))
+    cast = build_backbone(backbone_cfg(name=name, norm=norm, freeze_at=0, autocast="bfloat16"), ("layer3",))
     cast.load_state_dict(plain.state_dict())
     plain.eval(), cast.eval()
     images, padding = torch.randn(2, 3, 96, 128), torch.zeros(2, 96, 128, dtype=torch.bool)

@@ -1,5 +1,6 @@
 """Train + eval smoke runs of both demo rows, run records, resume, and clear errors."""
 import json
+import math
 import shlex
 
 import pytest
@@ -205,6 +206,10 @@ def test_eval_command_writes_a_new_file_and_leaves_the_record(tmp_path, data_roo
     assert first["metrics"]["attn1"] == final["attn1"]  # the same weights, the same images
     for name, data in before.items():  # eval.json, DONE, log... untouched
         assert (directory / name).read_bytes() == data, name
+    # one image: nothing to move the detections to, so the moved metrics are undefined (not an error)
+    metrics, _ = engine.evaluate_row("demo", "ks_dab_r18", results=tmp_path, moved=True,
+                                     overrides=[f"data.root={data_root}", "train.max_eval_images=1"])
+    assert list(metrics) == ["attn1", "attn1_moved"] and all(math.isnan(v) for v in metrics["attn1_moved"].values())
     with pytest.raises(SystemExit, match="no checkpoint at"):
         main(["--results", str(tmp_path), "eval", "demo", "--row", "dab_r18"])
 
