@@ -100,6 +100,12 @@ class _StagedBackbone(nn.Module):
 
     autocast_dtype = None
 
+    @staticmethod
+    def _check_weights_and_stages(weights, out_stages):
+        if weights not in (None, "imagenet"):
+            raise ValueError(f"model.backbone.weights must be null or 'imagenet', got {weights!r}")
+        check_stages(out_stages)
+
     def set_autocast(self, name):
         if name not in AUTOCAST_DTYPES:
             raise ValueError(f"model.backbone.autocast must be one of {list(AUTOCAST_DTYPES)}, got {name!r}")
@@ -146,9 +152,7 @@ class Backbone(_StagedBackbone):
             raise ValueError(f"backbone {name!r} is a Swin Transformer: build it with SwinBackbone (build_backbone)")
         if name not in RESNETS:
             raise ValueError(f"unknown backbone {name!r}; expected one of {BACKBONE_NAMES}")
-        if weights not in (None, "imagenet"):
-            raise ValueError(f"model.backbone.weights must be null or 'imagenet', got {weights!r}")
-        check_stages(out_stages)
+        self._check_weights_and_stages(weights, out_stages)
         builder, weights_enum, channels = RESNETS[name]
         body = builder(weights=None, norm_layer=NORMS[norm])
         self.init = "random"
@@ -239,9 +243,7 @@ class SwinBackbone(_StagedBackbone):
         super().__init__()
         if name not in SWIN:
             raise ValueError(f"unknown Swin backbone {name!r}; expected one of {sorted(SWIN)}")
-        if weights not in (None, "imagenet"):
-            raise ValueError(f"model.backbone.weights must be null or 'imagenet', got {weights!r}")
-        check_stages(out_stages)
+        self._check_weights_and_stages(weights, out_stages)
         builder, weights_enum, channels = SWIN[name]
         body = builder(stochastic_depth_prob=drop_path)
         self.init = "random"
