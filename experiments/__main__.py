@@ -173,12 +173,16 @@ def _add_overrides(p):
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", default=str(records.RESULTS),
-                        help="results folder holding runs/<manifest>/<row>/ (default: %(default)s)")
+    results_help = "results folder holding runs/<manifest>/<row>/ (default: %s)" % records.RESULTS
+    parser.add_argument("--results", default=str(records.RESULTS), help=results_help)
+    # --results also after the command (`run demo --results DIR`); SUPPRESS keeps the top-level value
+    # when the command does not give one
+    results_option = argparse.ArgumentParser(add_help=False)
+    results_option.add_argument("--results", default=argparse.SUPPRESS, help=results_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     manifest_help = "manifest name (experiments/<name>.yaml) or path to a manifest YAML"
 
-    p = sub.add_parser("list", help="rows of a manifest with their settings and status",
+    p = sub.add_parser("list", parents=[results_option], help="rows of a manifest with their settings and status",
                        description="Rows of a manifest: variant, KS mode, backbone, epochs, the paper row they "
                                    "reproduce, and their status read from results/runs/ (not started, running, "
                                    "interrupted, done, failed).")
@@ -186,7 +190,7 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print JSON (with family, baseline, note) instead of a table")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("run", help="train and evaluate rows on this machine",
+    p = sub.add_parser("run", parents=[results_option], help="train and evaluate rows on this machine",
                        description="Train and evaluate rows on this machine, writing results/runs/<manifest>/<row>/. "
                                    "One process by default (GPU if available); --gpus N starts N GPU processes "
                                    "(DDP, NCCL), --nproc N starts N CPU processes (DDP, gloo; for tests). Under "
@@ -205,7 +209,7 @@ def build_parser():
     _add_overrides(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("submit", help="submit rows as SLURM jobs (submitit)",
+    p = sub.add_parser("submit", parents=[results_option], help="submit rows as SLURM jobs (submitit)",
                        description="Submit one SLURM job per row (a job array for several rows) through submitit. "
                                    "Each job runs nodes x tasks-per-node processes (one per GPU) that train the row "
                                    "with DDP and always resume from the row's checkpoint: a job that times out or is "
@@ -247,14 +251,14 @@ def build_parser():
     _add_overrides(p)
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("status", help="rows with their run status and SLURM jobs",
+    p = sub.add_parser("status", parents=[results_option], help="rows with their run status and SLURM jobs",
                        description="Rows with their run status, last finished epoch, latest SLURM job id and its "
                                    "state (squeue; sacct where accounting is enabled; '-' without SLURM).")
     p.add_argument("manifest", help=manifest_help)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("eval", help="evaluate a row's checkpoint (student, optionally the teachers)",
+    p = sub.add_parser("eval", parents=[results_option], help="evaluate a row's checkpoint (student, optionally the teachers)",
                        description="Evaluate a checkpoint of a row (default: its checkpoint.pth) on the validation "
                                    "set: the student (attn1) and, with --teachers, the KS teacher branches with "
                                    "ground-truth masks (paper Fig. 4). Prints the metrics and writes "

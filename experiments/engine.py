@@ -550,6 +550,10 @@ def _start_records(manifest, row, cfg, overrides, directory, resume, force, ctx)
         if changed:
             raise RunError(f"{row}: the configuration differs from the recorded one in {directory}/config.yaml "
                            f"at {changed}; resume with the same overrides, or --force to start over")
+    late = [e for e in cfg["train"]["lr_drop"] if e >= cfg["train"]["epochs"]]
+    if late:  # allowed (shortened smoke runs of a table row), but usually an override that missed lr_drop
+        print(f"{row}: note: train.lr_drop {late} at or after the last epoch ({cfg['train']['epochs']}); "
+              f"the learning rate does not drop in this run", flush=True)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "FAILED").unlink(missing_ok=True)
     records.write_yaml(directory / "config.yaml", cfg)

@@ -241,3 +241,11 @@ def test_finished_epochs_without_a_checkpoint_are_never_overwritten(tmp_path, da
     with pytest.raises(RunError, match="checkpoint is missing.*--force"):
         train_row("demo", "dab_r18", overrides(data_root), resume=True, results=tmp_path)
     assert (directory / "log.jsonl").read_text() == log
+
+
+@pytest.mark.parametrize("drops,noted", [("[2]", True), ("[1]", False)])
+def test_a_drop_at_or_after_the_last_epoch_is_noted(tmp_path, data_root, monkeypatch, capsys, drops, noted):
+    monkeypatch.setattr(engine, "_train", lambda cfg, directory, *args: directory)
+    train_row("demo", "dab_r18", overrides(data_root, f"train.lr_drop={drops}"), results=tmp_path)
+    out = capsys.readouterr().out
+    assert ("train.lr_drop [2] at or after the last epoch (2)" in out) == noted

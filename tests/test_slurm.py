@@ -137,10 +137,12 @@ def test_submit_records_job_ids_skips_done_rows_and_status_reads_them(tmp_path, 
     assert (rows["ks_dab_r18"]["slurm_state"], rows["ks_dab_r18"]["submissions"]) == ("PENDING", 2)
 
 
-def test_status_without_slurm(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("results_after_command", [False, True])
+def test_status_without_slurm(tmp_path, monkeypatch, capsys, results_after_command):
     monkeypatch.setattr(slurm, "_query", lambda *a, **k: None)  # no squeue, no sacct
     records.add_slurm_job(records.run_dir("demo", "dab_r18", tmp_path), {"job_id": "5"})
-    main(["--results", str(tmp_path), "status", "demo", "--json"])
+    args = ["status", "demo", "--json"]
+    main(args + ["--results", str(tmp_path)] if results_after_command else ["--results", str(tmp_path)] + args)
     rows = {r["row"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["dab_r18"]["slurm_state"] == "unknown (no squeue)" and rows["ks_dab_r18"]["slurm_job"] == "-"
     assert rows["dab_r18"]["status"] == "not started"
