@@ -40,17 +40,18 @@ class Launch:
 
 
 def first_host(nodelist):
-    """The first host name of a SLURM node list such as 'gpu[003-005,010],cpu1' -> 'gpu003'."""
+    """The first host name of a SLURM node list such as 'gpu[003-005,010],cpu1' -> 'gpu003' or
+    'n[1-4]-ib' -> 'n1-ib'."""
     if not nodelist:
         return "127.0.0.1"
-    m = re.match(r"^([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    m = re.match(r"^([^,\[]+)(?:\[([^\]]+)\]([^,\[]*))?", nodelist.strip())
     if not m:
         return nodelist.split(",")[0]
-    prefix, ranges = m.group(1), m.group(2)
+    prefix, ranges, suffix = m.group(1), m.group(2), m.group(3)
     if not ranges:
         return prefix
     first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    return prefix + first + suffix
 
 
 def slurm_port(job_id):

@@ -23,6 +23,8 @@ than HEARTBEAT_STALE_S, or one left by a process of this host that no longer exi
 
 Every file is written atomically (temporary file + rename), so a reader never sees half a record.
 """
+import contextlib
+import fcntl
 import json
 import os
 import shlex
@@ -144,6 +146,29 @@ def heartbeat_holder(directory, now=None):
     if beat.get("host") == socket.gethostname() and not _pid_alive(beat.get("pid")):
         return None
     return beat
+
+
+@contextlib.contextmanager
+def row_lock(directory):
+    """Holds an exclusive lock for one run directory (a `.<row>.lock` file beside it, which --force
+    never moves), so that two launches of the same row decide how it starts one after the other:
+    the first claims it (heartbeat) inside the lock and the second then sees that claim."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    path = directory.parent / f".{directory.name}.lock"
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            locked = True
+        except OSError as e:  # file systems without flock (Lustre mounted without it): heartbeat only
+            print(f"note: cannot lock {path} ({e.strerror}); only the heartbeat guards against a second "
+                  f"launch of this row", flush=True)
+            locked = False
+        try:
+            yield
+        finally:
+            if locked:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class Heartbeat:

@@ -17,6 +17,7 @@ def test_first_host_of_slurm_node_lists():
     assert first_host("gpu[003-005,010],cpu1") == "gpu003"
     assert first_host("node7") == "node7"
     assert first_host("a-b-[1-2]") == "a-b-1"
+    assert first_host("n[07-09]-ib,x") == "n07-ib"
     assert first_host("localhost,other") == "localhost"
     assert first_host(None) == "127.0.0.1"
 

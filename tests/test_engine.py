@@ -176,6 +176,40 @@ def test_heartbeat_marks_a_running_row_and_blocks_a_second_run(tmp_path, data_ro
     assert not (directory / records.HEARTBEAT).exists()
 
 
+def test_two_launches_of_one_row_at_once_start_it_only_once(tmp_path, data_root, monkeypatch):
+    import threading
+    import time
+
+    real_start = engine._start_records
+
+    def slow_start(*args):  # widens the window between the checks and the claim
+        decision = real_start(*args)
+        time.sleep(0.5)
+        return decision
+
+    release = threading.Event()
+    monkeypatch.setattr(engine, "_start_records", slow_start)
+    monkeypatch.setattr(engine, "_train", lambda cfg, directory, *args: release.wait(10) and directory)
+    outcomes = []
+
+    def launch():
+        try:
+            outcomes.append(train_row("demo", "dab_r18", overrides(data_root), results=tmp_path))
+        except RunError as e:
+            outcomes.append(e)
+            release.set()
+
+    threads = [threading.Thread(target=launch) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    errors = [o for o in outcomes if isinstance(o, RunError)]
+    assert len(outcomes) == 2 and len(errors) == 1, outcomes
+    assert "being trained by another process" in str(errors[0])
+    assert not (records.run_dir("demo", "dab_r18", tmp_path) / records.HEARTBEAT).exists()  # claim released
+
+
 def test_unavailable_variant_fails_before_any_record(tmp_path, data_root, monkeypatch):
     import models
 
@@ -249,3 +283,16 @@ def test_a_drop_at_or_after_the_last_epoch_is_noted(tmp_path, data_root, monkeyp
     train_row("demo", "dab_r18", overrides(data_root, f"train.lr_drop={drops}"), results=tmp_path)
     out = capsys.readouterr().out
     assert ("train.lr_drop [2] at or after the last epoch (2)" in out) == noted
+
+
+def test_a_file_system_without_locks_still_runs(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_flock(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with records.row_lock(tmp_path / "runs" / "demo" / "dab_r18"):
+        entered = True
+    assert entered and "cannot lock" in capsys.readouterr().out
