@@ -40,18 +40,22 @@ class Launch:
 
 
 def first_host(nodelist):
-    """The first host name of a SLURM node list such as 'gpu[003-005,010],cpu1' -> 'gpu003' or
-    'n[1-4]-ib' -> 'n1-ib'."""
+    """The first host name of a SLURM node list: 'gpu[003-005,010],cpu1' -> 'gpu003',
+    'n[1-4]-ib' -> 'n1-ib', 'rack[1-2]-n[01-04]' -> 'rack1-n01'."""
     if not nodelist:
         return "127.0.0.1"
-    m = re.match(r"^([^,\[]+)(?:\[([^\]]+)\]([^,\[]*))?", nodelist.strip())
-    if not m:
-        return nodelist.split(",")[0]
-    prefix, ranges, suffix = m.group(1), m.group(2), m.group(3)
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first + suffix
+    text, host, i = nodelist.strip(), [], 0
+    while i < len(text) and text[i] != ",":
+        if text[i] == "[":
+            end = text.find("]", i)
+            if end < 0:
+                break  # malformed: keep what was read
+            host.append(text[i + 1:end].split(",")[0].split("-")[0])
+            i = end + 1
+        else:
+            host.append(text[i])
+            i += 1
+    return "".join(host) or "127.0.0.1"
 
 
 def slurm_port(job_id):

@@ -430,11 +430,14 @@ def move_aside(directory, row):
 
 def check_not_running(directory, row):
     """RunError when another live process trains this row (its heartbeat is fresh) or one of its
-    SLURM jobs is queued or running; our own earlier incarnation (the same SLURM job, requeued) is fine."""
+    SLURM jobs is queued or running; our own earlier incarnation (the same SLURM job before it was
+    requeued: a lower restart count) is fine, a second launch inside the same job is not."""
     directory = Path(directory)
     me = records.slurm_job_id()
     holder = records.heartbeat_holder(directory)
-    if holder is not None and not (me and holder.get("slurm_job_id") == me):
+    earlier_me = (me and holder is not None and holder.get("slurm_job_id") == me
+                  and int(holder.get("slurm_restart") or 0) < records.slurm_restart_count())
+    if holder is not None and not earlier_me:
         job = holder.get("slurm_job_id")
         from . import slurm
 
@@ -520,6 +523,8 @@ def train_row(manifest_name, row, overrides=(), resume=False, force=False, devic
                     if resuming is not None:
                         heartbeat = records.Heartbeat(directory).start()
                 decision = ("ok", resuming)
+            except TimeoutError as e:  # the row's lock
+                decision = ("error", RunError(f"{row}: {e}"))
             except Exception as e:  # noqa: BLE001 - handed to the other ranks, then raised everywhere
                 decision = ("error", e)
         decision = ctx.broadcast(decision)
@@ -559,8 +564,8 @@ def _start_records(manifest, row, cfg, overrides, directory, resume, force, ctx)
                            f"at {changed}; resume with the same overrides, or --force to start over")
     late = [e for e in cfg["train"]["lr_drop"] if e >= cfg["train"]["epochs"]]
     if late:  # allowed (shortened smoke runs of a table row), but usually an override that missed lr_drop
-        print(f"{row}: note: train.lr_drop {late} at or after the last epoch ({cfg['train']['epochs']}); "
-              f"the learning rate does not drop in this run", flush=True)
+        print(f"{row}: note: train.lr_drop {late} at or after the last epoch ({cfg['train']['epochs']}): "
+              f"{'this drop does' if len(late) == 1 else 'these drops do'} not happen in this run", flush=True)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "FAILED").unlink(missing_ok=True)
     records.write_yaml(directory / "config.yaml", cfg)

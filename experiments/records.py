@@ -11,11 +11,13 @@
     FAILED          the error that stopped the run (removed when it is resumed); an interruption
                     (Ctrl-C, SLURM timeout or preemption) is not a failure and writes none
     checkpoint.pth  the latest epoch (git-ignored)
-    heartbeat.json  while a process trains the row: {"time", "host", "pid", "slurm_job_id", "epoch",
-                    "iteration", "phase"}, refreshed every HEARTBEAT_INTERVAL_S by a background thread
-                    and removed when the process stops
+    heartbeat.json  while a process trains the row: {"time", "host", "pid", "slurm_job_id",
+                    "slurm_restart", "epoch", "iteration", "phase"}, refreshed every HEARTBEAT_INTERVAL_S
+                    by a background thread and removed when the process stops
     slurm.json      the SLURM jobs submitted for the row ({"jobs": [{"job_id", "submitted", ...}]})
     eval-<time>.json  metrics of `python -m experiments eval` (never eval.json)
+
+Beside each row's folder, `.<row>.lock` (empty) is locked while a launch decides how the row starts.
 
 Status of a row (`status()`): "done" (DONE), "failed" (FAILED), "running" (a fresh heartbeat),
 "interrupted" (started, not finished, nothing running: resume it), "not started". A heartbeat older
@@ -108,6 +110,7 @@ def git_sha():
 HEARTBEAT = "heartbeat.json"
 HEARTBEAT_INTERVAL_S = 30
 HEARTBEAT_STALE_S = 300
+LOCK_TIMEOUT_S = 600  # a launch deciding how a row starts holds its lock for well under a second
 STATES = ("not started", "running", "interrupted", "done", "failed")
 
 
@@ -124,6 +127,14 @@ def slurm_job_id():
     if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
         return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
     return env.get("SLURM_JOB_ID")
+
+
+def slurm_restart_count():
+    """How many times SLURM has requeued this job (0 for its first run, and outside SLURM)."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    except ValueError:
+        return 0
 
 
 def _pid_alive(pid):
@@ -149,26 +160,49 @@ def heartbeat_holder(directory, now=None):
 
 
 @contextlib.contextmanager
-def row_lock(directory):
+def row_lock(directory, timeout_s=LOCK_TIMEOUT_S):
     """Holds an exclusive lock for one run directory (a `.<row>.lock` file beside it, which --force
-    never moves), so that two launches of the same row decide how it starts one after the other:
-    the first claims it (heartbeat) inside the lock and the second then sees that claim."""
+    never moves), so that two launches of the same row on this machine, or on machines sharing a file
+    system with coherent locks, decide how it starts one after the other: the first claims it
+    (heartbeat) inside the lock and the second then sees that claim. Where the file cannot be
+    locked, a note says so and only the heartbeat guards the row."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     path = directory.parent / f".{directory.name}.lock"
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            locked = True
-        except OSError as e:  # file systems without flock (Lustre mounted without it): heartbeat only
-            print(f"note: cannot lock {path} ({e.strerror}); only the heartbeat guards against a second "
-                  f"launch of this row", flush=True)
-            locked = False
-        try:
-            yield
-        finally:
+    f, locked = None, False
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a")
+        start, said = time.monotonic(), False
+        while not locked:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+            except BlockingIOError:
+                waited = time.monotonic() - start
+                if waited > timeout_s:
+                    raise TimeoutError(f"{path} has been locked by another launch of this row for "
+                                       f"{int(waited)} s; is it stuck?") from None
+                if not said and waited > 5:
+                    print(f"waiting for {path} (another launch of this row is deciding how it starts)",
+                          flush=True)
+                    said = True
+                time.sleep(0.2)
+    except TimeoutError:
+        f.close()
+        raise
+    except OSError as e:  # no flock (Lustre mounted without it), a read-only or foreign lock file
+        if f is not None:
+            f.close()
+            f = None
+        print(f"note: cannot lock {path} ({e.strerror or e}); only the heartbeat guards against a second "
+              f"launch of this row", flush=True)
+    try:
+        yield
+    finally:
+        if f is not None:
             if locked:
                 fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()
 
 
 class Heartbeat:
@@ -180,6 +214,7 @@ class Heartbeat:
         self.path = Path(directory) / HEARTBEAT
         self.interval = interval
         self.info = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": slurm_job_id(),
+                     "slurm_restart": slurm_restart_count(),
                      "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "epoch": None, "iteration": None,
                      "phase": "starting"}
         self._stop = threading.Event()

@@ -18,6 +18,7 @@ def test_first_host_of_slurm_node_lists():
     assert first_host("node7") == "node7"
     assert first_host("a-b-[1-2]") == "a-b-1"
     assert first_host("n[07-09]-ib,x") == "n07-ib"
+    assert first_host("rack[2-3]-n[01-04,07]") == "rack2-n01"
     assert first_host("localhost,other") == "localhost"
     assert first_host(None) == "127.0.0.1"
 

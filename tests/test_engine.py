@@ -256,9 +256,13 @@ def test_a_requeued_job_resumes_despite_its_own_fresh_heartbeat(tmp_path, data_r
     interrupt_during_second_evaluation(monkeypatch, "dab_r18", data_root, tmp_path)
     directory = records.run_dir("demo", "dab_r18", tmp_path)
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    records.write_json(directory / records.HEARTBEAT,
-                       {"time": time.time(), "host": "node-that-died", "pid": 1, "slurm_job_id": "4242"})
+    beat = {"time": time.time(), "host": "node-that-died", "pid": 1, "slurm_job_id": "4242", "slurm_restart": 0}
+    records.write_json(directory / records.HEARTBEAT, beat)
     assert records.status(directory) == "running"
+    # a second launch inside the same job (not requeued: the same restart count) is another process
+    with pytest.raises(RunError, match="being trained by another process.*SLURM job 4242"):
+        train_row("demo", "dab_r18", overrides(data_root), resume=True, results=tmp_path)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # requeued
     trained = []
     real_train = engine.train_one_epoch
     monkeypatch.setattr(engine, "train_one_epoch", lambda *a, **k: trained.append(a[6]) or real_train(*a, **k))
@@ -282,7 +286,9 @@ def test_a_drop_at_or_after_the_last_epoch_is_noted(tmp_path, data_root, monkeyp
     monkeypatch.setattr(engine, "_train", lambda cfg, directory, *args: directory)
     train_row("demo", "dab_r18", overrides(data_root, f"train.lr_drop={drops}"), results=tmp_path)
     out = capsys.readouterr().out
-    assert ("train.lr_drop [2] at or after the last epoch (2)" in out) == noted
+    assert ("note: train.lr_drop" in out) == noted
+    if noted:
+        assert "train.lr_drop [2] at or after the last epoch (2): this drop does not happen" in out
 
 
 def test_a_file_system_without_locks_still_runs(tmp_path, monkeypatch, capsys):
@@ -296,3 +302,13 @@ def test_a_file_system_without_locks_still_runs(tmp_path, monkeypatch, capsys):
     with records.row_lock(tmp_path / "runs" / "demo" / "dab_r18"):
         entered = True
     assert entered and "cannot lock" in capsys.readouterr().out
+
+
+def test_a_lock_held_too_long_is_a_clear_error(tmp_path, capsys):
+    directory = tmp_path / "runs" / "demo" / "dab_r18"
+    with records.row_lock(directory):
+        with pytest.raises(TimeoutError, match=r"\.dab_r18\.lock has been locked by another launch"):
+            with records.row_lock(directory, timeout_s=0.5):
+                pass
+    with records.row_lock(directory, timeout_s=0.5):  # released
+        pass
