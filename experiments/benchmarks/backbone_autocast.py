@@ -8,10 +8,10 @@ step. Prints the time per step of each and their ratio, all measured in this one
 off on CPUs with AVX512-BF16 or AMX and on GPUs from Ampere on; elsewhere it can be slower.
 """
 import argparse
-import time
 
 import torch
 
+from experiments.benchmarks import mean_seconds, print_ratios
 from experiments.config import Manifest
 from experiments.engine import build_optimizer, model_config, pick_device
 from models import build_model, model_targets
@@ -39,15 +39,7 @@ def time_steps(model, criterion, optimizer, batch, repeats, device):
         criterion(model(images, padding, targets), targets)["loss"].backward()
         optimizer.step()
 
-    step()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / repeats
+    return mean_seconds(step, repeats, device)
 
 
 def main(argv=None):
@@ -69,11 +61,9 @@ def main(argv=None):
         optimizer = build_optimizer(model, cfg["train"])
         batch = random_batch(cfg["train"]["batch_size"], args.size, 5, device, torch.Generator().manual_seed(0))
         times[autocast or "float32"] = time_steps(model, criterion, optimizer, batch, args.repeats, device)
-    base = times["float32"]
     print(f"{args.manifest}/{args.row} on {device}, batch {cfg['train']['batch_size']} x {args.size} px, "
           f"{args.repeats} steps each")
-    for name, t in times.items():
-        print(f"  backbone {name:9s} {t * 1000:8.1f} ms/step   {t / base:5.2f}x float32")
+    print_ratios(times, "float32", "  backbone {name:9s} {ms:8.1f} ms/step   {ratio:5.2f}x float32")
 
 
 if __name__ == "__main__":

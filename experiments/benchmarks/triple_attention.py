@@ -9,11 +9,11 @@ to SDPA directly. Because the out-projection, norms and FFN run once per branch,
 layer is the floor for the whole triple layer.
 """
 import argparse
-import time
 from unittest import mock
 
 import torch
 
+from experiments.benchmarks import mean_seconds, print_ratios
 from models import ks_encoder
 from models.layers import EncoderLayer, attend
 
@@ -32,11 +32,7 @@ def time_layer(layer, x, pos, pad, fg, repeats):
         out = out if fg is None else torch.cat([out[0], *out[1].values()])
         out.square().mean().backward()
 
-    step()  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    return (time.perf_counter() - t0) / repeats
+    return mean_seconds(step, repeats, x.device)
 
 
 def main():
@@ -70,11 +66,9 @@ def main():
         layer = ks_encoder.KSEncoderLayer(mode, *layer_args).to(dev).train()
         results[f"{mode}, as built"] = time_layer(layer, x, pos, pad, fg, args.repeats)
 
-    base = results["plain layer"]
     print(f"device {dev}, batch {B}, tokens {N} ({args.tokens}x{args.tokens}), d {d}, heads {args.heads}, "
           f"ffn {args.ffn}, forward + backward, mean of {args.repeats}")
-    for name, t in results.items():
-        print(f"  {name:38s} {t * 1000:9.1f} ms  {t / base:5.2f}x plain")
+    print_ratios(results, "plain layer", "  {name:38s} {ms:9.1f} ms  {ratio:5.2f}x plain")
 
 
 if __name__ == "__main__":
