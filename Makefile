@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.requirements.sha256
 .PHONY: setup demo test test-slow op help
 
 help:
-	@echo "make demo   train + evaluate DAB-DETR and KS-DAB-DETR on the synthetic data set (CPU, about 13 min)"
+	@echo "make demo   train + evaluate Deformable-DETR and KS-Deformable-DETR on the synthetic data set (CPU, about 8 min)"
 	@echo "make test   run the test suite (CPU)"
 	@echo "make setup  create .venv and install requirements.txt"
 	@echo "make op     build the MSDeformAttn CUDA extension (needs nvcc; TORCH_CUDA_ARCH_LIST picks the GPUs)"
@@ -28,7 +28,7 @@ setup: | $(PY)
 demo: setup
 	$(PY) -m experiments run demo --resume
 	$(PY) -m analysis tables --manifest demo
-	$(PY) -m analysis fig4 --manifest demo --row ks_dab_r18
+	$(PY) -m analysis fig4 --manifest demo --row ks_def_r18
 
 test: setup
 	$(PY) -m pytest -q

@@ -2,8 +2,9 @@
 
     python -m analysis tables                          # table1, table2 and every manifest with runs
     python -m analysis tables --manifest demo
-    python -m analysis fig4 --manifest demo --row ks_dab_r18
+    python -m analysis fig4 --manifest demo --row ks_def_r18
     python -m analysis curves --manifest demo
+    python -m analysis learning --manifest demo_ladder   # AP50 vs. on other images, class loss, minutes
 """
 import argparse
 import sys
@@ -33,6 +34,12 @@ def cmd_curves(args):
 
     for path in write_curves(args.manifest, args.row, args.results):
         print(f"wrote {path}")
+
+
+def cmd_learning(args):
+    from .learning import write_learning
+
+    print(write_learning(args.manifest, args.results), end="")
 
 
 def main(argv=None):
@@ -69,6 +76,15 @@ def main(argv=None):
     p.add_argument("--row", help="only this row (default: every row with a finished epoch)")
     p.add_argument("--results", default=str(records.RESULTS), help=results_help)
     p.set_defaults(func=cmd_curves)
+
+    p = sub.add_parser("learning", help="did training learn: AP50 against AP50 on other images, class loss, minutes",
+                       description="One line per row: the student's AP50, the AP50 of its detections moved to "
+                                   "other images (train.eval_moved) and their ratio, the teachers' AP50, the class "
+                                   "loss of the first and last epoch and the run's minutes; writes results/tables/"
+                                   "<manifest>_learning.{md,csv} and prints the markdown.")
+    p.add_argument("--manifest", required=True, help=manifest_help)
+    p.add_argument("--results", default=str(records.RESULTS), help=results_help)
+    p.set_defaults(func=cmd_learning)
 
     args = parser.parse_args(argv)
     from experiments.config import ConfigError

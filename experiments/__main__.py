@@ -2,11 +2,12 @@
 
     python -m experiments list table1                          # rows, settings, status
     python -m experiments run demo                             # every row of experiments/demo.yaml
-    python -m experiments run demo --row ks_dab_r18 train.epochs=2
+    python -m experiments run demo --row ks_def_r18 train.epochs=2
     python -m experiments run table1 --row dab_r50_ks --gpus 8 # one row on 8 local GPUs (DDP)
     python -m experiments submit table1 --partition P --timeout-min 1440 --dry-run
     python -m experiments status table1                        # run status and SLURM jobs
     python -m experiments eval table1 --row dab_r50_ks --teachers
+    python -m experiments pretrain --task segmentation --out PATH  # backbone on the synthetic generator
 
 Overrides `key.sub=value` (any configuration key; the value is parsed as YAML) may follow the
 options of run, submit and eval; they are recorded in the run's config.yaml and command.txt.
@@ -35,7 +36,8 @@ def _table(rows, cols=None):
 
 def _unavailable(cfg):
     """Why a configuration cannot run yet (a variant or backbone not built), or None."""
-    from .engine import RunError, check_available
+    from .build import check_available
+    from .errors import RunError
 
     try:
         check_available(cfg, "")
@@ -89,7 +91,10 @@ def _local_processes(args):
 
 def cmd_run(args):
     from . import distributed
-    from .engine import RunError, batch_plan, check_available, train_row
+    from .build import check_available
+    from .engine import train_row
+    from .errors import RunError
+    from .training import batch_plan
 
     manifest = Manifest(args.manifest)
     rows = args.row or list(manifest.rows)
@@ -155,7 +160,7 @@ def cmd_eval(args):
 
 
 def _eval_and_print(manifest, row, **kwargs):
-    from .engine import evaluate_row
+    from .evaluation import evaluate_row
 
     metrics, path = evaluate_row(manifest, row, **kwargs)
     if path is None:  # not rank 0
@@ -278,10 +283,19 @@ def build_parser():
     p.add_argument("--device", help="torch device of a single process (default: cuda if available, else cpu)")
     _add_overrides(p)
     p.set_defaults(func=cmd_eval)
+
+    # listed for --help; main() hands `pretrain` and its options to experiments/pretrain.py
+    sub.add_parser("pretrain", help="pretrain a backbone on the synthetic generator (model.backbone.weights: "
+                                    "synthetic); see `pretrain --help`", add_help=False)
     return parser
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["pretrain"]:  # its own options (experiments/pretrain.py), no manifest
+        from .pretrain import main as pretrain_main
+
+        return pretrain_main(argv[1:])
     parser = build_parser()
     # Overrides may come after options too (`run demo --row x train.epochs=2`), which argparse's
     # positional handling does not allow: collect them from the unrecognised arguments.
@@ -291,7 +305,7 @@ def main(argv=None):
         parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
-    from .engine import RunError  # noqa: E402 - torch only when a command runs
+    from .errors import RunError
 
     try:
         args.func(args)

@@ -45,7 +45,7 @@ from pathlib import Path
 import yaml
 
 from models import VARIANTS
-from models.backbone import AUTOCAST_DTYPES, BACKBONE_NAMES, NORMS, STAGES
+from models.backbone import AUTOCAST_DTYPES, BACKBONE_NAMES, NORMS, STAGES, WEIGHTS
 from models.ks_encoder import KS_MODES, TEACHER_LAYERS
 
 MANIFEST_DIR = Path(__file__).resolve().parent
@@ -134,7 +134,7 @@ CHOICES = {
     "model.variant": sorted(VARIANTS),
     "model.activation": ["relu", "prelu", "gelu"],
     "model.backbone.name": BACKBONE_NAMES,
-    "model.backbone.weights": [None, "imagenet"],
+    "model.backbone.weights": list(WEIGHTS),
     "model.backbone.norm": sorted(NORMS),
     "model.backbone.last_stage": STAGES,
     "model.backbone.autocast": list(AUTOCAST_DTYPES),

@@ -179,7 +179,7 @@ def _worker(local_rank, nprocs, port, launch_option, fn, args, kwargs):
         fn(*args, **kwargs)
     except Exception as e:
         from .config import ConfigError
-        from .engine import RunError
+        from .errors import RunError
 
         if isinstance(e, (ConfigError, RunError)):  # already a clear message: no traceback
             print(f"error (rank {local_rank}): {e}", file=sys.stderr, flush=True)

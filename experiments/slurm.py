@@ -15,58 +15,12 @@ records, which must be on a file system the nodes share). Job ids are recorded i
 slurm.json, which `status` reads together with squeue (and sacct where accounting is enabled).
 """
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from . import records
-
-# squeue/sacct states of a job that is queued or still holds resources
-ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
-                 "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
-
-
-def _query(cmd, timeout=20):
-    """stdout of a SLURM client command, or None when it is missing or fails."""
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout if out.returncode == 0 else None
-
-
-def job_states(job_ids):
-    """{job id: state} from squeue for those of the jobs still in the queue (this user's jobs); None
-    when squeue cannot be run or reach the controller. Array tasks are given as <array id>_<task>."""
-    ids = {str(j) for j in job_ids if j}
-    if not ids:
-        return {}
-    out = _query(["squeue", "-h", "-r", "--me", "-o", "%i|%T"])
-    if out is None:
-        return None
-    states = {}
-    for line in out.splitlines():
-        if "|" in line:
-            job, state = line.strip().split("|", 1)
-            states[job] = state.strip()
-    return {j: states[j] for j in sorted(ids) if j in states}
-
-
-def sacct_states(job_ids):
-    """{job id: state} from sacct (finished jobs too); None without accounting."""
-    ids = sorted({str(j) for j in job_ids if j})
-    if not ids:
-        return {}
-    out = _query(["sacct", "-n", "-P", "-X", "-j", ",".join(ids), "-o", "JobID,State"])
-    if out is None:
-        return None
-    states = {}
-    for line in out.splitlines():
-        if "|" in line:
-            job, state = line.split("|", 1)
-            states[job.strip()] = state.split()[0] if state.strip() else ""
-    return {j: states[j] for j in ids if j in states}
+from .slurm_jobs import ACTIVE_STATES, job_states, sacct_states  # noqa: F401 - used here and by callers
 
 
 class RowJob:
@@ -171,7 +125,10 @@ def submit(manifest, rows, overrides, opts, results=records.RESULTS, dry_run=Fal
            skip_unavailable=False, out=None):
     """Submits the rows (one job each, a job array for several). Returns {row: job id} (empty for a dry
     run). Raises RunError before submitting anything when a row cannot run."""
-    from .engine import NotAvailableError, RunError, batch_plan, check_available, move_aside
+    from .build import check_available
+    from .errors import NotAvailableError, RunError
+    from .runs import move_aside
+    from .training import batch_plan
 
     out = out or sys.stdout
     results = Path(results).resolve()  # the jobs run in the repository, not in the caller's folder

@@ -6,7 +6,9 @@ Stages are named as torchvision's ResNet ones for every backbone: `layer1`..`lay
 
 Weights: `weights: null` gives a random initialisation; `weights: imagenet` loads torchvision's
 ImageNet-1k weights from the torch hub cache (`$TORCH_HOME/hub/checkpoints/`, as torchvision's own
-download would place them) or from `weights_path`. Nothing is downloaded here: a missing file is an
+download would place them) or from `weights_path`; `weights: synthetic` (ResNets) loads a trunk
+pretrained on the synthetic generator by `python -m experiments pretrain` (SYNTHETIC_WEIGHTS, the
+committed file, or `weights_path`), this repository's stand-in for ImageNet on machines without it. Nothing is downloaded here: a missing file is an
 error that names the file and where it comes from. For Swin-T, `weights_path` may also be a checkpoint
 of the official Swin repository (microsoft/Swin-Transformer, e.g. the IN-22k->1k
 `swin_tiny_patch4_window7_224_22kto1k_finetune.pth` that the KS-DETR Swin-T rows load): it is
@@ -17,6 +19,7 @@ the transformer, which stays in float32. bfloat16 has float32's range, so no los
 It pays off on CPUs with AVX512-BF16 or AMX and on GPUs from Ampere on; measure the gain with
 `python -m experiments.benchmarks.backbone_autocast`.
 """
+import hashlib
 import os
 from pathlib import Path
 
@@ -48,6 +51,9 @@ STAGES = ["layer1", "layer2", "layer3", "layer4"]
 NORMS = {"frozen_bn": FrozenBatchNorm2d, "batch_norm": nn.BatchNorm2d}
 AUTOCAST_DTYPES = {None: None, "bfloat16": torch.bfloat16}
 STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
+WEIGHTS = (None, "imagenet", "synthetic")
+# The committed trunk for `weights: synthetic` (ResNet-18 up to layer3; see experiments/pretrain.py).
+SYNTHETIC_WEIGHTS = Path(__file__).resolve().parent / "weights" / "resnet18_synthetic.pth"
 
 
 def cached_weights_file(weights_enum):
@@ -65,6 +71,39 @@ def load_imagenet_state_dict(name, weights_enum, weights_path=None):
             f"torchvision's {weights_enum} ({weights_enum.url}); put that file in the torch hub cache "
             f"({cached_weights_file(weights_enum).parent}) or set model.backbone.weights_path to a copy.")
     return torch.load(path, map_location="cpu", weights_only=True), path
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_synthetic_state_dict(name, body, weights_path=None):
+    """Loads a trunk written by `python -m experiments pretrain` into the ResNet `body` (which has its
+    unused stages removed already). Returns the `init` description: file name and sha256."""
+    path = Path(weights_path) if weights_path else SYNTHETIC_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"synthetic-pretrained weights for backbone {name!r} not found: no file {path}"
+            f"{' (model.backbone.weights_path)' if weights_path else ''}. Make them with `python -m experiments "
+            f"pretrain --out {path}` (see the README, 'Pretrained backbone').")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise ValueError(f"{path} is not a weights file of `python -m experiments pretrain` (no 'state_dict')")
+    meta = state.get("meta", {})
+    if meta.get("backbone", name) != name:
+        raise ValueError(f"{path} holds a {meta['backbone']} trunk, but model.backbone.name is {name!r}")
+    want = body.state_dict()
+    missing = sorted({k.split(".")[0] for k in want if k not in state["state_dict"]})
+    if missing:
+        raise ValueError(f"{path} has no weights for {missing} of {name} (it was pretrained up to "
+                         f"{meta.get('last_stage', '?')}); use a model.backbone.last_stage it covers or pretrain "
+                         f"with --last-stage")
+    body.load_state_dict({k: state["state_dict"][k].to(v.dtype) for k, v in want.items()})
+    return f"synthetic:{path.name} sha256:{file_sha256(path)[:16]} ({meta.get('task', '?')})"
 
 
 def build_backbone(cfg, out_stages):
@@ -101,9 +140,9 @@ class _StagedBackbone(nn.Module):
     autocast_dtype = None
 
     @staticmethod
-    def _check_weights_and_stages(weights, out_stages):
-        if weights not in (None, "imagenet"):
-            raise ValueError(f"model.backbone.weights must be null or 'imagenet', got {weights!r}")
+    def _check_weights_and_stages(weights, out_stages, allowed=WEIGHTS):
+        if weights not in allowed:
+            raise ValueError(f"model.backbone.weights must be one of {list(allowed)}, got {weights!r}")
         check_stages(out_stages)
 
     def set_autocast(self, name):
@@ -163,6 +202,8 @@ class Backbone(_StagedBackbone):
         del body.fc, body.avgpool
         for stage in STAGES[STAGES.index(out_stages[-1]) + 1:]:  # stages after the last one used
             delattr(body, stage)
+        if weights == "synthetic":
+            self.init = load_synthetic_state_dict(name, body, weights_path)
         self.body = body
         self._set_stages(out_stages, channels)
         groups = [["conv1", "bn1"]] + [[s] for s in STAGES if hasattr(self.body, s)]
@@ -243,7 +284,7 @@ class SwinBackbone(_StagedBackbone):
         super().__init__()
         if name not in SWIN:
             raise ValueError(f"unknown Swin backbone {name!r}; expected one of {sorted(SWIN)}")
-        self._check_weights_and_stages(weights, out_stages)
+        self._check_weights_and_stages(weights, out_stages, allowed=(None, "imagenet"))
         builder, weights_enum, channels = SWIN[name]
         body = builder(stochastic_depth_prob=drop_path)
         self.init = "random"

@@ -13,16 +13,16 @@ def write_manifest(tmp_path, doc, name="m"):
 
 def test_demo_manifest_resolves_both_rows():
     m = Manifest("demo")
-    assert list(m.rows) == ["dab_r18", "ks_dab_r18"]
-    base, ks = m.resolve("dab_r18"), m.resolve("ks_dab_r18")
+    assert list(m.rows) == ["def_r18", "ks_def_r18"]
+    base, ks = m.resolve("def_r18"), m.resolve("ks_def_r18")
     assert base["model"]["ks"]["mode"] == "none" and ks["model"]["ks"]["mode"] == "triple"
     assert diff(base, ks) == ["model.ks.mode"]
-    assert m.rows["ks_dab_r18"]["baseline"] == "dab_r18"
+    assert m.rows["ks_def_r18"]["baseline"] == "def_r18"
 
 
 def test_overrides_parse_yaml_values_and_apply():
     assert parse_override("train.lr_drop=[3, 5]") == {"train": {"lr_drop": [3, 5]}}
-    cfg = Manifest("demo").resolve("dab_r18", ["train.epochs=2", "train.lr=5e-4", "model.backbone.weights=null"])
+    cfg = Manifest("demo").resolve("def_r18", ["train.epochs=2", "train.lr=5e-4", "model.backbone.weights=null"])
     assert cfg["train"]["epochs"] == 2 and cfg["train"]["lr"] == 5e-4 and cfg["model"]["backbone"]["weights"] is None
 
 
@@ -39,8 +39,8 @@ def test_overrides_parse_yaml_values_and_apply():
     ("train.epochs", "key.sub=value"),
 ])
 def test_bad_overrides_name_the_key(override, message):
-    with pytest.raises(ConfigError, match="dab_r18") as e:
-        Manifest("demo").resolve("dab_r18", [override])
+    with pytest.raises(ConfigError, match="def_r18") as e:
+        Manifest("demo").resolve("def_r18", [override])
     assert message in str(e.value)
 
 
@@ -124,20 +124,20 @@ def test_family_and_paper_errors_name_manifest_row_and_key(tmp_path):
 
 
 def test_override_checks_cross_key_consistency():
-    with pytest.raises(ConfigError, match="dab_r18.*train.total_batch_size' \\(6\\) must be a multiple"):
-        Manifest("demo").resolve("dab_r18", ["train.total_batch_size=6", "train.batch_size=4"])
-    cfg = Manifest("demo").resolve("dab_r18", ["train.total_batch_size=16"])
+    with pytest.raises(ConfigError, match="def_r18.*train.total_batch_size' \\(6\\) must be a multiple"):
+        Manifest("demo").resolve("def_r18", ["train.total_batch_size=6", "train.batch_size=4"])
+    cfg = Manifest("demo").resolve("def_r18", ["train.total_batch_size=16"])
     assert cfg["train"]["total_batch_size"] == 16
 
 
 def test_keys_added_to_the_defaults_do_not_block_a_resume():
     from experiments.config import new_default_keys
 
-    cfg = Manifest("demo").resolve("dab_r18")
+    cfg = Manifest("demo").resolve("def_r18")
     old = yaml.safe_load(yaml.safe_dump(cfg))
     del old["train"]["total_batch_size"], old["model"]["backbone"]["drop_path"]
     assert new_default_keys(old, cfg) == ["model.backbone.drop_path", "train.total_batch_size"]
-    assert new_default_keys(old, Manifest("demo").resolve("dab_r18", ["train.total_batch_size=16"])) == \
+    assert new_default_keys(old, Manifest("demo").resolve("def_r18", ["train.total_batch_size=16"])) == \
         ["model.backbone.drop_path"]
 
 

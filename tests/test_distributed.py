@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
-from experiments import distributed, engine
+from experiments import distributed, training
 from experiments.config import Manifest
 from experiments.distributed import first_host, from_environment, slurm_port
-from experiments.engine import RunError, TrainSampler, batch_plan
+from experiments.errors import RunError
+from experiments.training import TrainSampler, batch_plan
 
 from .test_engine import TINY_RUN
 
@@ -117,7 +118,7 @@ class SameSizeImages(torch.utils.data.Dataset):
 
 
 def tiny_model_config():
-    cfg = Manifest("demo").resolve("ks_dab_r18", [o for o in TINY_RUN if o.startswith("model.")]
+    cfg = Manifest("demo").resolve("ks_def_r18", [o for o in TINY_RUN if o.startswith("model.")]
                                    + ["model.backbone.norm=frozen_bn", "model.dropout=0.0",
                                       # float32: bfloat16 rounding differs with the batch layout
                                       "model.backbone.autocast=null"])
@@ -139,11 +140,11 @@ def train_tiny(out, batch, accumulation, steps=2, epochs=2):
         # would turn rounding noise on near-zero gradients into steps of size lr and hide nothing else.
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         net = torch.nn.parallel.DistributedDataParallel(model) if ctx.distributed else model
-        loader = engine.make_train_loader(data, batch, 0, seed=7, ctx=ctx)
+        loader = training.make_train_loader(data, batch, 0, seed=7, ctx=ctx)
         losses = []
         for epoch in range(1, epochs + 1):
             loader.batch_sampler.sampler.set_epoch(epoch)
-            losses.append(engine.train_one_epoch(net, criterion, loader, optimizer, ctx.device, 0.1, f"{epoch}",
+            losses.append(training.train_one_epoch(net, criterion, loader, optimizer, ctx.device, 0.1, f"{epoch}",
                                                  steps, accumulation=accumulation, ctx=ctx, seed_key=(7, epoch)))
         if ctx.is_main:
             torch.save({"losses": losses, "model": model.state_dict()}, out)
@@ -193,9 +194,9 @@ def test_run_with_two_cpu_processes_records_the_layout(tmp_path):
 
     data = tmp_path / "data"
     overrides = [o for o in TINY_RUN if not o.startswith(("train.batch_size", "train.epochs", "train.lr_drop"))]
-    main(["--results", str(tmp_path), "run", "demo", "--row", "dab_r18", "--nproc", "2", *overrides,
+    main(["--results", str(tmp_path), "run", "demo", "--row", "def_r18", "--nproc", "2", *overrides,
           f"data.root={data}", "train.batch_size=1", "train.total_batch_size=4", "train.epochs=1", "train.lr_drop=[]"])
-    directory = tmp_path / "runs" / "demo" / "dab_r18"
+    directory = tmp_path / "runs" / "demo" / "def_r18"
     env = json.loads((directory / "env.json").read_text())
     assert (env["world_size"], env["batch_size_per_process"], env["accumulation_steps"], env["total_batch_size"]) \
         == (2, 1, 2, 4)
@@ -205,4 +206,4 @@ def test_run_with_two_cpu_processes_records_the_layout(tmp_path):
     assert [r["epoch"] for r in log] == [1] and set(log[0]["eval"]["attn1"]) == {"AP", "AP50", "AP75", "APs", "APm",
                                                                                  "APl"}
     command = (directory / "command.txt").read_text()
-    assert "run demo --row dab_r18 --nproc 2 model.hidden_dim=32" in command and "# 2 processes" in command
+    assert "run demo --row def_r18 --nproc 2 model.hidden_dim=32" in command and "# 2 processes" in command

@@ -5,8 +5,9 @@ import shlex
 
 import pytest
 
-from experiments import engine, records
-from experiments.engine import RunError, train_row
+from experiments import engine, evaluation, records
+from experiments.engine import train_row
+from experiments.errors import NotAvailableError, RunError
 
 TINY_RUN = ["model.hidden_dim=32", "model.nheads=4", "model.enc_layers=2", "model.dec_layers=2",
             "model.dim_feedforward=64", "model.num_queries=10", "model.eval_topk=20",
@@ -26,8 +27,8 @@ def overrides(data_root, *extra):
     return TINY_RUN + [f"data.root={data_root}", *extra]
 
 
-@pytest.mark.parametrize("row,branches", [("dab_r18", ["attn1", "attn1_moved"]),
-                                          ("ks_dab_r18", ["attn1", "attn3", "attn2", "attn1_moved"])])
+@pytest.mark.parametrize("row,branches", [("def_r18", ["attn1", "attn1_moved"]),
+                                          ("ks_def_r18", ["attn1", "attn3", "attn2", "attn1_moved"])])
 def test_demo_row_trains_evaluates_and_records(tmp_path, data_root, row, branches):
     directory = train_row("demo", row, overrides(data_root), results=tmp_path)
     assert directory == tmp_path / "runs" / "demo" / row
@@ -36,7 +37,7 @@ def test_demo_row_trains_evaluates_and_records(tmp_path, data_root, row, branche
         assert (directory / name).is_file(), name
     log = records.read_log(directory / "log.jsonl")
     assert [r["epoch"] for r in log] == [1, 2]
-    assert log[0]["lr"] == pytest.approx(2e-4) and log[1]["lr"] == pytest.approx(2e-5)  # lr drop after epoch 1
+    assert log[0]["lr"] == pytest.approx(4e-4) and log[1]["lr"] == pytest.approx(4e-5)  # lr drop after epoch 1
     for record in log:
         assert list(record["eval"]) == branches
         assert set(record["eval"]["attn1"]) == set(records.METRICS)
@@ -44,7 +45,9 @@ def test_demo_row_trains_evaluates_and_records(tmp_path, data_root, row, branche
     final = json.loads((directory / "eval.json").read_text())
     assert final["epoch"] == 2 and final["attn1"] == log[-1]["eval"]["attn1"]
     env = json.loads((directory / "env.json").read_text())
-    assert env["backbone_init"] == "random" and (env["teacher_parameters"] > 0) == (row == "ks_dab_r18")
+    # the demo's backbone: the committed synthetic-pretrained trunk, named with its sha256 prefix
+    assert env["backbone_init"].startswith("synthetic:resnet18_synthetic.pth sha256:")
+    assert (env["teacher_parameters"] > 0) == (row == "ks_def_r18")
 
     # a finished row is skipped, not retrained or overwritten
     done = (directory / "DONE").read_text()
@@ -71,36 +74,36 @@ def interrupt_during_second_evaluation(monkeypatch, row, data_root, results):
 
 
 def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, data_root, monkeypatch):
-    interrupt_during_second_evaluation(monkeypatch, "ks_dab_r18", data_root, tmp_path)
-    directory = records.run_dir("demo", "ks_dab_r18", tmp_path)
+    interrupt_during_second_evaluation(monkeypatch, "ks_def_r18", data_root, tmp_path)
+    directory = records.run_dir("demo", "ks_def_r18", tmp_path)
     assert records.status(directory) == "interrupted"  # an interruption is not a failure: no FAILED
     assert not (directory / "FAILED").exists() and not (directory / records.HEARTBEAT).exists()
     assert [r["epoch"] for r in records.read_log(directory / "log.jsonl")] == [1]
 
     with pytest.raises(RunError, match="--resume"):
-        train_row("demo", "ks_dab_r18", overrides(data_root), results=tmp_path)
+        train_row("demo", "ks_def_r18", overrides(data_root), results=tmp_path)
     with pytest.raises(RunError, match="configuration differs.*train.epochs"):
-        train_row("demo", "ks_dab_r18", overrides(data_root, "train.epochs=3"), resume=True, results=tmp_path)
+        train_row("demo", "ks_def_r18", overrides(data_root, "train.epochs=3"), resume=True, results=tmp_path)
 
     trained = []
     real_train = engine.train_one_epoch
     monkeypatch.setattr(engine, "train_one_epoch", lambda *a, **k: trained.append(a[6]) or real_train(*a, **k))
-    train_row("demo", "ks_dab_r18", overrides(data_root), resume=True, results=tmp_path)
+    train_row("demo", "ks_def_r18", overrides(data_root), resume=True, results=tmp_path)
     assert trained == ["2/2"]  # only the unfinished epoch
     assert records.status(directory) == "done"
     assert [r["epoch"] for r in records.read_log(directory / "log.jsonl")] == [1, 2]
     commands = (directory / "command.txt").read_text().splitlines()  # every start is recorded
     assert len(commands) == 2 and commands[1].endswith(
-        "python -m experiments run demo --row ks_dab_r18 --resume " + shlex.join(overrides(data_root)))
+        "python -m experiments run demo --row ks_def_r18 --resume " + shlex.join(overrides(data_root)))
 
 
 def test_force_moves_the_old_record_aside(tmp_path, data_root):
-    directory = train_row("demo", "dab_r18", overrides(data_root, "train.epochs=1", "train.lr_drop=[]"),
+    directory = train_row("demo", "def_r18", overrides(data_root, "train.epochs=1", "train.lr_drop=[]"),
                           results=tmp_path)
     first = (directory / "DONE").read_text()
-    train_row("demo", "dab_r18", overrides(data_root, "train.epochs=1", "train.lr_drop=[]"), force=True,
+    train_row("demo", "def_r18", overrides(data_root, "train.epochs=1", "train.lr_drop=[]"), force=True,
               results=tmp_path)
-    aside = [p for p in directory.parent.iterdir() if p.name.startswith("dab_r18.replaced-")]
+    aside = [p for p in directory.parent.iterdir() if p.name.startswith("def_r18.replaced-")]
     assert len(aside) == 1 and (aside[0] / "DONE").read_text() == first
     assert records.status(directory) == "done"
 
@@ -108,8 +111,8 @@ def test_force_moves_the_old_record_aside(tmp_path, data_root):
 def test_missing_data_set_is_a_clear_error(tmp_path):
     missing = tmp_path / "no_coco_here"
     with pytest.raises(FileNotFoundError, match=str(missing)):
-        train_row("demo", "dab_r18", [f"data.root={missing}", "data.dataset=coco"], results=tmp_path)
-    assert records.status(records.run_dir("demo", "dab_r18", tmp_path)) == "failed"
+        train_row("demo", "def_r18", [f"data.root={missing}", "data.dataset=coco"], results=tmp_path)
+    assert records.status(records.run_dir("demo", "def_r18", tmp_path)) == "failed"
 
 
 def test_mid_epoch_checkpoint_resumes_exactly(tmp_path, data_root, monkeypatch):
@@ -119,7 +122,7 @@ def test_mid_epoch_checkpoint_resumes_exactly(tmp_path, data_root, monkeypatch):
     import torch
 
     args = overrides(data_root, "train.checkpoint_every_iters=1", "train.eval_every=2", "model.dropout=0.1")
-    whole = train_row("demo", "ks_dab_r18", args, results=tmp_path / "a")
+    whole = train_row("demo", "ks_def_r18", args, results=tmp_path / "a")
     reference = torch.load(whole / "checkpoint.pth", weights_only=False)
 
     real_save = engine.save_checkpoint
@@ -131,15 +134,15 @@ def test_mid_epoch_checkpoint_resumes_exactly(tmp_path, data_root, monkeypatch):
 
     monkeypatch.setattr(engine, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        train_row("demo", "ks_dab_r18", args, results=tmp_path / "b")
-    directory = records.run_dir("demo", "ks_dab_r18", tmp_path / "b")
+        train_row("demo", "ks_def_r18", args, results=tmp_path / "b")
+    directory = records.run_dir("demo", "ks_def_r18", tmp_path / "b")
     state = torch.load(directory / "checkpoint.pth", weights_only=False)
     assert (state["epoch"], state["step"]) == (1, 1) and records.status(directory) == "interrupted"
     monkeypatch.setattr(engine, "save_checkpoint", real_save)
     steps = []
     real_train = engine.train_one_epoch
     monkeypatch.setattr(engine, "train_one_epoch", lambda *a, **k: steps.append(k["start_step"]) or real_train(*a, **k))
-    train_row("demo", "ks_dab_r18", args, resume=True, results=tmp_path / "b")
+    train_row("demo", "ks_def_r18", args, resume=True, results=tmp_path / "b")
     assert steps == [1]  # only the second step of epoch 2 was trained again
     resumed = torch.load(directory / "checkpoint.pth", weights_only=False)
     for k, v in reference["model"].items():
@@ -152,13 +155,13 @@ def test_heartbeat_marks_a_running_row_and_blocks_a_second_run(tmp_path, data_ro
     import os
     import time
 
-    directory = records.run_dir("demo", "dab_r18", tmp_path)
+    directory = records.run_dir("demo", "def_r18", tmp_path)
     records.write_yaml(directory / "config.yaml", {})
     beat = {"time": time.time(), "host": "another-host", "pid": 1, "slurm_job_id": None}
     records.write_json(directory / records.HEARTBEAT, beat)
     assert records.status(directory) == "running"
     with pytest.raises(RunError, match="being trained by another process.*another-host"):
-        train_row("demo", "dab_r18", overrides(data_root), resume=True, results=tmp_path)
+        train_row("demo", "def_r18", overrides(data_root), resume=True, results=tmp_path)
     records.write_json(directory / records.HEARTBEAT, {**beat, "time": time.time() - records.HEARTBEAT_STALE_S - 1})
     assert records.status(directory) == "interrupted"  # stale
     import socket
@@ -194,7 +197,7 @@ def test_two_launches_of_one_row_at_once_start_it_only_once(tmp_path, data_root,
 
     def launch():
         try:
-            outcomes.append(train_row("demo", "dab_r18", overrides(data_root), results=tmp_path))
+            outcomes.append(train_row("demo", "def_r18", overrides(data_root), results=tmp_path))
         except RunError as e:
             outcomes.append(e)
             release.set()
@@ -207,29 +210,29 @@ def test_two_launches_of_one_row_at_once_start_it_only_once(tmp_path, data_root,
     errors = [o for o in outcomes if isinstance(o, RunError)]
     assert len(outcomes) == 2 and len(errors) == 1, outcomes
     assert "being trained by another process" in str(errors[0])
-    assert not (records.run_dir("demo", "dab_r18", tmp_path) / records.HEARTBEAT).exists()  # claim released
+    assert not (records.run_dir("demo", "def_r18", tmp_path) / records.HEARTBEAT).exists()  # claim released
 
 
 def test_unavailable_variant_fails_before_any_record(tmp_path, data_root, monkeypatch):
     import models
 
-    monkeypatch.setitem(models.VARIANTS, "dab_detr", None)
-    with pytest.raises(engine.NotAvailableError, match="row 'dab_r18': model.variant 'dab_detr' is not available yet"):
-        train_row("demo", "dab_r18", overrides(data_root), results=tmp_path)
-    assert not records.run_dir("demo", "dab_r18", tmp_path).exists()
+    monkeypatch.setitem(models.VARIANTS, "deformable_detr", None)
+    with pytest.raises(NotAvailableError, match="row 'def_r18': model.variant 'deformable_detr' is not available yet"):
+        train_row("demo", "def_r18", overrides(data_root), results=tmp_path)
+    assert not records.run_dir("demo", "def_r18", tmp_path).exists()
 
 
 def test_eval_command_writes_a_new_file_and_leaves_the_record(tmp_path, data_root, capsys):
     from experiments.__main__ import main
 
-    directory = train_row("demo", "ks_dab_r18", overrides(data_root, "train.epochs=1", "train.lr_drop=[]"),
+    directory = train_row("demo", "ks_def_r18", overrides(data_root, "train.epochs=1", "train.lr_drop=[]"),
                           results=tmp_path)
     before = {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
-    main(["--results", str(tmp_path), "eval", "demo", "--row", "ks_dab_r18", "--teachers",
+    main(["--results", str(tmp_path), "eval", "demo", "--row", "ks_def_r18", "--teachers",
           f"data.root={data_root}"])
     out = capsys.readouterr().out
     assert "attn1" in out and "attn2" in out and "attn3" in out
-    main(["--results", str(tmp_path), "eval", "demo", "--row", "ks_dab_r18", "--moved", "--checkpoint",
+    main(["--results", str(tmp_path), "eval", "demo", "--row", "ks_def_r18", "--moved", "--checkpoint",
           str(directory / "checkpoint.pth")])
     files = sorted(directory.glob("eval-*.json"), key=lambda p: p.stat().st_mtime_ns)
     assert len(files) == 2  # never overwritten
@@ -241,11 +244,11 @@ def test_eval_command_writes_a_new_file_and_leaves_the_record(tmp_path, data_roo
     for name, data in before.items():  # eval.json, DONE, log... untouched
         assert (directory / name).read_bytes() == data, name
     # one image: nothing to move the detections to, so the moved metrics are undefined (not an error)
-    metrics, _ = engine.evaluate_row("demo", "ks_dab_r18", results=tmp_path, moved=True,
+    metrics, _ = evaluation.evaluate_row("demo", "ks_def_r18", results=tmp_path, moved=True,
                                      overrides=[f"data.root={data_root}", "train.max_eval_images=1"])
     assert list(metrics) == ["attn1", "attn1_moved"] and all(math.isnan(v) for v in metrics["attn1_moved"].values())
     with pytest.raises(SystemExit, match="no checkpoint at"):
-        main(["--results", str(tmp_path), "eval", "demo", "--row", "dab_r18"])
+        main(["--results", str(tmp_path), "eval", "demo", "--row", "def_r18"])
 
 
 def test_a_requeued_job_resumes_despite_its_own_fresh_heartbeat(tmp_path, data_root, monkeypatch):
@@ -253,38 +256,38 @@ def test_a_requeued_job_resumes_despite_its_own_fresh_heartbeat(tmp_path, data_r
     SLURM requeues the same job within HEARTBEAT_STALE_S, the row must resume, not start over."""
     import time
 
-    interrupt_during_second_evaluation(monkeypatch, "dab_r18", data_root, tmp_path)
-    directory = records.run_dir("demo", "dab_r18", tmp_path)
+    interrupt_during_second_evaluation(monkeypatch, "def_r18", data_root, tmp_path)
+    directory = records.run_dir("demo", "def_r18", tmp_path)
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     beat = {"time": time.time(), "host": "node-that-died", "pid": 1, "slurm_job_id": "4242", "slurm_restart": 0}
     records.write_json(directory / records.HEARTBEAT, beat)
     assert records.status(directory) == "running"
     # a second launch inside the same job (not requeued: the same restart count) is another process
     with pytest.raises(RunError, match="being trained by another process.*SLURM job 4242"):
-        train_row("demo", "dab_r18", overrides(data_root), resume=True, results=tmp_path)
+        train_row("demo", "def_r18", overrides(data_root), resume=True, results=tmp_path)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # requeued
     trained = []
     real_train = engine.train_one_epoch
     monkeypatch.setattr(engine, "train_one_epoch", lambda *a, **k: trained.append(a[6]) or real_train(*a, **k))
-    train_row("demo", "dab_r18", overrides(data_root), resume=True, results=tmp_path)
+    train_row("demo", "def_r18", overrides(data_root), resume=True, results=tmp_path)
     assert trained == ["2/2"] and records.status(directory) == "done"
     assert [r["epoch"] for r in records.read_log(directory / "log.jsonl")] == [1, 2]
 
 
 def test_finished_epochs_without_a_checkpoint_are_never_overwritten(tmp_path, data_root, monkeypatch):
-    interrupt_during_second_evaluation(monkeypatch, "dab_r18", data_root, tmp_path)
-    directory = records.run_dir("demo", "dab_r18", tmp_path)
+    interrupt_during_second_evaluation(monkeypatch, "def_r18", data_root, tmp_path)
+    directory = records.run_dir("demo", "def_r18", tmp_path)
     (directory / "checkpoint.pth").unlink()
     log = (directory / "log.jsonl").read_text()
     with pytest.raises(RunError, match="checkpoint is missing.*--force"):
-        train_row("demo", "dab_r18", overrides(data_root), resume=True, results=tmp_path)
+        train_row("demo", "def_r18", overrides(data_root), resume=True, results=tmp_path)
     assert (directory / "log.jsonl").read_text() == log
 
 
 @pytest.mark.parametrize("drops,noted", [("[2]", True), ("[1]", False)])
 def test_a_drop_at_or_after_the_last_epoch_is_noted(tmp_path, data_root, monkeypatch, capsys, drops, noted):
     monkeypatch.setattr(engine, "_train", lambda cfg, directory, *args: directory)
-    train_row("demo", "dab_r18", overrides(data_root, f"train.lr_drop={drops}"), results=tmp_path)
+    train_row("demo", "def_r18", overrides(data_root, f"train.lr_drop={drops}"), results=tmp_path)
     out = capsys.readouterr().out
     assert ("note: train.lr_drop" in out) == noted
     if noted:
@@ -299,15 +302,15 @@ def test_a_file_system_without_locks_still_runs(tmp_path, monkeypatch, capsys):
         raise OSError(errno.ENOSYS, "Function not implemented")
 
     monkeypatch.setattr(fcntl, "flock", no_flock)
-    with records.row_lock(tmp_path / "runs" / "demo" / "dab_r18"):
+    with records.row_lock(tmp_path / "runs" / "demo" / "def_r18"):
         entered = True
     assert entered and "cannot lock" in capsys.readouterr().out
 
 
 def test_a_lock_held_too_long_is_a_clear_error(tmp_path, capsys):
-    directory = tmp_path / "runs" / "demo" / "dab_r18"
+    directory = tmp_path / "runs" / "demo" / "def_r18"
     with records.row_lock(directory):
-        with pytest.raises(TimeoutError, match=r"\.dab_r18\.lock has been locked by another launch"):
+        with pytest.raises(TimeoutError, match=r"\.def_r18\.lock has been locked by another launch"):
             with records.row_lock(directory, timeout_s=0.5):
                 pass
     with records.row_lock(directory, timeout_s=0.5):  # released

@@ -16,7 +16,7 @@ import models
 from experiments import records, slurm
 from experiments.__main__ import main
 from experiments.config import Manifest
-from experiments.engine import NotAvailableError
+from experiments.errors import NotAvailableError
 
 from .test_engine import TINY_RUN
 
@@ -62,7 +62,7 @@ def test_unavailable_variant_stops_the_whole_submission(tmp_path, monkeypatch):
 
 
 def test_total_batch_that_cannot_be_kept_is_refused(tmp_path):
-    from experiments.engine import RunError
+    from experiments.errors import RunError
 
     with pytest.raises(RunError, match="row 'dab_r50'.*total_batch_size=16"):
         slurm.submit(Manifest("table2"), ["dab_r50"], [], options(gpus_per_node=3), results=tmp_path, dry_run=True)
@@ -109,43 +109,43 @@ def test_submit_records_job_ids_skips_done_rows_and_status_reads_them(tmp_path, 
     monkeypatch.setattr(slurm, "job_states", lambda ids: {j: queue[j] for j in ids if j in queue})
     monkeypatch.setattr(slurm, "sacct_states", lambda ids: None)
     manifest = Manifest("demo")
-    done = records.run_dir("demo", "dab_r18", tmp_path)
+    done = records.run_dir("demo", "def_r18", tmp_path)
     records.write_json(done / "DONE", {})
     ids = slurm.submit(manifest, list(manifest.rows), ["train.epochs=3"], options(gpus_per_node=0, tasks_per_node=2),
                        results=tmp_path)
-    assert ids == {"ks_dab_r18": "78"}  # the done row is skipped, one row is a plain job
-    assert "dab_r18: skipped (done" in capsys.readouterr().out
+    assert ids == {"ks_def_r18": "78"}  # the done row is skipped, one row is a plain job
+    assert "def_r18: skipped (done" in capsys.readouterr().out
     (ex,) = FakeExecutor.instances
     assert ex.max_num_timeout == 30 and "gpus_per_node" not in ex.params and ex.params["ntasks_per_node"] == 2
     assert str(ex.folder) == str(tmp_path / "slurm" / "demo" / "%j")
     job = ex.jobs[0]
-    assert (job.row, job.overrides, job.results) == ("ks_dab_r18", ["train.epochs=3"], str(tmp_path))
+    assert (job.row, job.overrides, job.results) == ("ks_def_r18", ["train.epochs=3"], str(tmp_path))
     resubmit = job.checkpoint()  # what submitit requeues on timeout/preemption: the same row, resumed
-    assert resubmit.function.row == "ks_dab_r18" and resubmit.function.overrides == ["train.epochs=3"]
-    (entry,) = records.slurm_jobs(records.run_dir("demo", "ks_dab_r18", tmp_path))
+    assert resubmit.function.row == "ks_def_r18" and resubmit.function.overrides == ["train.epochs=3"]
+    (entry,) = records.slurm_jobs(records.run_dir("demo", "ks_def_r18", tmp_path))
     assert entry["job_id"] == "78" and entry["world_size"] == 2 and entry["overrides"] == ["train.epochs=3"]
 
     # --force reruns the done row (its record moved aside) and submits an array for two rows
     queue["78"] = "COMPLETED"
     ids = slurm.submit(manifest, list(manifest.rows), [], options(gpus_per_node=0), results=tmp_path, force=True)
-    assert ids == {"dab_r18": "77_0", "ks_dab_r18": "77_1"}
-    assert any(p.name.startswith("dab_r18.replaced-") for p in done.parent.iterdir())
+    assert ids == {"def_r18": "77_0", "ks_def_r18": "77_1"}
+    assert any(p.name.startswith("def_r18.replaced-") for p in done.parent.iterdir())
     # a queued or running row is not submitted twice
     assert slurm.submit(manifest, list(manifest.rows), [], options(gpus_per_node=0), results=tmp_path) == {}
     rows = {r["row"]: r for r in slurm.status_rows(manifest, tmp_path)}
-    assert (rows["dab_r18"]["slurm_job"], rows["dab_r18"]["slurm_state"]) == ("77_0", "RUNNING")
-    assert (rows["ks_dab_r18"]["slurm_state"], rows["ks_dab_r18"]["submissions"]) == ("PENDING", 2)
+    assert (rows["def_r18"]["slurm_job"], rows["def_r18"]["slurm_state"]) == ("77_0", "RUNNING")
+    assert (rows["ks_def_r18"]["slurm_state"], rows["ks_def_r18"]["submissions"]) == ("PENDING", 2)
 
 
 @pytest.mark.parametrize("results_after_command", [False, True])
 def test_status_without_slurm(tmp_path, monkeypatch, capsys, results_after_command):
     monkeypatch.setattr(slurm, "_query", lambda *a, **k: None)  # no squeue, no sacct
-    records.add_slurm_job(records.run_dir("demo", "dab_r18", tmp_path), {"job_id": "5"})
+    records.add_slurm_job(records.run_dir("demo", "def_r18", tmp_path), {"job_id": "5"})
     args = ["status", "demo", "--json"]
     main(args + ["--results", str(tmp_path)] if results_after_command else ["--results", str(tmp_path)] + args)
     rows = {r["row"]: r for r in json.loads(capsys.readouterr().out)}
-    assert rows["dab_r18"]["slurm_state"] == "unknown (no squeue)" and rows["ks_dab_r18"]["slurm_job"] == "-"
-    assert rows["dab_r18"]["status"] == "not started"
+    assert rows["def_r18"]["slurm_state"] == "unknown (no squeue)" and rows["ks_def_r18"]["slurm_job"] == "-"
+    assert rows["def_r18"]["status"] == "not started"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,7 +212,7 @@ def test_submitted_rows_survive_a_timeout_and_finish(cluster, tmp_path):
     sub = _cli(results, "submit", "demo", "--gpus-per-node", "0", "--tasks-per-node", "2", "--timeout-min", "10",
                *overrides)
     assert sub.returncode == 0, sub.stderr
-    dirs = {row: records.run_dir("demo", row, results) for row in ("dab_r18", "ks_dab_r18")}
+    dirs = {row: records.run_dir("demo", row, results) for row in ("def_r18", "ks_def_r18")}
     jobs = {row: records.slurm_jobs(d)[-1]["job_id"] for row, d in dirs.items()}
     assert all("_" in j for j in jobs.values())  # one job array
 
@@ -226,9 +226,9 @@ def test_submitted_rows_survive_a_timeout_and_finish(cluster, tmp_path):
             subprocess.run(["squeue"], capture_output=True, text=True).stdout
 
     # force a timeout of the KS row once its first epoch is recorded: submitit's USR2 signal
-    ks = dirs["ks_dab_r18"]
-    _wait(lambda: len(records.read_log(ks / "log.jsonl")) >= 1, 240, "the first epoch of ks_dab_r18", debug)
-    signalled = subprocess.run(["scancel", "--signal=USR2", jobs["ks_dab_r18"]], capture_output=True, text=True)
+    ks = dirs["ks_def_r18"]
+    _wait(lambda: len(records.read_log(ks / "log.jsonl")) >= 1, 240, "the first epoch of ks_def_r18", debug)
+    signalled = subprocess.run(["scancel", "--signal=USR2", jobs["ks_def_r18"]], capture_output=True, text=True)
     assert signalled.returncode == 0, signalled.stderr
     assert len(records.read_log(ks / "log.jsonl")) < epochs, "the row finished before the signal"
     _wait(lambda: all((d / "DONE").is_file() for d in dirs.values()), 300, "DONE of both rows", debug)
@@ -239,21 +239,21 @@ def test_submitted_rows_survive_a_timeout_and_finish(cluster, tmp_path):
         log = records.read_log(d / "log.jsonl")
         assert [r["epoch"] for r in log] == list(range(1, epochs + 1)), row
         final = json.loads((d / "eval.json").read_text())
-        branches = ["attn1"] + (["attn3", "attn2"] if row == "ks_dab_r18" else []) + ["attn1_moved"]  # demo: eval_moved
+        branches = ["attn1"] + (["attn3", "attn2"] if row == "ks_def_r18" else []) + ["attn1_moved"]  # demo: eval_moved
         assert list(final)[1:] == branches and set(final["attn1"]) == set(records.METRICS), row
         env = json.loads((d / "env.json").read_text())
         assert (env["launcher"], env["world_size"], env["backend"], env["slurm_job_id"]) == \
             ("slurm", 2, "gloo", jobs[row]), row
 
     # the timed-out row was requeued and resumed from its checkpoint, not from epoch 0
-    text = logs("ks_dab_r18")
+    text = logs("ks_def_r18")
     assert "Caught signal SIGUSR2" in text and "Requeued job" in text
     assert "resumed from" in text and "after epoch 0" not in text
     env = json.loads((ks / "env.json").read_text())
     assert env["resumed_after_epoch"] >= 1
     commands = (ks / "command.txt").read_text().splitlines()
     assert len(commands) == 2 and "--resume" not in commands[0] and " --resume " in commands[1]
-    assert json.loads((dirs["dab_r18"] / "env.json").read_text())["resumed_after_epoch"] is None
+    assert json.loads((dirs["def_r18"] / "env.json").read_text())["resumed_after_epoch"] is None
 
     # status shows the jobs; a second submit skips the finished rows
     status = _cli(results, "status", "demo", "--json")

@@ -1,6 +1,6 @@
 """Training-step time of a manifest row with the backbone in float32 against bfloat16 autocast.
 
-    python -m experiments.benchmarks.backbone_autocast [--manifest demo --row dab_r18 --size 160 --repeats 5]
+    python -m experiments.benchmarks.backbone_autocast [--manifest demo --row def_r18 --size 160 --repeats 5]
 
 Builds the row's model twice (same weights), feeds both the same random batch of `train.batch_size`
 images of --size x --size pixels with random boxes, and times forward + loss + backward + optimizer
@@ -13,7 +13,8 @@ import torch
 
 from experiments.benchmarks import mean_seconds, print_ratios
 from experiments.config import Manifest
-from experiments.engine import build_optimizer, model_config, pick_device
+from experiments.build import model_config, pick_device
+from experiments.training import build_optimizer
 from models import build_model, model_targets
 
 
@@ -46,7 +47,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m experiments.benchmarks.backbone_autocast", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", default="demo", help="manifest name or path (default: demo)")
-    parser.add_argument("--row", default="dab_r18", help="row whose model and batch size are timed (default: dab_r18)")
+    parser.add_argument("--row", default="def_r18", help="row whose model and batch size are timed (default: def_r18)")
     parser.add_argument("--size", type=int, default=160, help="square image side in pixels")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per setting, after one warm-up step")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

@@ -1,0 +1,77 @@
+"""What a run needs, built from its configuration: the model section with resolved paths, the check
+that the row's model can be built, the data sets (generating the synthetic one), the device."""
+import copy
+from pathlib import Path
+
+import torch
+
+import datasets
+from models import build_model
+
+from . import distributed, records
+from .config import variant_available
+from .errors import NotAvailableError, RunError
+
+
+def pick_device(name=None):
+    return distributed.pick_device(name)
+
+
+
+def resolve_root(path):
+    """Relative data and weight paths are relative to the repository root."""
+    return str(path if path is None or Path(path).is_absolute() else records.REPO / path)
+
+
+def model_config(cfg):
+    """The `model` section as the model builders take it (weights_path resolved)."""
+    m = copy.deepcopy(cfg["model"])
+    if m["backbone"].get("weights_path"):
+        m["backbone"]["weights_path"] = resolve_root(m["backbone"]["weights_path"])
+    return m
+
+
+def check_available(cfg, where):
+    """Raises NotAvailableError when the row's variant or backbone is not built yet. Builds the model
+    on the meta device (no memory, no weights) to find out, so a row that cannot run fails before any
+    record is written or any job is submitted."""
+    variant = cfg["model"]["variant"]
+    if not variant_available(variant):
+        import models
+
+        built = sorted(v for v, m in models.VARIANTS.items() if m)
+        raise NotAvailableError(f"{where}: model.variant {variant!r} is not available yet (built: {built})")
+    m = model_config(cfg)
+    m["backbone"]["weights"] = None
+    try:
+        with torch.device("meta"):
+            build_model(m, 2)
+        return
+    except NotImplementedError as e:
+        raise NotAvailableError(f"{where}: {e}") from None
+    except Exception:  # noqa: BLE001 - maybe only the meta device's limits: build it for real to know
+        pass
+    try:
+        build_model(m, 2)
+    except NotImplementedError as e:
+        raise NotAvailableError(f"{where}: {e}") from None
+    except Exception as e:  # noqa: BLE001
+        raise RunError(f"{where}: the model cannot be built: {type(e).__name__}: {e}") from None
+
+
+def build_data(cfg, ctx=None):
+    """(train set, val set) for a run configuration; the synthetic set is generated if missing
+    (by rank 0, the others wait)."""
+    ctx = ctx or distributed.Context()
+    data = dict(cfg["data"])
+    data["root"] = resolve_root(data["root"])
+    if data["dataset"] == "synthetic":
+        if not data["root"]:
+            raise RunError("data.root must name a folder for the synthetic data set")
+        s = data["synthetic"]
+        if ctx.is_main:
+            datasets.ensure_synthetic(data["root"], s["train"], s["val"], s["seed"], s["size"])
+        ctx.barrier()
+    return (datasets.build_dataset(data, data["train_split"], train=True),
+            datasets.build_dataset(data, data["val_split"], train=False))
+

@@ -1,0 +1,180 @@
+"""COCO evaluation of the student and the teacher branches, during training and of a checkpoint
+(`python -m experiments eval`).
+
+Each process evaluates a shard of the validation images; rank 0 gathers the detections and runs
+pycocotools.
+"""
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import datasets
+from models import build_model
+from models.ks_encoder import STUDENT, TEACHER_BRANCHES
+from models.postprocess import postprocess
+
+from . import distributed, records
+from .build import build_data, check_available, model_config
+from .config import DEFAULTS, ConfigError, Manifest, diff, merge, parse_override
+from .errors import RunError
+from .training import progress, to_device
+
+
+def make_eval_loader(dataset, batch_size, num_workers, ctx, max_images=None):
+    """This process's shard of the first `max_images` validation images, in order, unpadded."""
+    n = len(dataset) if max_images is None else min(max_images, len(dataset))
+    shard = list(range(n))[ctx.rank::ctx.world_size]
+    return torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, shard), batch_size=batch_size, shuffle=False,
+        collate_fn=datasets.collate, num_workers=num_workers, pin_memory=ctx.device.type == "cuda")
+
+
+
+@torch.no_grad()
+def evaluate(model, loader, dataset, device, teachers=(), topk=300, max_images=None, desc="eval", ctx=None,
+             moved=False):
+    """COCO metrics of the student and, with `teachers` (branch names), of each teacher branch's
+    last decoder layer with GT masks. Returns {branch: {AP, AP50, ...}} (on every process; each
+    process evaluates the images of its `loader`, rank 0 computes the metrics). With `moved`, also
+    `attn1_moved`: the student's detections scored on other images (CocoEvaluator.
+    moved_to_other_images), equal to its own AP for a detector that ignores its input."""
+    ctx = ctx or distributed.Context(device=torch.device(device))
+    model.eval()
+    branches = (STUDENT,) + tuple(teachers)
+    evaluators = {b: datasets.CocoEvaluator(dataset.coco, dataset.category_ids) for b in branches}
+    seen = 0
+    bar = progress(loader, desc=desc, leave=False, disable=not ctx.is_main)
+    for batch in bar:
+        if max_images is not None and seen >= max_images:
+            break
+        images, mask, targets = to_device(batch, device)
+        outputs = model(images, mask, targets if teachers else None, with_teachers=bool(teachers) or None)
+        orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
+        image_ids = [int(t["image_id"]) for t in targets]
+        per_branch = {STUDENT: outputs}
+        per_branch.update({b: outputs["teacher_outputs"][b][-1] for b in teachers})
+        for b, out in per_branch.items():
+            dets = postprocess(out["pred_logits"], out["pred_boxes"], orig_sizes, topk)
+            evaluators[b].update(image_ids, [d["boxes"] for d in dets], [d["scores"] for d in dets],
+                                 [d["labels"] for d in dets])
+        seen += len(targets)
+    bar.close()
+    if ctx.distributed:
+        shards = ctx.gather({b: (e.detections, e.image_ids) for b, e in evaluators.items()})
+        if ctx.is_main:
+            for b, e in evaluators.items():
+                e.detections, e.image_ids = [], []
+                for shard in shards:
+                    e.detections.extend(shard[b][0])
+                    e.image_ids.extend(shard[b][1])
+    metrics = None
+    if ctx.is_main:
+        metrics = {b: e.summarize() for b, e in evaluators.items()}
+        if moved:  # needs two images to swap; with fewer, undefined (NaN) rather than an error on rank 0 only
+            student = evaluators[STUDENT]
+            metrics[f"{STUDENT}_moved"] = (student.moved_to_other_images().summarize()
+                                           if len(set(student.image_ids)) >= 2
+                                           else dict.fromkeys(records.METRICS, math.nan))
+    return ctx.broadcast(metrics)
+
+
+def eval_file(directory):
+    """A new eval-<time>.json path in the run directory (never an existing file)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, n = Path(directory) / f"eval-{stamp}.json", 1
+    while path.exists():
+        n += 1
+        path = Path(directory) / f"eval-{stamp}-{n}.json"
+    return path
+
+
+@dataclass
+class Checkpoint:
+    """A row's checkpoint with the configuration to rebuild its model: the checkpoint's own (its
+    `config`, overrides applied) or, for a checkpoint without one, the manifest row's."""
+    manifest: Manifest
+    row: str
+    path: Path
+    state: dict
+    cfg: dict
+    row_cfg: dict
+    source: str  # where cfg came from, for the records
+
+    def changed_model_keys(self):
+        """Model keys where the checkpoint's configuration differs from the manifest row's."""
+        return [k for k in diff(self.row_cfg, self.cfg) if not k.startswith(("data.", "train."))]
+
+    def build_model(self, num_classes, device="cpu"):
+        """The trained model (evaluation mode) on `device`."""
+        model, _ = build_model(model_config(self.cfg), num_classes)
+        model.load_state_dict(self.state["model"])
+        return model.to(device).eval()
+
+
+def load_checkpoint(manifest_name, row, checkpoint=None, overrides=(), results=records.RESULTS):
+    """The checkpoint of a row (default: the run's checkpoint.pth) and its configuration; a RunError
+    naming the file when it is missing or not a checkpoint of this project."""
+    manifest = Manifest(manifest_name)
+    row_cfg = manifest.resolve(row)
+    directory = records.run_dir(manifest.name, row, results)
+    path = Path(checkpoint) if checkpoint else directory / "checkpoint.pth"
+    if not path.is_file():
+        raise RunError(f"{row}: no checkpoint at {path}" + ("" if checkpoint else " (the row has not finished an "
+                                                             "epoch; pass --checkpoint PATH)"))
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "model" not in state:
+        raise RunError(f"{path}: not a checkpoint of this project (expected a dict with 'model')")
+    cfg = merge(DEFAULTS, state["config"], f"{path}, config") if state.get("config") else row_cfg
+    source = "the checkpoint" if state.get("config") else f"manifest {manifest.path}"
+    for text in overrides:
+        try:
+            cfg = merge(cfg, parse_override(text), f"override {text!r}")
+        except ConfigError as e:
+            raise ConfigError(f"row {row!r}: {e}") from None
+    check_available(cfg, f"manifest {manifest.path}, row {row!r}")
+    return Checkpoint(manifest, row, path, state, cfg, row_cfg, source)
+
+
+def evaluate_row(manifest_name, row, checkpoint=None, teachers=False, overrides=(), device=None,
+                 results=records.RESULTS, moved=False):
+    """Evaluates a checkpoint of a row (default: the run's checkpoint.pth): the student and, with
+    `teachers`, the teacher branches with GT masks; with `moved`, also the student's detections
+    moved to other images (see `evaluate`). Writes eval-<time>.json in the run directory
+    (never eval.json or DONE) and returns (metrics, path)."""
+    ck = load_checkpoint(manifest_name, row, checkpoint, overrides, results)
+    cfg = ck.cfg
+    directory = records.run_dir(ck.manifest.name, row, results)
+    mode = cfg["model"]["ks"]["mode"]
+    branches = TEACHER_BRANCHES[mode] if teachers else ()
+    ctx = distributed.setup(device)
+    try:
+        if ctx.is_main:
+            changed = ck.changed_model_keys()
+            if ck.state.get("config") and changed:
+                print(f"{row}: the checkpoint's model configuration differs from the manifest row at {changed}; "
+                      f"evaluating with the checkpoint's", file=sys.stderr)
+            if teachers and not branches:
+                print(f"{row}: model.ks.mode is {mode!r}: no teacher branches to evaluate", file=sys.stderr)
+        _, val_set = build_data(cfg, ctx)
+        model = ck.build_model(val_set.num_classes, ctx.device)
+        tc = cfg["train"]
+        loader = make_eval_loader(val_set, tc["eval_batch_size"] or tc["batch_size"], cfg["data"]["num_workers"], ctx,
+                                  tc["max_eval_images"])
+        metrics = evaluate(model, loader, val_set, ctx.device, branches, cfg["model"]["eval_topk"],
+                           desc=f"eval {row}", ctx=ctx, moved=moved)
+        out = None
+        if ctx.is_main:
+            out = eval_file(directory)
+            records.write_json(out, {
+                "manifest": ck.manifest.name, "row": row, "checkpoint": str(ck.path),
+                "checkpoint_epoch": ck.state.get("epoch"), "checkpoint_step": ck.state.get("step", 0),
+                "config_from": ck.source, "overrides": list(overrides), "teachers": bool(branches), "moved": moved,
+                "world_size": ctx.world_size, "git_sha": records.git_sha(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "metrics": metrics})
+        return metrics, out
+    finally:
+        ctx.close()

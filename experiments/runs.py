@@ -1,0 +1,135 @@
+"""How a row's run starts and what it keeps: the decision to start fresh, resume, skip a finished row
+or refuse (another process trains it, an unfinished record), moving old records aside, checkpoints
+and env.json. The files themselves are written by experiments/records.py.
+
+Resuming: checkpoint.pth (written atomically by rank 0 after each epoch's evaluation, and every
+`train.checkpoint_every_iters` steps when set) holds the model, optimizer, scheduler, history and
+configuration. A SLURM timeout or preemption in the middle of an epoch resumes from the last
+checkpoint: the steps since then are trained again (at most one epoch, or checkpoint_every_iters steps).
+"""
+import platform
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+
+from models import is_teacher_parameter
+
+from . import records, slurm_jobs
+from .errors import RunError
+
+
+def environment(cfg, model, ctx, plan, resumed_after=None):
+    n_params = sum(p.numel() for p in model.parameters())
+    n_teacher = sum(p.numel() for n, p in model.named_parameters() if is_teacher_parameter(n))
+    device = ctx.device
+    batch, accumulation, total = plan
+    return {
+        "git_sha": records.git_sha(),
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cuda": torch.version.cuda,
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "launcher": ctx.source,
+        "world_size": ctx.world_size,
+        "backend": torch.distributed.get_backend() if ctx.distributed else None,
+        "slurm_job_id": records.slurm_job_id(),
+        "batch_size_per_process": batch,
+        "accumulation_steps": accumulation,
+        "total_batch_size": total,
+        "backbone_init": model.backbone.init,
+        "parameters": n_params,
+        "teacher_parameters": n_teacher,
+        "resumed_after_epoch": resumed_after,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def save_checkpoint(path, model, optimizer, scheduler, epoch, history, cfg, step=0, partial=None, total_batch=None):
+    """Everything needed to resume after `epoch` completed epochs (and `step` optimizer steps of the
+    next one, `partial` its mean losses so far), written atomically."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "partial": partial,
+             "total_batch_size": total_batch, "history": history, "config": cfg}
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+
+def move_aside(directory, row):
+    """Moves a run's record to <row>.replaced-<time> (never deletes one); returns the new path."""
+    directory = Path(directory)
+    aside = directory.with_name(f"{directory.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = directory.with_name(f"{directory.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+    shutil.move(str(directory), aside)
+    print(f"{row}: --force: the previous record was moved to {aside}")
+    return aside
+
+
+def check_not_running(directory, row):
+    """RunError when another live process trains this row (its heartbeat is fresh) or one of its
+    SLURM jobs is queued or running; our own earlier incarnation (the same SLURM job before it was
+    requeued: a lower restart count) is fine, a second launch inside the same job is not."""
+    directory = Path(directory)
+    me = records.slurm_job_id()
+    holder = records.heartbeat_holder(directory)
+    earlier_me = (me and holder is not None and holder.get("slurm_job_id") == me
+                  and int(holder.get("slurm_restart") or 0) < records.slurm_restart_count())
+    if holder is not None and not earlier_me:
+        job = holder.get("slurm_job_id")
+        states = slurm_jobs.job_states([job]) if job else None
+        if states is None or states.get(job) in slurm_jobs.ACTIVE_STATES:  # alive, or we cannot tell
+            age = int(time.time() - holder["time"])
+            raise RunError(
+                f"{row}: {directory} is being trained by another process (host {holder.get('host')}, pid "
+                f"{holder.get('pid')}, SLURM job {job or '-'}, heartbeat {age} s ago). Wait for it; if that process "
+                f"is dead, its heartbeat goes stale after {records.HEARTBEAT_STALE_S} s (or delete "
+                f"{directory / records.HEARTBEAT}).")
+    jobs = [j["job_id"] for j in records.slurm_jobs(directory) if j.get("job_id") and j["job_id"] != me]
+    if jobs:
+        active = {j: s for j, s in (slurm_jobs.job_states(jobs[-1:]) or {}).items() if s in slurm_jobs.ACTIVE_STATES}
+        if active:
+            job, state = next(iter(active.items()))
+            raise RunError(f"{row}: SLURM job {job} of this row is {state} (see {directory / records.SLURM_RECORD}); "
+                           f"cancel it (scancel {job}) or let it run")
+
+
+def prepare_run_dir(directory, row, resume, force):
+    """Decides how a row starts. Returns True when it resumes from a checkpoint, False for a fresh
+    start, None when it is already done. Never deletes a record: --force moves the old one aside."""
+    directory = Path(directory)
+    check_not_running(directory, row)
+    state = records.status(directory)
+    if force and directory.exists():
+        move_aside(directory, row)
+        return False
+    if state == "done":
+        print(f"{row}: already done ({directory}); pass --force to run it again")
+        return None
+    # "running" gets here only when the heartbeat is our own requeued SLURM job's or its job is gone
+    # (check_not_running): that record is as unfinished as an interrupted one
+    if state in ("interrupted", "failed", "running"):
+        has_checkpoint = (directory / "checkpoint.pth").is_file()
+        last = records.read_log(directory / "log.jsonl")
+        if has_checkpoint and resume:
+            return True
+        if not resume or last:
+            # never start over silently: that would overwrite the log and checkpoint of finished epochs
+            why = ("pass --resume to continue it from its checkpoint" if has_checkpoint else
+                   "its checkpoint is missing, so it cannot be resumed")
+            raise RunError(
+                f"{row}: {directory} holds an unfinished run ({state}, last finished epoch "
+                f"{last[-1]['epoch'] if last else 'none'}); {why}, or pass --force to start over (the old record "
+                f"is then moved aside)")
+        print(f"{row}: --resume: no checkpoint in {directory} (no epoch finished); starting from epoch 0")
+    return False
+

@@ -1,0 +1,120 @@
+"""Backbone pretraining on the synthetic generator and `model.backbone.weights: synthetic`."""
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from datasets import synthetic
+from experiments import pretrain
+from experiments.config import ConfigError, Manifest
+from models.backbone import SYNTHETIC_WEIGHTS, Backbone, build_backbone, file_sha256
+
+TINY = dict(steps=3, batch_size=4, image_size=64, crop_size=32, images=6, pool_size=64, held_out=4, workers=1,
+            log_every=1)
+
+
+@pytest.fixture(scope="module")
+def trunk_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pretrain") / "trunk.pth"
+    meta = pretrain.pretrain("segmentation", path, **TINY)
+    return path, meta
+
+
+def test_pretraining_writes_a_half_precision_trunk_with_its_record(trunk_file):
+    path, meta = trunk_file
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    weights = state["state_dict"]
+    assert {k.split(".")[0] for k in weights} == {"conv1", "bn1", "layer1", "layer2", "layer3"}
+    assert all(v.dtype == torch.float16 for v in weights.values() if v.is_floating_point())
+    assert state["meta"]["task"] == "segmentation" and state["meta"]["steps"] == 3
+    assert state["meta"]["generator_split"] == "train"
+    assert [h["step"] for h in meta["history"]] == [1, 2, 3] and "held_out_accuracy" in meta["final"]
+
+
+def test_the_backbone_loads_the_pretrained_trunk(trunk_file):
+    path, _ = trunk_file
+    weights = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    bb = Backbone("resnet18", weights="synthetic", weights_path=str(path), freeze_at=0, out_stages=("layer3",),
+                  norm="batch_norm")
+    for name, value in bb.body.state_dict().items():
+        torch.testing.assert_close(value, weights[name].to(value.dtype), rtol=0, atol=0, msg=name)
+    assert bb.init == f"synthetic:{path.name} sha256:{file_sha256(path)[:16]} (segmentation)"
+    # FrozenBatchNorm2d takes the same statistics (it has no num_batches_tracked)
+    frozen = Backbone("resnet18", weights="synthetic", weights_path=str(path), out_stages=("layer2", "layer3"))
+    torch.testing.assert_close(frozen.body.layer3[0].bn1.running_var, weights["layer3.0.bn1.running_var"].float())
+
+
+def test_bad_synthetic_weights_are_clear_errors(trunk_file, tmp_path):
+    path, _ = trunk_file
+    with pytest.raises(ValueError, match=r"no weights for \['layer4'\].*pretrained up to layer3"):
+        Backbone("resnet18", weights="synthetic", weights_path=str(path), out_stages=("layer4",))
+    with pytest.raises(ValueError, match="holds a resnet18 trunk, but model.backbone.name is 'resnet50'"):
+        Backbone("resnet50", weights="synthetic", weights_path=str(path), out_stages=("layer3",))
+    with pytest.raises(FileNotFoundError, match=r"no file .*nowhere\.pth.*python -m experiments pretrain"):
+        Backbone("resnet18", weights="synthetic", weights_path=str(tmp_path / "nowhere.pth"))
+    torch.save({"model": {}}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="not a weights file of `python -m experiments pretrain`"):
+        Backbone("resnet18", weights="synthetic", weights_path=str(tmp_path / "other.pth"))
+    with pytest.raises(ValueError, match="must be one of"):
+        build_backbone({"name": "swin_t", "weights": "synthetic", "weights_path": None, "freeze_at": 0,
+                        "norm": "frozen_bn", "drop_path": 0.0}, ("layer3",))
+
+
+def test_configuration_takes_synthetic_weights():
+    cfg = Manifest("demo").resolve("def_r18", ["model.backbone.weights=synthetic"])
+    assert cfg["model"]["backbone"]["weights"] == "synthetic"
+    with pytest.raises(ConfigError, match="model.backbone.weights"):
+        Manifest("demo").resolve("def_r18", ["model.backbone.weights=coco"])
+
+
+def test_the_pool_draws_the_train_stream_and_labels_every_visible_pixel(monkeypatch):
+    seen = []
+    real = synthetic.render_image
+
+    def spy(seed, split, index, size=256):
+        seen.append((seed, split, index))
+        return real(seed, split, index, size)
+
+    monkeypatch.setattr(pretrain, "render_image", spy)
+    pool = pretrain.make_pool(3, seed=5, size=96, workers=1, start=10)
+    assert seen == [(5, "train", 10), (5, "train", 11), (5, "train", 12)]
+    img, objects = real(5, "train", 11, 96)
+    _, labels, boxes = pool[1]
+    expected = np.zeros(img.shape[:2], np.uint8)
+    for obj in objects:
+        expected[obj["visible"]] = pretrain.IGNORE if obj["crowd"] else pretrain.LABEL_OF[obj["category"]["id"]]
+    np.testing.assert_array_equal(labels, expected)
+    assert len(boxes) == sum(not o["crowd"] for o in objects)
+
+
+def test_crop_batches_label_objects_and_background():
+    pool = pretrain.make_pool(4, seed=3, size=128, workers=1)
+    objects = [(i, b) for i, (_, _, boxes) in enumerate(pool) for b in boxes]
+    x, y = pretrain.crop_batch(pool, objects, 16, 32, 0.5, np.random.default_rng(0))
+    assert x.shape == (16, 3, 32, 32) and y.shape == (16,)
+    assert set(y.tolist()) <= set(range(len(synthetic.CATEGORIES) + 1)) and (y == 0).any() and (y > 0).any()
+    xs, ys = pretrain.segmentation_batch(pool, 2, 48, pretrain.SCALES, np.random.default_rng(0))
+    assert xs.shape == (2, 3, 48, 48) and ys.shape == (2, 48, 48) and ys.dtype == torch.int64
+
+
+def test_pretrain_command_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "w.pth"
+    out.write_bytes(b"x")
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.main(["--out", str(out), "--steps", "1"])
+    assert exit_info.value.code == 2 and "exists; pass --force" in capsys.readouterr().err
+    assert out.read_bytes() == b"x"
+
+
+@pytest.mark.skipif(not SYNTHETIC_WEIGHTS.is_file(), reason="the committed synthetic backbone is missing")
+def test_the_committed_trunk_fits_the_demo_and_the_readme_names_its_sha256():
+    state = torch.load(SYNTHETIC_WEIGHTS, map_location="cpu", weights_only=True)
+    assert SYNTHETIC_WEIGHTS.stat().st_size <= 12 * 2**20
+    cfg = Manifest("demo").resolve("def_r18")["model"]["backbone"]
+    assert cfg["weights"] == "synthetic"
+    bb = build_backbone(cfg, (cfg["last_stage"],))
+    assert bb.init.startswith("synthetic:resnet18_synthetic.pth")
+    readme = (SYNTHETIC_WEIGHTS.parents[2] / "README.md").read_text()
+    assert file_sha256(SYNTHETIC_WEIGHTS) in readme
+    assert state["meta"]["command"] and re.sub(r"\s+", " ", state["meta"]["command"]) in re.sub(r"\s+", " ", readme)
