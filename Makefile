@@ -24,11 +24,13 @@ setup: | $(PY)
 	fi
 
 # Trains both demo rows (a finished row is skipped, an interrupted one resumes), then regenerates
-# the demo table and the demo Fig. 4.
+# the demo table, the demo Fig. 4 and the pictures of the KS row (detections, attention).
 demo: setup
 	$(PY) -m experiments run demo --resume
 	$(PY) -m analysis tables --manifest demo
 	$(PY) -m analysis fig4 --manifest demo --row ks_def_r18
+	$(PY) -m analysis show --manifest demo --row ks_def_r18
+	$(PY) -m analysis attention --manifest demo --row ks_def_r18
 
 test: setup
 	$(PY) -m pytest -q

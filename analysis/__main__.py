@@ -5,6 +5,8 @@
     python -m analysis fig4 --manifest demo --row ks_def_r18
     python -m analysis curves --manifest demo
     python -m analysis learning --manifest demo_ladder   # AP50 vs. on other images, class loss, minutes
+    python -m analysis show --manifest demo --row ks_def_r18      # detections of the student and teachers
+    python -m analysis attention --manifest demo --row ks_def_r18 # the KS layer's attention, student vs teacher
 """
 import argparse
 import sys
@@ -40,6 +42,31 @@ def cmd_learning(args):
     from .learning import write_learning
 
     print(write_learning(args.manifest, args.results), end="")
+
+
+def cmd_show(args):
+    from .pictures import write_detections
+
+    branches = args.branches.split(",") if args.branches else None
+    for path in write_detections(args.manifest, args.row, args.checkpoint, args.images, args.image_ids, args.score,
+                                 branches, args.results):
+        print(f"wrote {path}")
+
+
+def _point(text):
+    try:
+        x, y = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected x,y in image pixels, got {text!r}") from None
+    return x, y
+
+
+def cmd_attention(args):
+    from .pictures import write_attention
+
+    for path in write_attention(args.manifest, args.row, args.checkpoint, args.image_id, args.points, args.per_head,
+                                args.results):
+        print(f"wrote {path}")
 
 
 def main(argv=None):
@@ -86,12 +113,46 @@ def main(argv=None):
     p.add_argument("--results", default=str(records.RESULTS), help=results_help)
     p.set_defaults(func=cmd_learning)
 
+    def checkpoint_options(p, row_help):
+        """The options of the commands that draw a trained row's checkpoint."""
+        p.add_argument("--manifest", required=True, help=manifest_help)
+        p.add_argument("--row", required=True, help=row_help)
+        p.add_argument("--checkpoint", help="checkpoint file (default: the row's checkpoint.pth)")
+        p.add_argument("--results", default=str(records.RESULTS), help=results_help)
+
+    p = sub.add_parser("show", help="detections of a trained row on validation images, one column per branch",
+                       description="Draws validation images with the row's post-processed detections (class and "
+                                   "score) over the ground truth, one column per branch: the student Attn1 and, "
+                                   "for a KS row, the teachers Attn2/Attn3 evaluated with ground-truth masks. Writes "
+                                   "<results>/figures/<manifest>_<row>_detections.{png,pdf}.")
+    checkpoint_options(p, "the trained row")
+    p.add_argument("--images", type=int, default=8, help="the first N validation images (default: %(default)s)")
+    p.add_argument("--image-ids", type=int, nargs="+", metavar="ID", help="these validation image ids instead")
+    p.add_argument("--score", type=float, default=0.3, help="smallest score drawn (default: %(default)s)")
+    p.add_argument("--branches", help="comma-separated branches to draw, e.g. attn1,attn3 (default: all of the row)")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("attention", help="the KS layer's attention for a few query tokens, student vs. teacher",
+                       description="For one validation image and a few query tokens (on the largest objects and "
+                                   "on the background, or --points), draws the KS layer's student attention A and "
+                                   "the teacher's A^t (Attn3, computed from X^t + P with the GT mask) over the image "
+                                   "(deformable layers: the sampling points with student and teacher weights), the "
+                                   "GT Fg-Bg mask on the token grid and the tokens the sMLP changes. Writes "
+                                   "<results>/figures/<manifest>_<row>_attention_<image id>.{png,pdf}.")
+    checkpoint_options(p, "the trained KS row")
+    p.add_argument("--image-id", type=int, help="validation image id (default: the first with two objects or more)")
+    p.add_argument("--points", type=_point, nargs="+", metavar="X,Y",
+                   help="query points in original-image pixels (default: two objects and the background)")
+    p.add_argument("--per-head", action="store_true", help="one row per attention head instead of their mean")
+    p.set_defaults(func=cmd_attention)
+
     args = parser.parse_args(argv)
     from experiments.config import ConfigError
+    from experiments.errors import RunError
 
     try:
         args.func(args)
-    except (AnalysisError, ConfigError) as e:
+    except (AnalysisError, ConfigError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,147 @@
+"""Pictures of a trained row: the drawn detections are the post-processed ones, the drawn attention
+rows are the model's, the mask panel is the GT Fg-Bg mask."""
+import pytest
+import torch
+from matplotlib import patches
+
+from analysis import AnalysisError
+from analysis import pictures
+from analysis.__main__ import main as analysis_main
+from experiments.engine import train_row
+from models.ks_encoder import fg_mask, fg_mask_levels
+from models.postprocess import postprocess
+
+from .test_engine import TINY_RUN
+
+DAB = ["model.variant=dab_detr", "model.pos_temperature=20", "model.pos_offset=0.0", "model.activation=prelu"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Results folder with a tiny trained KS-Deformable row (the demo's) and a tiny KS-DAB row."""
+    root = tmp_path_factory.mktemp("pictures")
+    data = [f"data.root={root / 'data'}"]
+    train_row("demo", "ks_def_r18", TINY_RUN + data, results=root)
+    train_row("demo", "def_r18", TINY_RUN + data + DAB + ["model.ks.mode=triple"], results=root)  # KS-DAB
+    return root
+
+
+def test_show_draws_the_post_processed_detections(results):
+    trained = pictures.load_trained("demo", "ks_def_r18", results=results)
+    ids = trained.dataset.ids[:3]
+    fig, drawn = pictures.detections_figure(trained, ids, score=0.0)
+    assert [ax.get_title() for ax in fig.axes[:3]] == [pictures.BRANCH_TITLES[b] for b in ("attn1", "attn2", "attn3")]
+    # independently: the model on the same images, post-processed, cut at the score
+    images, mask, targets = pictures.batch_of(trained.dataset, ids)
+    with torch.no_grad():
+        out = trained.model(images, mask, targets, with_teachers=True)
+    sizes = torch.stack([t["orig_size"] for t in targets])
+    for branch, o in [("attn1", out)] + [(b, out["teacher_outputs"][b][-1]) for b in ("attn2", "attn3")]:
+        for r, (image_id, det) in enumerate(zip(ids, postprocess(o["pred_logits"], o["pred_boxes"], sizes, 20))):
+            got = drawn[(image_id, branch)]
+            for key in ("boxes", "scores", "labels"):
+                torch.testing.assert_close(got[key], det[key], rtol=1e-6, atol=1e-4)
+            # the rectangles in the panel are these boxes
+            ax = fig.axes[r * 3 + ("attn1", "attn2", "attn3").index(branch)]
+            rects = [p for p in ax.patches if isinstance(p, patches.Rectangle) and p.get_gid() == "detection"]
+            xyxy = torch.tensor([[p.get_x(), p.get_y(), p.get_x() + p.get_width(), p.get_y() + p.get_height()]
+                                 for p in rects])
+            torch.testing.assert_close(xyxy, det["boxes"], rtol=1e-5, atol=1e-3)
+    # a score threshold keeps only the boxes at or above it
+    _, kept = pictures.detections_figure(trained, ids[:1], ["attn1"], score=0.02)
+    assert (kept[(ids[0], "attn1")]["scores"] >= 0.02).all()
+
+
+def test_show_and_attention_commands_write_png_and_pdf(results, capsys):
+    assert analysis_main(["show", "--manifest", "demo", "--row", "ks_def_r18", "--images", "2", "--results",
+                          str(results)]) == 0
+    assert analysis_main(["attention", "--manifest", "demo", "--row", "ks_def_r18", "--results", str(results)]) == 0
+    written = sorted(p.name for p in (results / "figures").iterdir())
+    assert "demo_ks_def_r18_detections.png" in written and "demo_ks_def_r18_detections.pdf" in written
+    assert any(n.startswith("demo_ks_def_r18_attention_") and n.endswith(".png") for n in written)
+    assert any(n.startswith("demo_ks_def_r18_attention_") and n.endswith(".pdf") for n in written)
+    # bad input: one error line, exit code 2
+    assert analysis_main(["show", "--manifest", "demo", "--row", "ks_def_r18", "--image-ids", "999",
+                          "--results", str(results)]) == 2
+    assert "image ids [999] are not in the validation set" in capsys.readouterr().err
+    assert analysis_main(["show", "--manifest", "demo", "--row", "ks_def_r18", "--branches", "attn4",
+                          "--results", str(results)]) == 2
+    assert "no branch ['attn4']" in capsys.readouterr().err
+
+
+def test_standard_attention_rows_are_the_models(results):
+    trained = pictures.load_trained("demo", "def_r18", results=results)  # the KS-DAB row of the fixture
+    image_id = pictures.default_image_id(trained.dataset)
+    fig, data = pictures.attention_figure(trained, image_id)
+    layer, inputs, images, targets = pictures.capture_layer_inputs(trained, image_id)
+    queries = data["queries"]
+    assert len(queries) >= 2
+    # reference: softmax(Q K^T / sqrt(d_head)) from the layer's weights, by hand
+    d, nhead = layer.self_attn.d_model, layer.self_attn.nhead
+    w, b = layer.self_attn.in_proj.weight, layer.self_attn.in_proj.bias
+    x, pos = inputs.x[0].double(), inputs.pos[0].double()
+    qk = x + pos
+
+    def reference(q_all, k_all):
+        q = q_all.view(-1, nhead, d // nhead)[queries].transpose(0, 1)  # (h, nq, dh)
+        k = k_all.view(-1, nhead, d // nhead).transpose(0, 1)           # (h, N, dh)
+        return torch.softmax(q @ k.transpose(-1, -2) / (d // nhead) ** 0.5, -1)
+
+    student = reference(qk @ w[:d].double().T + b[:d].double(), qk @ w[d:2 * d].double().T + b[d:2 * d].double())
+    torch.testing.assert_close(data["student"].double(), student, rtol=1e-4, atol=1e-5)
+    fg = inputs.fg[0]
+    lin = layer.teacher.smlp.linear
+    xt = torch.where(fg[:, None], torch.relu(x @ lin.weight.double().T + lin.bias.double()), x)
+    qkt = (xt + pos) @ layer.teacher.qk_proj.weight.double().T + layer.teacher.qk_proj.bias.double()
+    teacher = reference(qkt[:, :d], qkt[:, d:])
+    torch.testing.assert_close(data["teacher"].double(), teacher, rtol=1e-4, atol=1e-5)
+    for maps in (data["student"], data["teacher"]):
+        torch.testing.assert_close(maps.sum(-1), torch.ones(maps.shape[:2]), rtol=0, atol=1e-5)
+    # the mask panel is the GT Fg-Bg mask of the token grid, and the sMLP moves exactly those tokens
+    h, w_ = inputs.token_shapes[0]
+    padding = inputs.key_padding_mask.view(1, h, w_)
+    expected = fg_mask([targets[0]["boxes_xyxy"]], images.shape[-2:], (h, w_), padding)[0]
+    assert torch.equal(data["fg"], expected) and expected.any()
+    assert (data["smlp_change"][~data["fg"]] == 0).all() and (data["smlp_change"][data["fg"]] > 0).all()
+    drawn_mask = fig.axes[1].images[1].get_array()
+    assert (drawn_mask == data["fg"].float().numpy()).all()
+
+
+def test_deformable_attention_samples_are_the_models(results):
+    trained = pictures.load_trained("demo", "ks_def_r18", results=results)
+    image_id = pictures.default_image_id(trained.dataset)
+    _, data = pictures.attention_figure(trained, image_id)
+    layer, inputs, images, targets = pictures.capture_layer_inputs(trained, image_id)
+    attn, queries = layer.self_attn, data["queries"]
+    heads, levels, points = attn.n_heads, attn.n_levels, attn.n_points
+    # reference: offsets and weights by hand from the layer's linear layers
+    q = (inputs.x + inputs.pos)[0, queries]
+    offsets = (q @ attn.sampling_offsets.weight.T + attn.sampling_offsets.bias).view(-1, heads, levels, points, 2)
+    shapes = inputs.levels["spatial_shapes"].flip(-1).float()  # (levels, 2) as (w, h)
+    ref = inputs.levels["reference_points"][0, queries]          # (nq, levels, 2)
+    locations = ref[:, None, :, None, :] + offsets / shapes[None, None, :, None, :]
+    torch.testing.assert_close(data["locations"], locations, rtol=1e-5, atol=1e-6)
+    logits = (q @ attn.attention_weights.weight.T + attn.attention_weights.bias).view(-1, heads, levels * points)
+    torch.testing.assert_close(data["student"], logits.softmax(-1).view(-1, heads, levels, points), rtol=1e-5,
+                               atol=1e-6)
+    xt = layer.teacher.smlp(inputs.x, inputs.fg)[0, queries]
+    t_logits = ((xt + inputs.pos[0, queries]) @ layer.teacher.attention_weights.weight.T
+                + layer.teacher.attention_weights.bias).view(-1, heads, levels * points)
+    torch.testing.assert_close(data["teacher"], t_logits.softmax(-1).view(-1, heads, levels, points), rtol=1e-5,
+                               atol=1e-6)
+    torch.testing.assert_close(data["student"].sum((-1, -2)), torch.ones(len(queries), heads))
+    # the mask panel is level 0 of the multi-scale GT Fg-Bg mask
+    h, w = inputs.token_shapes[0]
+    padding = inputs.key_padding_mask[:, :h * w].view(1, h, w)
+    expected = fg_mask_levels([targets[0]["boxes_xyxy"]], images.shape[-2:], inputs.token_shapes, [padding, None])[0]
+    assert torch.equal(data["fg"], expected[0]) and expected.any()
+
+
+def test_attention_needs_a_ks_row(results, tmp_path):
+    trained = pictures.load_trained("demo", "ks_def_r18", results=results)
+    trained.model.encoder.layers[-1] = torch.nn.Identity()
+    with pytest.raises(AnalysisError, match="not a KS row"):
+        pictures.capture_layer_inputs(trained, trained.dataset.ids[0])
+    with pytest.raises(AnalysisError, match=r"point \(1000.0, 5.0\) is outside the image"):
+        pictures.attention_figure(pictures.load_trained("demo", "ks_def_r18", results=results),
+                                  trained.dataset.ids[0], points=[(1000.0, 5.0)])
