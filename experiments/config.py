@@ -15,6 +15,7 @@ family) and the key.
 Manifest format (experiments/<name>.yaml):
 
     description: free text                      # optional
+    defaults_from: demo                         # optional: start from another manifest's `defaults`
     paper_table: 1                              # optional: every row must then say which row of
                                                 #   results/paper/table1.csv it reproduces
     defaults: {model: {...}, data: {...}, train: {...}}        # optional, for every row
@@ -32,7 +33,7 @@ Manifest format (experiments/<name>.yaml):
 number was re-run by the authors with this configuration (`rerun`) or cited from elsewhere (`cited`).
 Schedules are in epochs (`train.epochs`, `train.lr_drop`). `train.batch_size` is the batch of one
 process (one GPU); `train.total_batch_size` (when set) is the batch of one optimizer step, kept by
-gradient accumulation when fewer processes run than it assumes (see experiments/engine.py).
+gradient accumulation when fewer processes run than it assumes (see experiments/training.py).
 
 `Manifest(name_or_path)`: `.rows` (ordered: name -> row dict, with the keys above), `.row(name)`,
 `.resolve(name, overrides)` (the full configuration). `variant_available(name)` says whether a
@@ -158,7 +159,7 @@ ROW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
 ROW_KEYS = ("name", "family", "baseline", "paper", "note", "config")
-TOP_KEYS = ("description", "paper_table", "defaults", "families", "rows")
+TOP_KEYS = ("description", "defaults_from", "paper_table", "defaults", "families", "rows")
 PAPER_SOURCES = ("rerun", "cited")
 PAPER_DIR = MANIFEST_DIR.parent / "results" / "paper"
 
@@ -316,7 +317,7 @@ class Manifest:
     """A validated manifest: `name`, `path`, `description`, `paper_table`, `defaults`, `families`,
     `rows` (name -> row dict), `row(name)`, `resolve(row, overrides)`."""
 
-    def __init__(self, name_or_path):
+    def __init__(self, name_or_path, _chain=()):
         self.path = manifest_path(name_or_path)
         self.name = self.path.stem
         try:
@@ -336,7 +337,17 @@ class Manifest:
         self.paper_table = doc.get("paper_table")
         if self.paper_table is not None and self.paper_table not in (1, 2):
             raise ConfigError(f"{where}: key 'paper_table' must be 1 or 2, got {self.paper_table!r}")
-        self.defaults = merge(DEFAULTS, doc.get("defaults") or {}, f"{where}, defaults")
+        base = DEFAULTS
+        parent = doc.get("defaults_from")
+        if parent is not None:
+            if not isinstance(parent, str):
+                raise ConfigError(f"{where}: key 'defaults_from' must be a manifest name, got {parent!r}")
+            chain = _chain + (self.path,)
+            if manifest_path(parent) in chain:
+                raise ConfigError(f"{where}: key 'defaults_from' makes a cycle: "
+                                  f"{' -> '.join(str(p) for p in chain + (manifest_path(parent),))}")
+            base = Manifest(parent, chain).defaults
+        self.defaults = merge(base, doc.get("defaults") or {}, f"{where}, defaults")
 
         families = doc.get("families")
         if families is not None and (not isinstance(families, dict) or not families):

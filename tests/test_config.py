@@ -146,3 +146,27 @@ def test_a_key_given_twice_is_an_error(tmp_path):
     path.write_text("rows:\n  - name: a\n    config: {train: {epochs: 2}}\n    config: {train: {epochs: 3}}\n")
     with pytest.raises(ConfigError, match=r"(?s)twice\.yaml: not valid YAML.*duplicate key 'config'.*line 4"):
         Manifest(str(path))
+
+
+def test_defaults_from_starts_from_another_manifests_defaults(tmp_path):
+    child = Manifest(write_manifest(tmp_path, {"defaults_from": "demo", "defaults": {"train": {"epochs": 2}},
+                                               "rows": [{"name": "r", "config": {"train": {"seed": 3}}}]}))
+    demo = Manifest("demo").resolve("def_r18")
+    assert diff(demo, child.resolve("r")) == ["train.epochs", "train.seed"]
+    with pytest.raises(ConfigError, match="defaults_from' must be a manifest name"):
+        Manifest(write_manifest(tmp_path, {"defaults_from": 3, "rows": [{"name": "r"}]}))
+    with pytest.raises(ConfigError, match="manifest 'nowhere' not found"):
+        Manifest(write_manifest(tmp_path, {"defaults_from": "nowhere", "rows": [{"name": "r"}]}))
+    a = write_manifest(tmp_path, {"defaults_from": str(tmp_path / "b.yaml"), "rows": [{"name": "r"}]}, "a")
+    write_manifest(tmp_path, {"defaults_from": str(a), "rows": [{"name": "r"}]}, "b")
+    with pytest.raises(ConfigError, match="makes a cycle"):
+        Manifest(a)
+
+
+def test_the_seed_rows_are_the_demo_rows_with_other_seeds():
+    demo, seeds = Manifest("demo"), Manifest("demo_seeds")
+    for seed in (0, 1, 2):
+        for row in ("def_r18", "ks_def_r18"):
+            name = f"{row}_seed{seed}"
+            assert seeds.resolve(name) == demo.resolve(row, [f"train.seed={seed}"]), name
+        assert seeds.rows[f"ks_def_r18_seed{seed}"]["baseline"] == f"def_r18_seed{seed}"

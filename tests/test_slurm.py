@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 import models
-from experiments import records, slurm
+from experiments import records, slurm, slurm_jobs
 from experiments.__main__ import main
 from experiments.config import Manifest
 from experiments.errors import NotAvailableError
@@ -52,7 +52,7 @@ def test_dry_run_prints_parameters_and_commands_and_submits_nothing(tmp_path, ca
 
 def test_unavailable_variant_stops_the_whole_submission(tmp_path, monkeypatch):
     monkeypatch.setitem(models.VARIANTS, "dab_detr", None)
-    monkeypatch.setattr(slurm, "_query", lambda *a, **k: pytest.fail("nothing may reach SLURM"))
+    monkeypatch.setattr(slurm_jobs, "_query", lambda *a, **k: pytest.fail("nothing may reach SLURM"))
     with pytest.raises(NotAvailableError, match=r"(?s)not submitting anything.*dab_r50_ks.*not available yet"):
         slurm.submit(Manifest("table2"), ["dab_r50", "dab_r50_ks"], [], options(), results=tmp_path)
     assert not (tmp_path / "runs").exists()
@@ -139,7 +139,7 @@ def test_submit_records_job_ids_skips_done_rows_and_status_reads_them(tmp_path, 
 
 @pytest.mark.parametrize("results_after_command", [False, True])
 def test_status_without_slurm(tmp_path, monkeypatch, capsys, results_after_command):
-    monkeypatch.setattr(slurm, "_query", lambda *a, **k: None)  # no squeue, no sacct
+    monkeypatch.setattr(slurm_jobs, "_query", lambda *a, **k: None)  # no squeue, no sacct
     records.add_slurm_job(records.run_dir("demo", "def_r18", tmp_path), {"job_id": "5"})
     args = ["status", "demo", "--json"]
     main(args + ["--results", str(tmp_path)] if results_after_command else ["--results", str(tmp_path)] + args)
