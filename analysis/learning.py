@@ -43,8 +43,9 @@ def learning_report(manifest_name, results=records.RESULTS):
             ev = run.eval
             line.update(AP50=_ap50(ev, "attn1"), AP50_moved=_ap50(ev, MOVED), AP50_attn2=_ap50(ev, "attn2"),
                         AP50_attn3=_ap50(ev, "attn3"), AP=round(100 * number(ev.get("attn1", {}).get("AP")), 1))
-            if line["AP50_moved"] > 0:
-                line["ratio"] = round(line["AP50"] / line["AP50_moved"], 1)
+            moved = number(ev.get(MOVED, {}).get("AP50"))
+            if moved > 0:  # from the unrounded AP50s: a rounded 0.4 may be 0.35 or 0.44
+                line["ratio"] = round(number(ev.get("attn1", {}).get("AP50")) / moved, 1)
         lines.append(line)
     return manifest.name, pd.DataFrame(lines, columns=COLUMNS)
 

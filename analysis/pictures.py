@@ -20,6 +20,7 @@ Both read the row's checkpoint (default: its checkpoint.pth) and write PNG and P
 <results>/figures/. The functions return the figure and the data drawn, which the tests compare
 with the model.
 """
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,7 +200,7 @@ class LayerInputs:
     fg: torch.Tensor                # (1, N) the GT Fg-Bg mask of the tokens
     levels: dict                    # deformable layers: reference_points, spatial_shapes, level_start_index
     token_shapes: list              # [(h, w)] of the token grid(s), in token order
-    strides: list                   # pixels of the model input per token, per grid
+    strides: list                   # the backbone stride of each grid: model-input pixels per token
 
 
 @torch.no_grad()
@@ -235,7 +236,8 @@ def capture_layer_inputs(trained, image_id):
         shapes = [tuple(s) for s in kwargs["spatial_shapes"].tolist()]
     else:
         shapes = [seen["grid"]]
-    strides = [images.shape[-1] / w for _, w in shapes]  # input pixels per token (padding included)
+    # each grid's stride is a power of two; its token count is the input size over it, rounded up
+    strides = [2 ** round(math.log2(images.shape[-1] / w)) for _, w in shapes]
     return layer, LayerInputs(x, pos, key_padding_mask, fg, kwargs, shapes, strides), images, targets
 
 
@@ -307,7 +309,9 @@ def point_to_query(inputs, point, scale):
     s = inputs.strides[0]
     col, row = int(point[0] * scale[0] // s), int(point[1] * scale[1] // s)
     if not (0 <= col < w and 0 <= row < h) or inputs.key_padding_mask[0, row * w + col]:
-        raise AnalysisError(f"point {point} is outside the image")
+        size = (round(w * s / scale[0]), round(h * s / scale[1]))
+        raise AnalysisError(f"point x={point[0]:g}, y={point[1]:g} is outside the image (about {size[0]} x "
+                            f"{size[1]} pixels; points are given in the original image's pixels)")
     return row * w + col
 
 
@@ -317,6 +321,9 @@ def attention_figure(trained, image_id, points=None, per_head=False):
     (|X^t - X| per token of the first grid) and, for standard attention, `student`/`teacher` (heads,
     queries, N) maps, for deformable attention `locations`, `student`/`teacher` weights."""
     layer, inputs, images, targets = capture_layer_inputs(trained, image_id)
+    if per_head and inputs.levels:
+        raise AnalysisError(f"{trained.name}: --per-head draws standard attention rows head by head; a "
+                            f"deformable KS layer's sampling points are drawn for all heads at once")
     image = original_image(trained.dataset, image_id)
     orig_h, orig_w = image.shape[:2]
     in_h, in_w = (int(s) for s in targets[0]["size"])
@@ -409,14 +416,20 @@ def _draw_maps(axes, image, data, i, head, query_xy, extent, hw, label):
         ax.set_title(title, fontsize=8)
 
 
+def sample_pixels(locations, inputs, scale):
+    """(x, y) in original-image pixels of deformable sampling locations (..., levels, points, 2).
+    Locations are normalised to each level's token grid, and a level's grid covers its token count
+    times its stride in model-input pixels; scale = model input / original."""
+    span = torch.tensor([[lw * st, lh * st] for (lh, lw), st in zip(inputs.token_shapes, inputs.strides)],
+                        dtype=locations.dtype)  # (levels, 2): input pixels covered by each level's grid
+    pixels = locations * span[:, None, :] / torch.tensor(scale, dtype=locations.dtype)
+    return pixels[..., 0], pixels[..., 1]
+
+
 def _draw_samples(axes, image, data, i, q, token_xy, scale, inputs, label):
     """Sampling locations of query i over the image, sized by the student's and the teacher's weights."""
-    # locations are normalised to each level's (padded) map: pixel = location x padded input size
-    h, w = inputs.token_shapes[0]
-    in_w, in_h = w * inputs.strides[0], h * inputs.strides[0]
     loc = data["locations"][i]  # (heads, levels, points, 2)
-    px = (loc[..., 0] * in_w / scale[0]).flatten().numpy()
-    py = (loc[..., 1] * in_h / scale[1]).flatten().numpy()
+    px, py = (c.flatten().numpy() for c in sample_pixels(loc, inputs, scale))
     levels = torch.arange(loc.shape[1])[None, :, None].expand(loc.shape[:3]).flatten().numpy()
     colours = plt.get_cmap("tab10")(levels % 10)
     share_s, share_t = (None if v is None else f"{100 * float(v[i]):.0f}% on fg" for v in data["fg_share"])

@@ -297,6 +297,11 @@ def main(argv=None):
 
         return pretrain_main(argv[1:])
     parser = build_parser()
+    global_options = argparse.ArgumentParser(add_help=False)
+    global_options.add_argument("--results")
+    if global_options.parse_known_args(argv)[1][:1] == ["pretrain"]:
+        parser.error("pretrain writes its weights to its --out file and takes no --results: "
+                     "python -m experiments pretrain --out PATH (see `python -m experiments pretrain --help`)")
     # Overrides may come after options too (`run demo --row x train.epochs=2`), which argparse's
     # positional handling does not allow: collect them from the unrecognised arguments.
     args, extra = parser.parse_known_args(argv)

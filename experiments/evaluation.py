@@ -109,8 +109,11 @@ class Checkpoint:
         return [k for k in diff(self.row_cfg, self.cfg) if not k.startswith(("data.", "train."))]
 
     def build_model(self, num_classes, device="cpu"):
-        """The trained model (evaluation mode) on `device`."""
-        model, _ = build_model(model_config(self.cfg), num_classes)
+        """The trained model (evaluation mode) on `device`. The backbone starts from a random
+        initialisation: the checkpoint overwrites every weight, so no pretrained file is needed."""
+        cfg = model_config(self.cfg)
+        cfg["backbone"].update(weights=None, weights_path=None)
+        model, _ = build_model(cfg, num_classes)
         model.load_state_dict(self.state["model"])
         return model.to(device).eval()
 

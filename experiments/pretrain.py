@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from datasets.synthetic import CATEGORIES, render_image
 from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
-from models.backbone import SYNTHETIC_WEIGHTS, Backbone, file_sha256
+from models.backbone import RESNETS, STAGES, SYNTHETIC_WEIGHTS, Backbone, file_sha256
 
 TASKS = ("segmentation", "crops")
 IGNORE = 255  # label of crowd pixels (no loss)
@@ -87,8 +87,8 @@ def _normalise(images):
 
 def segmentation_batch(pool, batch_size, out_size, scale_range, rng):
     """A batch of random crops of pool images resized to out_size x out_size: images (B, 3, S, S),
-    labels (B, S, S) int64. The crop side is out_size / scale, scale drawn from scale_range (the
-    detection demo shows the 192 px images at 128-160 px: scales about 0.7-0.9)."""
+    labels (B, S, S) int64. The crop side is out_size / scale, scale drawn from scale_range (see
+    SCALES)."""
     images, labels = [], []
     for _ in range(batch_size):
         img, lab, _ = pool[int(rng.integers(len(pool)))]
@@ -270,8 +270,10 @@ def main(argv=None):
                         help="weights file to write (default: %(default)s, what model.backbone.weights: synthetic "
                              "loads); an existing file is only replaced with --force")
     parser.add_argument("--force", action="store_true", help="replace an existing --out file")
-    parser.add_argument("--backbone", default="resnet18", help="torchvision ResNet (default: %(default)s)")
-    parser.add_argument("--last-stage", default="layer3", help="last trunk stage kept (default: %(default)s)")
+    parser.add_argument("--backbone", default="resnet18", choices=sorted(RESNETS),
+                        help="torchvision ResNet (default: %(default)s)")
+    parser.add_argument("--last-stage", default="layer3", choices=STAGES,
+                        help="last trunk stage kept (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=3000, help="optimizer steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per step (default: %(default)s)")
     parser.add_argument("--image-size", type=int, default=160, help="segmentation input side in px (default: %(default)s)")

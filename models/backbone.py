@@ -89,7 +89,7 @@ def load_synthetic_state_dict(name, body, weights_path=None):
         raise FileNotFoundError(
             f"synthetic-pretrained weights for backbone {name!r} not found: no file {path}"
             f"{' (model.backbone.weights_path)' if weights_path else ''}. Make them with `python -m experiments "
-            f"pretrain --out {path}` (see the README, 'Pretrained backbone').")
+            f"pretrain --out {path}` (see the README, 'A pretrained backbone without ImageNet').")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or "state_dict" not in state:
         raise ValueError(f"{path} is not a weights file of `python -m experiments pretrain` (no 'state_dict')")

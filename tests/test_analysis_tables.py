@@ -236,3 +236,34 @@ def test_nan_in_log_is_read(tmp_path):
     path = tmp_path / "log.jsonl"
     path.write_text(json.dumps({"epoch": 0, "eval": {"attn1": {"AP": float("nan")}}}) + "\n")
     assert math.isnan(read_log(path)[0]["eval"]["attn1"]["AP"])
+
+
+def test_learning_report_from_records(tmp_path):
+    """analysis learning: AP50 against AP50 on other images, their ratio from the unrounded values,
+    the class loss of the first and last epoch, minutes; rows not run or not finished stay empty."""
+    from analysis.learning import learning_report, write_learning
+
+    manifest = write_manifest(tmp_path / "ladder.yaml", [{"name": "a", "note": "first | setting"},
+                                                         {"name": "b", "baseline": "a"}, {"name": "c"}])
+    results = tmp_path / "results"
+    final = {"attn1": metrics(0.1234, AP50=0.6543), "attn1_moved": metrics(0.001, AP50=0.00449),
+             "attn3": metrics(0.2, AP50=0.7)}
+    write_run(results, "ladder", "a", "done", [(1, None), (2, final)], final)
+    d = records.run_dir("ladder", "a", results)
+    lines = records.read_log(d / "log.jsonl")
+    for line, loss in zip(lines, (0.4812, 0.3071)):
+        line["train"]["loss_class"] = loss
+        line["time_s"] = 90.0
+    records.write_log(d / "log.jsonl", lines)
+    write_run(results, "ladder", "b", "incomplete", [(1, None)])
+    name, df = learning_report(str(manifest), results)
+    a, b, c = (df.iloc[i] for i in range(3))
+    assert (a["AP50"], a["AP50_moved"], a["AP50_attn3"], a["AP"]) == (65.4, 0.4, 70.0, 12.3)
+    assert a["ratio"] == round(0.6543 / 0.00449, 1) == 145.7  # not 65.4 / 0.4
+    assert (a["loss_class_first"], a["loss_class_last"], a["minutes"]) == (0.481, 0.307, 3.0)
+    assert math.isnan(a["AP50_attn2"]) and a["setting"] == "first | setting"
+    assert b["status"] == "incomplete (epoch 1)" and math.isnan(b["AP50"]) and b["epochs"] == 1
+    assert c["status"] == "not run" and math.isnan(c["AP50"]) and math.isnan(c["minutes"])
+    markdown = write_learning(str(manifest), results)
+    assert "| a | first \\| setting | done | 2 | 65.4 | 0.4 | 145.7 |  | 70.0 | 12.3 | 0.481 → 0.307 | 3.0 |" in markdown
+    assert (results / "tables" / "ladder_learning.csv").is_file()

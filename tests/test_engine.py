@@ -4,6 +4,7 @@ import math
 import shlex
 
 import pytest
+import torch
 
 from experiments import engine, evaluation, records
 from experiments.engine import train_row
@@ -222,7 +223,7 @@ def test_unavailable_variant_fails_before_any_record(tmp_path, data_root, monkey
     assert not records.run_dir("demo", "def_r18", tmp_path).exists()
 
 
-def test_eval_command_writes_a_new_file_and_leaves_the_record(tmp_path, data_root, capsys):
+def test_eval_command_writes_a_new_file_and_leaves_the_record(tmp_path, data_root, capsys, monkeypatch):
     from experiments.__main__ import main
 
     directory = train_row("demo", "ks_def_r18", overrides(data_root, "train.epochs=1", "train.lr_drop=[]"),
@@ -249,6 +250,17 @@ def test_eval_command_writes_a_new_file_and_leaves_the_record(tmp_path, data_roo
     assert list(metrics) == ["attn1", "attn1_moved"] and all(math.isnan(v) for v in metrics["attn1_moved"].values())
     with pytest.raises(SystemExit, match="no checkpoint at"):
         main(["--results", str(tmp_path), "eval", "demo", "--row", "def_r18"])
+
+    # the checkpoint holds every weight: evaluating needs no pretrained backbone file
+    import models.backbone
+
+    ck = evaluation.load_checkpoint("demo", "ks_def_r18", results=tmp_path)
+    monkeypatch.setattr(models.backbone, "SYNTHETIC_WEIGHTS", tmp_path / "gone.pth")
+    model = ck.build_model(num_classes=5)
+    state = model.state_dict()
+    assert state.keys() == ck.state["model"].keys()
+    for key, value in ck.state["model"].items():
+        assert torch.equal(state[key], value), key
 
 
 def test_a_requeued_job_resumes_despite_its_own_fresh_heartbeat(tmp_path, data_root, monkeypatch):

@@ -142,6 +142,142 @@ def test_attention_needs_a_ks_row(results, tmp_path):
     trained.model.encoder.layers[-1] = torch.nn.Identity()
     with pytest.raises(AnalysisError, match="not a KS row"):
         pictures.capture_layer_inputs(trained, trained.dataset.ids[0])
-    with pytest.raises(AnalysisError, match=r"point \(1000.0, 5.0\) is outside the image"):
-        pictures.attention_figure(pictures.load_trained("demo", "ks_def_r18", results=results),
-                                  trained.dataset.ids[0], points=[(1000.0, 5.0)])
+    fresh = pictures.load_trained("demo", "ks_def_r18", results=results)
+    with pytest.raises(AnalysisError, match=r"point x=1000, y=5 is outside the image \(about \d+ x \d+ pixels"):
+        pictures.attention_figure(fresh, fresh.dataset.ids[0], points=[(1000.0, 5.0)])
+    with pytest.raises(AnalysisError, match="--per-head draws standard attention rows"):
+        pictures.attention_figure(fresh, fresh.dataset.ids[0], per_head=True)
+
+
+def test_standard_attention_rows_reproduce_the_layer_output(results):
+    """The drawn maps are the ones the layer uses: A V (and A^t V for Attn3) through the layer's own
+    out-projection, residual, norms and FFN give the student's and the teacher's outputs."""
+    from models.layers import merge_heads, split_heads
+
+    trained = pictures.load_trained("demo", "def_r18", results=results)  # the KS-DAB row
+    layer, inputs, _, _ = pictures.capture_layer_inputs(trained, pictures.default_image_id(trained.dataset))
+    n = inputs.x.shape[1]
+    student_maps, teacher_maps = pictures.standard_attention_rows(layer, inputs, list(range(n)))
+    attn = layer.self_attn
+    d = attn.d_model
+    v = split_heads(inputs.x @ attn.in_proj.weight[2 * d:].T + attn.in_proj.bias[2 * d:], attn.nhead)
+    with torch.no_grad():
+        student, teachers = layer(inputs.x, inputs.pos, inputs.key_padding_mask, fg=inputs.fg)
+        for maps, expected in ((student_maps, student), (teacher_maps, teachers["attn3"])):
+            out = layer.post_attention(inputs.x, attn.out_proj(merge_heads(maps[None] @ v)))
+            torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def grid_sample_reference(value, shapes, starts, locations, weights):
+    """Deformable sampling written independently with grid_sample (bilinear, zeros outside):
+    value (S, heads, dh); locations (Nq, heads, levels, points, 2); weights (Nq, heads, levels, points)."""
+    out = 0
+    for level, ((h, w), start) in enumerate(zip(shapes.tolist(), starts.tolist())):
+        grid_map = value[start:start + h * w].permute(1, 2, 0).reshape(value.shape[1], -1, h, w)  # (heads, dh, h, w)
+        grid = 2 * locations[:, :, level].transpose(0, 1) - 1  # (heads, Nq, points, 2)
+        sampled = torch.nn.functional.grid_sample(grid_map, grid, mode="bilinear", padding_mode="zeros",
+                                                  align_corners=False)  # (heads, dh, Nq, points)
+        out = out + (sampled * weights[:, :, level].permute(1, 0, 2)[:, None]).sum(-1)
+    return out.permute(2, 0, 1).flatten(1)  # (Nq, heads * dh)
+
+
+def test_deformable_samples_reproduce_the_layer_output(results):
+    """Sampling the layer's values at the drawn locations with the drawn weights (an independent
+    grid_sample implementation), then the layer's output projection and post-attention, gives the
+    student's and Attn3's outputs at the query tokens."""
+    trained = pictures.load_trained("demo", "ks_def_r18", results=results)
+    layer, inputs, _, _ = pictures.capture_layer_inputs(trained, pictures.default_image_id(trained.dataset))
+    queries = list(range(0, inputs.x.shape[1], 7))
+    locations, student_w, teacher_w = pictures.deformable_samples(layer, inputs, queries)
+    attn, lv = layer.self_attn, inputs.levels
+    with torch.no_grad():
+        student, teachers = layer(inputs.x, inputs.pos, inputs.key_padding_mask, fg=inputs.fg, **lv)
+        value = attn.values(inputs.x, inputs.key_padding_mask)[0]
+        for weights, expected in ((student_w, student), (teacher_w, teachers["attn3"])):
+            sampled = grid_sample_reference(value, lv["spatial_shapes"], lv["level_start_index"], locations, weights)
+            out = layer.post_attention(inputs.x[:, queries], attn.output_proj(sampled)[None])
+            torch.testing.assert_close(out, expected[:, queries], rtol=1e-4, atol=1e-5)
+
+
+def test_sampling_pixels_of_every_level_meet_at_the_query(results):
+    """Drawn in image pixels, a query's reference point on each level (the same image position,
+    scaled by each level's valid ratio) lands on the query token, within one token of the coarsest
+    level."""
+    trained = pictures.load_trained("demo", "ks_def_r18", results=results)
+    image_id = pictures.default_image_id(trained.dataset)
+    layer, inputs, _, targets = pictures.capture_layer_inputs(trained, image_id)
+    image = pictures.original_image(trained.dataset, image_id)
+    in_h, in_w = (int(v) for v in targets[0]["size"])
+    scale = (in_w / image.shape[1], in_h / image.shape[0])
+    assert len(inputs.token_shapes) == 2 and inputs.strides == [8, 16]
+    h, w = inputs.token_shapes[0]
+    valid = (~inputs.key_padding_mask[0, :h * w]).nonzero()[:, 0]
+    queries = valid[:: max(1, len(valid) // 25)]
+    ref = inputs.levels["reference_points"][0, queries]  # (nq, levels, 2)
+    px, py = pictures.sample_pixels(ref[:, :, None, :], inputs, scale)  # (nq, levels, 1)
+    s = inputs.strides[0]
+    centre_x = ((queries % w).double() + 0.5) * s / scale[0]
+    centre_y = ((queries // w).double() + 0.5) * s / scale[1]
+    tolerance = inputs.strides[-1] / min(scale)
+    for level in range(2):
+        assert (px[:, level, 0].double() - centre_x).abs().max() <= tolerance
+        assert (py[:, level, 0].double() - centre_y).abs().max() <= tolerance
+    # the finest level's reference is the token centre itself, up to its valid-ratio rounding
+    torch.testing.assert_close(px[:, 0, 0].double(), centre_x, rtol=0, atol=s / scale[0])
+
+
+def test_foreground_share_counts_weight_on_foreground_tokens():
+    """Standard maps: the mean over heads of the weight on fg tokens; deformable: the weight of the
+    points whose location falls in a fg token of its level, points outside the grid counting as bg."""
+    fg = torch.tensor([[True, False, False, True, False]])  # level 0: 2x2 tokens, level 1: 1x1 token
+    maps = torch.tensor([[[0.5, 0.5, 0.0, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4, 0.0]],
+                         [[1.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]]])  # (heads 2, queries 2, N)
+    grid = pictures.LayerInputs(None, None, None, fg[:, :4], {}, [(2, 2)], [8])
+    share_s, share_t = pictures.foreground_share({"student": maps[:, :, :4], "teacher": None}, grid)
+    torch.testing.assert_close(share_s, torch.tensor([(0.5 + 1.0) / 2, (0.5 + 0.0) / 2]))
+    assert share_t is None
+    levels = {"level_start_index": torch.tensor([0, 4])}
+    deform = pictures.LayerInputs(None, None, None, fg, levels, [(2, 2), (1, 1)], [8, 16])
+    # one query, one head, 2 levels x 2 points: (x, y) normalised to each level's grid
+    loc = torch.tensor([[[[[0.25, 0.25], [0.75, 0.25]],     # level 0: token 0 (fg), token 1 (bg)
+                          [[0.5, 0.5], [1.5, 0.5]]]]])       # level 1: token 0 (bg), outside
+    weights = torch.tensor([[[[0.4, 0.1], [0.3, 0.2]]]])
+    teacher = torch.tensor([[[[0.0, 0.5], [0.5, 0.0]]]])
+    s, t = pictures.foreground_share({"locations": loc, "student": weights, "teacher": teacher}, deform)
+    torch.testing.assert_close(s, torch.tensor([0.4]))
+    torch.testing.assert_close(t, torch.tensor([0.0]))
+    deform.fg = torch.tensor([[True, True, False, False, True]])
+    s, t = pictures.foreground_share({"locations": loc, "student": weights, "teacher": teacher}, deform)
+    torch.testing.assert_close(s, torch.tensor([0.8]))  # the point outside level 1 still counts as bg
+    torch.testing.assert_close(t, torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize("variant", ["dab", "deformable"])
+@pytest.mark.parametrize("mode", ["dual_share_a", "dual_share_v"])
+def test_pictures_of_dual_attention_rows(results, variant, mode):
+    """Dual modes have one teacher: share_a (Attn2) keeps the student's map, so there is no teacher
+    map or weight to draw; share_v (Attn3) has one. Both draw, with only their own branches."""
+    from experiments.build import build_data, model_config
+    from experiments.config import Manifest
+    from models import build_model
+
+    overrides = TINY_RUN + [f"data.root={results / 'data'}", f"model.ks.mode={mode}"]
+    if variant == "dab":
+        overrides += DAB
+    cfg = Manifest("demo").resolve("ks_def_r18", overrides)
+    _, val_set = build_data(cfg)
+    model_cfg = model_config(cfg)
+    model_cfg["backbone"]["weights"] = None
+    torch.manual_seed(0)
+    model, _ = build_model(model_cfg, val_set.num_classes)
+    trained = pictures.Trained(f"untrained {variant} {mode}", model.eval(), val_set, cfg)
+    image_id = pictures.default_image_id(val_set)
+    fig, data = pictures.attention_figure(trained, image_id)
+    assert (data["teacher"] is None) == (mode == "dual_share_a")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert any("no teacher" in t for t in titles) == (mode == "dual_share_a")
+    share_s, share_t = data["fg_share"]
+    assert share_s.shape == (len(data["queries"]),) and (share_t is None) == (mode == "dual_share_a")
+    _, drawn = pictures.detections_figure(trained, [image_id], score=0.0)
+    teacher = "attn2" if mode == "dual_share_a" else "attn3"
+    assert sorted(branch for _, branch in drawn) == sorted(["attn1", teacher])

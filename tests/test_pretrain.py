@@ -118,3 +118,41 @@ def test_the_committed_trunk_fits_the_demo_and_the_readme_names_its_sha256():
     readme = (SYNTHETIC_WEIGHTS.parents[2] / "README.md").read_text()
     assert file_sha256(SYNTHETIC_WEIGHTS) in readme
     assert state["meta"]["command"] and re.sub(r"\s+", " ", state["meta"]["command"]) in re.sub(r"\s+", " ", readme)
+
+
+def test_segmentation_crops_keep_images_and_labels_aligned():
+    """Crops, flips and resizing move image and label together: inside a region of one label, the
+    image pixel has that label's colour."""
+    rng = np.random.default_rng(0)
+    palette = rng.integers(0, 256, (6, 3)).astype(np.uint8)
+    pool = []
+    for _ in range(3):
+        lab = np.kron(rng.integers(0, 6, (12, 12)), np.ones((16, 16), np.int64)).astype(np.uint8)  # 192 px
+        pool.append((palette[lab], lab, []))
+    images, labels = pretrain.segmentation_batch(pool, 8, 96, pretrain.SCALES, np.random.default_rng(1))
+    mean = torch.tensor(pretrain.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(pretrain.IMAGENET_STD).view(1, 3, 1, 1)
+    colours = (images * std + mean) * 255  # (B, 3, S, S)
+    # pixels whose 5x5 neighbourhood inside the crop has one label: away from the label edges that
+    # resizing blurs and from the crop's border (the label just outside it is unknown)
+    padded = torch.nn.functional.pad(labels[:, None].float(), (2, 2, 2, 2), value=-1)
+    windows = padded.unfold(2, 5, 1).unfold(3, 5, 1)[:, 0]  # (B, S, S, 5, 5)
+    interior = (windows == labels[..., None, None]).flatten(-2).all(-1)
+    assert interior.float().mean() > 0.5
+    expected = torch.from_numpy(palette).float()[labels].permute(0, 3, 1, 2)
+    err = (colours - expected).abs().amax(1)[interior]
+    assert err.max() < 2.0, err.max()
+    # a label flipped against its image would not pass
+    err_flipped = (colours - expected.flip(-1)).abs().amax(1)[interior & interior.flip(-1)]
+    assert err_flipped.mean() > 20
+
+
+def test_the_experiments_command_sends_pretrain_its_own_way(capsys):
+    from experiments.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--results", "somewhere", "pretrain", "--steps", "1"])
+    assert exit_info.value.code == 2 and "pretrain writes its weights to its --out file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--backbone", "resnet7"])
+    assert exit_info.value.code == 2 and "invalid choice: 'resnet7'" in capsys.readouterr().err
