@@ -61,12 +61,25 @@ def cmd_list(args):
                      "paper": f"T{paper['table']}/{paper['row']} {paper['source']}" if paper else None,
                      "available": missing is None, "unavailable_reason": missing,
                      "family": row.get("family"), "baseline": row.get("baseline"), "note": row.get("note")})
+    costs = None
+    if args.cost:
+        from . import cost
+
+        entries = cost.load_step_times()
+        costs = {r["row"]: cost.row_cost(manifest.resolve(r["row"]), entries, args.gpu) for r in rows}
+        for r in rows:
+            c = costs[r["row"]]
+            r.update(gpu_hours=None if c["gpu_hours"] is None else round(c["gpu_hours"], 1),
+                     seconds_per_step=c["seconds_per_step"], steps=c["steps"], measured_on=c["measured"])
     if args.json:
         print(json.dumps(rows, indent=2))
         return
     for r in rows:
         r["built"] = "yes" if r["available"] else "not yet"
-    print(_table(rows, ["row", "variant", "ks", "backbone", "epochs", "status", "last_epoch", "paper", "built"]))
+    cols = ["row", "variant", "ks", "backbone", "epochs", "status", "last_epoch", "paper", "built"]
+    print(_table(rows, cols + (["steps", "seconds_per_step", "gpu_hours", "measured_on"] if costs else [])))
+    if costs:
+        print("\n" + "\n".join(cost.cost_lines(costs)))
     reasons = sorted({r["unavailable_reason"] for r in rows if not r["available"]})
     if reasons:
         print("\nnot built yet (`run` and `submit` refuse these rows with this message):\n  " + "\n  ".join(reasons))
@@ -193,6 +206,11 @@ def build_parser():
                                    "interrupted, done, failed).")
     p.add_argument("manifest", help=manifest_help)
     p.add_argument("--json", action="store_true", help="print JSON (with family, baseline, note) instead of a table")
+    p.add_argument("--cost", action="store_true",
+                   help="estimated GPU-hours of each row's training steps, from the step times measured on a GPU "
+                        "in results/step_times.json (python -m experiments.benchmarks.step_time); rows without "
+                        "a measurement say so")
+    p.add_argument("--gpu", help="with --cost: use only step times measured on this GPU (its CUDA name)")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("run", parents=[results_option], help="train and evaluate rows on this machine",

@@ -176,6 +176,14 @@ def submit(manifest, rows, overrides, opts, results=records.RESULTS, dry_run=Fal
             print(f"{row}: srun (x{world}) {job.command(manifest.name)}   "
                   f"[total batch {total} = {cfgs[row]['train']['batch_size']} x {world} x {accumulation} "
                   f"accumulation]", file=out)
+        from . import cost
+
+        try:
+            entries = cost.load_step_times()
+        except ValueError as e:  # a broken step-time file must not hide the dry run itself
+            print(f"no cost estimate: {e}", file=out)
+        else:
+            print("\n".join(cost.cost_lines({row: cost.row_cost(cfgs[row], entries) for row in todo})), file=out)
         script = sbatch_preview(folder, {**params, **({"map_count": len(todo)} if len(todo) > 1 else {})})
         if script:
             print("sbatch script (per job):\n" + script, file=out)

@@ -19,15 +19,18 @@ from models import build_model, model_targets
 
 
 def random_batch(batch_size, size, num_classes, device, generator):
-    images = torch.randn(batch_size, 3, size, size, generator=generator)
+    """Random images of size x size pixels (or size = (height, width)) with 1-5 random boxes each."""
+    h, w = (size, size) if isinstance(size, int) else size
+    images = torch.randn(batch_size, 3, h, w, generator=generator)
+    extent = torch.tensor([w, h], dtype=torch.float32)
     targets = []
     for _ in range(batch_size):
         n = int(torch.randint(1, 6, (), generator=generator))
-        xy = torch.rand(n, 2, generator=generator) * size * 0.6
-        wh = torch.rand(n, 2, generator=generator) * (size * 0.4 - 8) + 8  # xy + wh stays inside the image
+        xy = torch.rand(n, 2, generator=generator) * extent * 0.6
+        wh = torch.rand(n, 2, generator=generator) * (extent * 0.4 - 8) + 8  # xy + wh stays inside the image
         labels = torch.randint(num_classes, (n,), generator=generator)
-        targets.append({"boxes": torch.cat([xy, xy + wh], 1), "labels": labels, "size": torch.tensor([size, size])})
-    padding = torch.zeros(batch_size, size, size, dtype=torch.bool)
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1), "labels": labels, "size": torch.tensor([h, w])})
+    padding = torch.zeros(batch_size, h, w, dtype=torch.bool)
     return images.to(device), padding.to(device), model_targets(targets, device)
 
 

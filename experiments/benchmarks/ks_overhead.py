@@ -1,0 +1,243 @@
+"""What knowledge sharing costs: each variant's ResNet-50 baseline row against its KS row.
+
+    python -m experiments.benchmarks.ks_overhead [--manifest table1] [--sizes 256 512] [--device cpu|cuda]
+                                                 [--variants dab_detr deformable_detr ...] [--repeats 5]
+
+For every variant of the manifest, the first pair of rows on a ResNet-50 (--backbone; a KS row and the
+row it names as its baseline) is built with the same seed from a random initialisation (no weights are loaded) and
+fed the same random batch of the row's `train.batch_size` images of S x S pixels with random boxes.
+Printed per variant and size, all measured in this one run:
+
+- train: forward + loss + backward + optimizer step, the KS row (with its teachers) over the baseline;
+- infer: an evaluation forward without gradients (the KS row runs its student only);
+- the steps of the two rows are interleaved and each time is the median over --repeats steps, so
+  that a machine's drift hits both alike;
+- peak memory of two training steps above what the built model holds before them:
+  max_memory_allocated on CUDA; on CPU (Linux) the peak resident set size of a child process that
+  builds the row and runs the steps, less its size before the first step (the whole peak, torch
+  included, is printed beside it);
+- the parameter counts of both rows, and of the KS row without its teacher parameters (what runs at
+  inference; it should equal the baseline's);
+- f_dec: the decoder's share of the baseline's training step (its forward + backward on the captured
+  inputs, timed alone), and the floor 1 + k f_dec of the train ratio, k being the number of teachers:
+  each teacher adds one pass of the decoder (and of the heads and matching, not counted here).
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from experiments.benchmarks.backbone_autocast import random_batch
+from experiments.build import model_config, pick_device
+from experiments.config import Manifest
+from experiments.training import build_optimizer
+from models import build_model, is_teacher_parameter
+from models.ks_encoder import TEACHER_BRANCHES
+
+NUM_CLASSES = 91  # COCO's category ids, as the table rows build them
+BACKBONE = "resnet50"
+
+
+def row_pairs(manifest, variants=None, backbone=BACKBONE):
+    """[(variant, baseline row, KS row)]: per variant, the first KS row on `backbone` with a baseline."""
+    pairs, seen = [], set()
+    for name, row in manifest.rows.items():
+        cfg = manifest.resolve(name)
+        variant = cfg["model"]["variant"]
+        if (row.get("baseline") and cfg["model"]["ks"]["mode"] != "none" and variant not in seen
+                and cfg["model"]["backbone"]["name"] == backbone and (not variants or variant in variants)):
+            seen.add(variant)
+            pairs.append((variant, row["baseline"], name))
+    missing = sorted(set(variants or ()) - seen)
+    if missing:
+        raise SystemExit(f"error: manifest {manifest.path} has no {backbone} baseline/KS pair for {missing}")
+    if not pairs:
+        raise SystemExit(f"error: manifest {manifest.path} has no {backbone} baseline/KS pair")
+    return pairs
+
+
+def build(manifest, row, device):
+    cfg = manifest.resolve(row, ["model.backbone.weights=null"])
+    torch.manual_seed(0)
+    model, criterion = build_model(model_config(cfg), NUM_CLASSES)
+    model.to(device)
+    return cfg, model, criterion, build_optimizer(model, cfg["train"])
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_step(model, criterion, optimizer, batch):
+    images, padding, targets = batch
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    criterion(model(images, padding, targets), targets)["loss"].backward()
+    optimizer.step()
+
+
+@torch.no_grad()
+def infer_step(model, batch):
+    model.eval()
+    model(batch[0], batch[1])
+
+
+def timed(step, device):
+    sync(device)
+    t0 = time.perf_counter()
+    step()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def decoder_seconds(model, criterion, optimizer, batch, repeats, device):
+    """Median time of the decoder's forward + backward alone, on inputs captured in a training step."""
+    seen = {}
+    handle = model.decoder.register_forward_hook(
+        lambda module, args, kwargs, out: seen.update(args=args, kwargs=kwargs), with_kwargs=True)
+    try:
+        train_step(model, criterion, optimizer, batch)
+    finally:
+        handle.remove()
+
+    def leaf(v):  # float tensors become leaves that want gradients, as the encoder output does in training
+        return v.detach().requires_grad_(v.is_floating_point()) if torch.is_tensor(v) else v
+
+    args = [leaf(a) for a in seen["args"]]
+    kwargs = {k: leaf(v) for k, v in seen["kwargs"].items()}
+
+    def tensors(out):  # the decoders return tensors or (nested) lists of them
+        if torch.is_tensor(out):
+            return [out] if out.requires_grad else []
+        return [t for item in (out if isinstance(out, (tuple, list)) else ()) for t in tensors(item)]
+
+    def step():
+        sum(t.float().mean() for t in tensors(model.decoder(*args, **kwargs))).backward()
+
+    step()  # warm-up
+    return statistics.median(timed(step, device) for _ in range(repeats))
+
+
+def peak_memory(manifest_name, row, size, device):
+    """(step bytes, whole peak bytes) of two training steps: CUDA in this process, CPU in a child."""
+    if device.type == "cuda":
+        manifest = Manifest(manifest_name)
+        cfg, model, criterion, optimizer = build(manifest, row, device)
+        batch = random_batch(cfg["train"]["batch_size"], size, NUM_CLASSES, device, torch.Generator().manual_seed(0))
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(2):
+            train_step(model, criterion, optimizer, batch)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(device)
+        del model, optimizer
+        torch.cuda.empty_cache()
+        return peak - before, peak
+    out = subprocess.run([sys.executable, "-m", "experiments.benchmarks.ks_overhead", "--child-memory", manifest_name,
+                          row, str(size)], capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise SystemExit(f"error: the memory child for {row} at {size} px failed:\n{out.stderr[-2000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return result["step"], result["peak"]
+
+
+def _status_bytes(key):
+    """A size from /proc/self/status (VmRSS: now, VmHWM: the peak), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def child_memory(manifest_name, row, size):
+    """Run in a fresh process: the resident set's peak during two CPU training steps above its size
+    before them. Linux resets the peak (VmHWM) when 5 is written to /proc/self/clear_refs, so the
+    model's construction does not count."""
+    cfg, model, criterion, optimizer = build(Manifest(manifest_name), row, torch.device("cpu"))
+    batch = random_batch(cfg["train"]["batch_size"], size, NUM_CLASSES, "cpu", torch.Generator().manual_seed(0))
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_bytes("VmRSS")
+    for _ in range(2):
+        train_step(model, criterion, optimizer, batch)
+    peak = _status_bytes("VmHWM")
+    print(json.dumps({"step": peak - before, "peak": peak}))
+
+
+def count(model, inference=False):
+    return sum(p.numel() for n, p in model.named_parameters() if not (inference and is_teacher_parameter(n)))
+
+
+def measure_pair(manifest, variant, base_row, ks_row, size, repeats, device):
+    base = build(manifest, base_row, device)
+    ks = build(manifest, ks_row, device)
+    cfg = base[0]
+    batch = random_batch(cfg["train"]["batch_size"], size, NUM_CLASSES, device, torch.Generator().manual_seed(0))
+    times = {key: [] for key in ("train_base", "train_ks", "infer_base", "infer_ks")}
+    for rows in (base, ks):  # warm-up
+        train_step(*rows[1:], batch)
+        infer_step(rows[1], batch)
+    for _ in range(repeats):
+        times["train_base"].append(timed(lambda: train_step(*base[1:], batch), device))
+        times["train_ks"].append(timed(lambda: train_step(*ks[1:], batch), device))
+        times["infer_base"].append(timed(lambda: infer_step(base[1], batch), device))
+        times["infer_ks"].append(timed(lambda: infer_step(ks[1], batch), device))
+    median = {k: statistics.median(v) for k, v in times.items()}
+    f_dec = decoder_seconds(*base[1:], batch, repeats, device) / median["train_base"]
+    teachers = len(TEACHER_BRANCHES[ks[0]["model"]["ks"]["mode"]])
+    params = (count(base[1]), count(ks[1]), count(ks[1], inference=True))
+    del base, ks
+    memory = {row: peak_memory(str(manifest.path), row, size, device) for row in (base_row, ks_row)}
+    return dict(variant=variant, rows=(base_row, ks_row), size=size, batch=cfg["train"]["batch_size"],
+                teachers=teachers, f_dec=f_dec, floor=1 + teachers * f_dec, params=params,
+                memory=(memory[base_row], memory[ks_row]), **median)
+
+
+def report(r):
+    (base_step, base_peak), (ks_step, ks_peak) = r["memory"]
+    gib = 2 ** 30
+    train, infer = r["train_ks"] / r["train_base"], r["infer_ks"] / r["infer_base"]
+    return "\n".join([
+        f"{r['variant']} ({r['rows'][0]} vs {r['rows'][1]}), batch {r['batch']} x {r['size']} px:",
+        f"  train  {r['train_base'] * 1e3:8.1f} ms -> {r['train_ks'] * 1e3:8.1f} ms   {train:5.2f}x   "
+        f"(floor 1 + {r['teachers']} f_dec = {r['floor']:.2f}, f_dec {r['f_dec']:.2f}; {train / r['floor']:.2f}x the floor)",
+        f"  infer  {r['infer_base'] * 1e3:8.1f} ms -> {r['infer_ks'] * 1e3:8.1f} ms   {infer:5.2f}x",
+        f"  memory {base_step / gib:6.2f} GiB -> {ks_step / gib:6.2f} GiB per step   "
+        f"{ks_step / max(base_step, 1):5.2f}x   (whole peak {base_peak / gib:.2f} -> {ks_peak / gib:.2f} GiB)",
+        f"  params {r['params'][0]:,} -> {r['params'][1]:,} in training, {r['params'][2]:,} at inference"
+        + ("" if r["params"][2] == r["params"][0] else "  (NOT the baseline's)"),
+    ])
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--child-memory"]:
+        return child_memory(argv[1], argv[2], int(argv[3]))
+    parser = argparse.ArgumentParser(prog="python -m experiments.benchmarks.ks_overhead", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manifest", default="table1", help="manifest name or path (default: %(default)s)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="square image sides in px")
+    parser.add_argument("--variants", nargs="+", help="variants to measure (default: every variant of the manifest)")
+    parser.add_argument("--backbone", default=BACKBONE, help="backbone of the row pairs (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per row and kind (default: %(default)s)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    args = parser.parse_args(argv)
+    device = pick_device(args.device)
+    manifest = Manifest(args.manifest)
+    pairs = row_pairs(manifest, args.variants, args.backbone)
+    print(f"{manifest.name} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
+          f"{torch.get_num_threads()} threads), torch {torch.__version__}, medians of {args.repeats} interleaved steps",
+          flush=True)
+    for variant, base_row, ks_row in pairs:
+        for size in args.sizes:
+            print(report(measure_pair(manifest, variant, base_row, ks_row, size, args.repeats, device)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
