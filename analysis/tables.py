@@ -9,7 +9,10 @@ KS-DN-Deformable-DETR-R50: printed +2.1, 46.5 - 43.4 = 3.1).
 Writes results/tables/<manifest>.md, .csv (plain numbers, empty when missing, plus a status column)
 and .tex (a booktabs tabular).
 """
+import json
 import math
+import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -174,6 +177,69 @@ def runs_report(manifest, results=records.RESULTS):
     return _frame(lines, RUN_COLUMNS)
 
 
+SEED_SUFFIX = re.compile(r"_seed\d+$")
+
+
+def seed_groups(manifest):
+    """{group name: [rows]} for rows whose configurations differ only in train.seed (groups of two or
+    more rows); a group is named after its rows without their `_seed<N>` suffix when they share one."""
+    groups = {}
+    for name in manifest.rows:
+        cfg = manifest.resolve(name)
+        cfg["train"] = {k: v for k, v in cfg["train"].items() if k != "seed"}
+        groups.setdefault(json.dumps(cfg, sort_keys=True, default=str), []).append(name)
+    out = {}
+    for rows in groups.values():
+        if len(rows) > 1:
+            stems = {SEED_SUFFIX.sub("", r) for r in rows}
+            out[stems.pop() if len(stems) == 1 else f"{rows[0]} (+{len(rows) - 1} seeds)"] = rows
+    return out
+
+
+def _mean_sd(values):
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def seeds_report(manifest, df):
+    """Mean and sample standard deviation over the seed rows of each group (finished rows only), per
+    branch, with the KS gain in AP over the rows' baselines (paired row by row)."""
+    lines = []
+    for group, rows in seed_groups(manifest).items():
+        for branch in dict.fromkeys(df.loc[df["manifest_row"].isin(rows), "branch"]):
+            sel = df[df["manifest_row"].isin(rows) & (df["branch"] == branch) & (df["status"] == "done")]
+            line = {"group": group, "branch": branch, "rows": " ".join(rows), "done": len(sel), "of": len(rows)}
+            for m in METRICS:
+                line[f"{m}_mean"], line[f"{m}_sd"] = _mean_sd(sel[m].tolist())
+            gains = sel["gain_AP"].tolist() if branch == "attn1" else []
+            line["gain_AP_mean"], line["gain_AP_sd"] = _mean_sd(gains)
+            line["gains_AP"] = " ".join(f"{g:+.1f}" for g in gains if not math.isnan(g))
+            lines.append(line)
+    return pd.DataFrame(lines)
+
+
+def _pm(mean, sd):
+    if math.isnan(mean):
+        return ""
+    return f"{mean:.1f}" + ("" if math.isnan(sd) else f" ± {sd:.1f}")
+
+
+def seeds_markdown(sdf):
+    header = ["Rows over seeds", "Branch", "Done", *METRICS, "KS gain AP", "per seed"]
+    rows = [header, ["---", "---", "---:"] + ["---:"] * (len(METRICS) + 2)]
+    for _, r in sdf.iterrows():
+        gain = "" if math.isnan(r["gain_AP_mean"]) else (f"{r['gain_AP_mean']:+.1f}" + (
+            "" if math.isnan(r["gain_AP_sd"]) else f" ± {r['gain_AP_sd']:.1f}"))
+        rows.append([r["group"], r["branch"], f"{r['done']}/{r['of']}",
+                     *[_pm(r[f"{m}_mean"], r[f"{m}_sd"]) for m in METRICS], gain, r["gains_AP"]])
+    table = "\n".join("| " + " | ".join(cells) + " |" for cells in rows)
+    return ("## Over training seeds\n\n" + table + "\n\nMean ± sample standard deviation over the finished "
+            "rows of each group (rows whose configurations differ only in train.seed); KS gain: each row minus "
+            "its baseline row, then mean ± standard deviation of those differences.\n")
+
+
 def open_manifest(name_or_path):
     """The manifest, or None for table1/table2 while their manifest does not exist yet."""
     from experiments.config import MANIFEST_DIR
@@ -296,6 +362,11 @@ def write_tables(name_or_path, results=records.RESULTS):
     name, kind, df = report(name_or_path, results)
     folder = Path(results) / "tables"
     markdown = to_markdown(name, kind, df)
+    if kind == "runs":
+        sdf = seeds_report(open_manifest(name_or_path), df)
+        if len(sdf):
+            markdown += "\n" + seeds_markdown(sdf)
+            records.atomic_write(folder / f"{name}_seeds.csv", sdf.to_csv(index=False))
     records.atomic_write(folder / f"{name}.md", markdown)
     records.atomic_write(folder / f"{name}.csv", df.to_csv(index=False))
     records.atomic_write(folder / f"{name}.tex", to_latex(name, kind, df))

@@ -267,3 +267,37 @@ def test_learning_report_from_records(tmp_path):
     markdown = write_learning(str(manifest), results)
     assert "| a | first \\| setting | done | 2 | 65.4 | 0.4 | 145.7 |  | 70.0 | 12.3 | 0.481 → 0.307 | 3.0 |" in markdown
     assert (results / "tables" / "ladder_learning.csv").is_file()
+
+
+def test_seed_rows_get_mean_and_spread(tmp_path):
+    """Rows that differ only in train.seed form a group: mean ± sample standard deviation per branch,
+    and the KS gain paired row by row with each row's baseline."""
+    rows = []
+    for seed in (0, 1, 2):
+        rows.append({"name": f"base_seed{seed}", "config": {"train": {"seed": seed}}})
+        rows.append({"name": f"ks_seed{seed}", "baseline": f"base_seed{seed}",
+                     "config": {"model": {"ks": {"mode": "triple"}}, "train": {"seed": seed}}})
+    rows.append({"name": "other", "config": {"train": {"seed": 7, "lr": 1.0e-3}}})  # alone: no group
+    manifest = write_manifest(tmp_path / "seeds.yaml", rows)
+    results = tmp_path / "results"
+    base_ap, ks_ap = (0.30, 0.32, 0.31), (0.33, 0.34, 0.36)
+    for seed in (0, 1, 2):
+        b = {"attn1": metrics(base_ap[seed])}
+        k = {"attn1": metrics(ks_ap[seed]), "attn3": metrics(0.5)}
+        write_run(results, "seeds", f"base_seed{seed}", "done", [(1, b)], b)
+        if seed < 2:
+            write_run(results, "seeds", f"ks_seed{seed}", "done", [(1, k)], k)
+    write_run(results, "seeds", "ks_seed2", "incomplete", [(1, None)])
+    markdown = write_tables(str(manifest), results)
+    assert "## Over training seeds" in markdown
+    sdf = pd.read_csv(results / "tables" / "seeds_seeds.csv")
+    assert sdf["group"].tolist() == ["base", "ks", "ks"] and sdf["branch"].tolist() == ["attn1", "attn1", "attn3"]
+    base, ks, teacher = (sdf.iloc[i] for i in range(3))
+    assert (base["done"], base["of"]) == (3, 3) and (ks["done"], ks["of"]) == (2, 3)
+    assert base["AP_mean"] == pytest.approx(31.0) and base["AP_sd"] == pytest.approx(1.0)
+    assert ks["AP_mean"] == pytest.approx(33.5) and ks["AP_sd"] == pytest.approx(0.7071, abs=1e-4)
+    assert ks["gain_AP_mean"] == pytest.approx(2.5) and ks["gain_AP_sd"] == pytest.approx(0.7071, abs=1e-4)
+    assert ks["gains_AP"] == "+3.0 +2.0" and math.isnan(base["gain_AP_mean"])
+    assert teacher["AP_mean"] == pytest.approx(50.0) and math.isnan(teacher["gain_AP_mean"])
+    assert "| ks | attn1 | 2/3 | 33.5 ± 0.7 | 53.5 ± 0.7 |" in markdown
+    assert "| +2.5 ± 0.7 | +3.0 +2.0 |" in markdown
