@@ -47,6 +47,7 @@ def learnt(ap50, moved):
 @pytest.mark.skipif(not SYNTHETIC_WEIGHTS.is_file(), reason="the committed synthetic backbone is missing")
 def test_training_learns_to_detect_its_training_images(tmp_path):
     ap50, moved, log = train_and_score(tmp_path)
+    print(f"AP50 {ap50:.3f} on the training images, {moved:.3f} on other images")  # shown by pytest -rP
     assert learnt(ap50, moved), f"AP50 {ap50:.3f} on the training images, {moved:.3f} on other images"
     assert log[-1]["train"]["loss_class"] < 0.7 * log[0]["train"]["loss_class"]
 
@@ -83,4 +84,5 @@ def test_the_threshold_fails_when_learning_is_broken(tmp_path, monkeypatch, brea
     else:
         extra = ["train.lr=0", "train.lr_backbone=0"]
     ap50, moved, _ = train_and_score(tmp_path, *extra)
+    print(f"{breakage}: AP50 {ap50:.3f}, on other images {moved:.3f}")  # shown by pytest -rP
     assert not learnt(ap50, moved), f"{breakage}: AP50 {ap50:.3f}, on other images {moved:.3f}"
