@@ -64,8 +64,12 @@ def cmd_list(args):
     costs = None
     if args.cost:
         from . import cost
+        from .errors import RunError
 
-        entries = cost.load_step_times()
+        try:
+            entries = cost.load_step_times()
+        except ValueError as e:
+            raise RunError(str(e)) from None
         costs = {r["row"]: cost.row_cost(manifest.resolve(r["row"]), entries, args.gpu) for r in rows}
         for r in rows:
             c = costs[r["row"]]

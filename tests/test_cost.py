@@ -73,6 +73,9 @@ def test_step_time_benchmark_writes_and_list_cost_reads(tmp_path, monkeypatch, c
     main(["list", "demo", "--cost", "--gpu", "NVIDIA H100"])
     out = capsys.readouterr().out
     assert "no estimate for 2 row(s)" in out and "on NVIDIA H100" in out
+    cost.STEP_TIMES.write_text("{")
+    with pytest.raises(SystemExit, match="step_times.json: not valid JSON"):
+        main(["list", "demo", "--cost"])
 
 
 def test_ks_overhead_benchmark_prints_ratios_floor_memory_and_parameters(capsys):
