@@ -1,21 +1,37 @@
-"""Benchmark scripts: they print timings and ratios measured in one run (never asserted in tests)."""
+"""Benchmark scripts: they print timings and ratios measured in one run (never asserted in tests).
+
+Shared here: timing (CUDA work is waited for before the clock is read), a random detection batch and
+one training step of a model."""
 import time
 
 import torch
 
+from models import model_targets
+
+
+def synchronize(device):
+    """Waits for queued CUDA work on `device` (nothing on CPU)."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds(step, device=None):
+    """Wall time of one call of `step()`, CUDA work included."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    step()
+    synchronize(device)
+    return time.perf_counter() - t0
+
 
 def mean_seconds(step, repeats, device=None):
     """Mean wall time of `step()` over `repeats` calls after one warm-up call (CUDA work is waited for)."""
-    cuda = device is not None and torch.device(device).type == "cuda"
+    def repeated():
+        for _ in range(repeats):
+            step()
+
     step()  # warm-up
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / repeats
+    return seconds(repeated, device) / repeats
 
 
 def print_ratios(times, base, line):
@@ -23,3 +39,29 @@ def print_ratios(times, base, line):
     `ratio` (to times[base])."""
     for name, t in times.items():
         print(line.format(name=name, ms=t * 1000, ratio=t / times[base]))
+
+
+def random_batch(batch_size, size, num_classes, device, generator):
+    """Random images of size x size pixels (or size = (height, width)) with 1-5 random boxes each:
+    (images, padding mask, model targets) on `device`."""
+    h, w = (size, size) if isinstance(size, int) else size
+    images = torch.randn(batch_size, 3, h, w, generator=generator)
+    extent = torch.tensor([w, h], dtype=torch.float32)
+    targets = []
+    for _ in range(batch_size):
+        n = int(torch.randint(1, 6, (), generator=generator))
+        xy = torch.rand(n, 2, generator=generator) * extent * 0.6
+        wh = torch.rand(n, 2, generator=generator) * (extent * 0.4 - 8) + 8  # xy + wh stays inside the image
+        labels = torch.randint(num_classes, (n,), generator=generator)
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1), "labels": labels, "size": torch.tensor([h, w])})
+    padding = torch.zeros(batch_size, h, w, dtype=torch.bool)
+    return images.to(device), padding.to(device), model_targets(targets, device)
+
+
+def train_step(model, criterion, optimizer, batch):
+    """One training step on `batch` (from random_batch): forward, loss, backward, optimizer step."""
+    images, padding, targets = batch
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    criterion(model(images, padding, targets), targets)["loss"].backward()
+    optimizer.step()

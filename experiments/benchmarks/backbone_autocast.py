@@ -11,39 +11,11 @@ import argparse
 
 import torch
 
-from experiments.benchmarks import mean_seconds, print_ratios
+from experiments.benchmarks import mean_seconds, print_ratios, random_batch, train_step
 from experiments.config import Manifest
 from experiments.build import model_config, pick_device
 from experiments.training import build_optimizer
-from models import build_model, model_targets
-
-
-def random_batch(batch_size, size, num_classes, device, generator):
-    """Random images of size x size pixels (or size = (height, width)) with 1-5 random boxes each."""
-    h, w = (size, size) if isinstance(size, int) else size
-    images = torch.randn(batch_size, 3, h, w, generator=generator)
-    extent = torch.tensor([w, h], dtype=torch.float32)
-    targets = []
-    for _ in range(batch_size):
-        n = int(torch.randint(1, 6, (), generator=generator))
-        xy = torch.rand(n, 2, generator=generator) * extent * 0.6
-        wh = torch.rand(n, 2, generator=generator) * (extent * 0.4 - 8) + 8  # xy + wh stays inside the image
-        labels = torch.randint(num_classes, (n,), generator=generator)
-        targets.append({"boxes": torch.cat([xy, xy + wh], 1), "labels": labels, "size": torch.tensor([h, w])})
-    padding = torch.zeros(batch_size, h, w, dtype=torch.bool)
-    return images.to(device), padding.to(device), model_targets(targets, device)
-
-
-def time_steps(model, criterion, optimizer, batch, repeats, device):
-    images, padding, targets = batch
-    model.train()
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        criterion(model(images, padding, targets), targets)["loss"].backward()
-        optimizer.step()
-
-    return mean_seconds(step, repeats, device)
+from models import build_model
 
 
 def main(argv=None):
@@ -64,7 +36,8 @@ def main(argv=None):
         model.to(device)
         optimizer = build_optimizer(model, cfg["train"])
         batch = random_batch(cfg["train"]["batch_size"], args.size, 5, device, torch.Generator().manual_seed(0))
-        times[autocast or "float32"] = time_steps(model, criterion, optimizer, batch, args.repeats, device)
+        times[autocast or "float32"] = mean_seconds(lambda: train_step(model, criterion, optimizer, batch),
+                                                     args.repeats, device)
     print(f"{args.manifest}/{args.row} on {device}, batch {cfg['train']['batch_size']} x {args.size} px, "
           f"{args.repeats} steps each")
     print_ratios(times, "float32", "  backbone {name:9s} {ms:8.1f} ms/step   {ratio:5.2f}x float32")

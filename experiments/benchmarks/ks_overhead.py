@@ -27,12 +27,12 @@ import json
 import statistics
 import subprocess
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from experiments.benchmarks.backbone_autocast import random_batch
+from experiments.benchmarks import random_batch, seconds, train_step
 from experiments.build import model_config, pick_device
 from experiments.config import Manifest
 from experiments.training import build_optimizer
@@ -61,25 +61,15 @@ def row_pairs(manifest, variants=None, backbone=BACKBONE):
     return pairs
 
 
-def build(manifest, row, device):
+def build(manifest, row, device, size):
+    """(cfg, (model, criterion, optimizer), batch): the row from a random initialisation (seed 0) on
+    `device`, and a random batch of its `train.batch_size` images of `size` (random_batch)."""
     cfg = manifest.resolve(row, ["model.backbone.weights=null"])
     torch.manual_seed(0)
     model, criterion = build_model(model_config(cfg), NUM_CLASSES)
     model.to(device)
-    return cfg, model, criterion, build_optimizer(model, cfg["train"])
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def train_step(model, criterion, optimizer, batch):
-    images, padding, targets = batch
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    criterion(model(images, padding, targets), targets)["loss"].backward()
-    optimizer.step()
+    batch = random_batch(cfg["train"]["batch_size"], size, NUM_CLASSES, device, torch.Generator().manual_seed(0))
+    return cfg, (model, criterion, build_optimizer(model, cfg["train"])), batch
 
 
 @torch.no_grad()
@@ -88,21 +78,15 @@ def infer_step(model, batch):
     model(batch[0], batch[1])
 
 
-def timed(step, device):
-    sync(device)
-    t0 = time.perf_counter()
-    step()
-    sync(device)
-    return time.perf_counter() - t0
-
-
-def decoder_seconds(model, criterion, optimizer, batch, repeats, device):
-    """Median time of the decoder's forward + backward alone, on inputs captured in a training step."""
+def decoder_seconds(trainee, batch, repeats, device):
+    """Median time of the decoder's forward + backward alone, on inputs captured in a training step
+    (trainee: model, criterion, optimizer)."""
+    model = trainee[0]
     seen = {}
     handle = model.decoder.register_forward_hook(
         lambda module, args, kwargs, out: seen.update(args=args, kwargs=kwargs), with_kwargs=True)
     try:
-        train_step(model, criterion, optimizer, batch)
+        train_step(*trainee, batch)
     finally:
         handle.remove()
 
@@ -121,23 +105,21 @@ def decoder_seconds(model, criterion, optimizer, batch, repeats, device):
         sum(t.float().mean() for t in tensors(model.decoder(*args, **kwargs))).backward()
 
     step()  # warm-up
-    return statistics.median(timed(step, device) for _ in range(repeats))
+    return statistics.median(seconds(step, device) for _ in range(repeats))
 
 
 def peak_memory(manifest_name, row, size, device):
     """(step bytes, whole peak bytes) of two training steps: CUDA in this process, CPU in a child."""
     if device.type == "cuda":
-        manifest = Manifest(manifest_name)
-        cfg, model, criterion, optimizer = build(manifest, row, device)
-        batch = random_batch(cfg["train"]["batch_size"], size, NUM_CLASSES, device, torch.Generator().manual_seed(0))
+        _, trainee, batch = build(Manifest(manifest_name), row, device, size)
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         for _ in range(2):
-            train_step(model, criterion, optimizer, batch)
+            train_step(*trainee, batch)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(device)
-        del model, optimizer
+        del trainee, batch
         torch.cuda.empty_cache()
         return peak - before, peak
     out = subprocess.run([sys.executable, "-m", "experiments.benchmarks.ks_overhead", "--child-memory", manifest_name,
@@ -160,15 +142,14 @@ def child_memory(manifest_name, row, size):
     """Run in a fresh process: the resident set's peak during two CPU training steps above its size
     before them. Linux resets the peak (VmHWM) when 5 is written to /proc/self/clear_refs, so the
     model's construction does not count."""
-    cfg, model, criterion, optimizer = build(Manifest(manifest_name), row, torch.device("cpu"))
-    batch = random_batch(cfg["train"]["batch_size"], size, NUM_CLASSES, "cpu", torch.Generator().manual_seed(0))
+    _, trainee, batch = build(Manifest(manifest_name), row, torch.device("cpu"), size)
     try:
         Path("/proc/self/clear_refs").write_text("5")
         before = _status_bytes("VmRSS")
     except OSError:  # no reset allowed: the peak may then include the model's construction
         before = _status_bytes("VmHWM")
     for _ in range(2):
-        train_step(model, criterion, optimizer, batch)
+        train_step(*trainee, batch)
     peak = _status_bytes("VmHWM")
     print(json.dumps({"step": peak - before, "peak": peak}))
 
@@ -178,24 +159,21 @@ def count(model, inference=False):
 
 
 def measure_pair(manifest, variant, base_row, ks_row, size, repeats, device):
-    base = build(manifest, base_row, device)
-    ks = build(manifest, ks_row, device)
-    cfg = base[0]
-    batch = random_batch(cfg["train"]["batch_size"], size, NUM_CLASSES, device, torch.Generator().manual_seed(0))
-    times = {key: [] for key in ("train_base", "train_ks", "infer_base", "infer_ks")}
-    for rows in (base, ks):  # warm-up
-        train_step(*rows[1:], batch)
-        infer_step(rows[1], batch)
+    cfg, base, batch = build(manifest, base_row, device, size)
+    ks_cfg, ks, _ = build(manifest, ks_row, device, size)  # the same batch: the rows share train.batch_size
+    steps = {"train_base": partial(train_step, *base, batch), "train_ks": partial(train_step, *ks, batch),
+             "infer_base": partial(infer_step, base[0], batch), "infer_ks": partial(infer_step, ks[0], batch)}
+    for step in steps.values():  # warm-up
+        step()
+    times = {key: [] for key in steps}
     for _ in range(repeats):
-        times["train_base"].append(timed(lambda: train_step(*base[1:], batch), device))
-        times["train_ks"].append(timed(lambda: train_step(*ks[1:], batch), device))
-        times["infer_base"].append(timed(lambda: infer_step(base[1], batch), device))
-        times["infer_ks"].append(timed(lambda: infer_step(ks[1], batch), device))
+        for key, step in steps.items():  # interleaved
+            times[key].append(seconds(step, device))
     median = {k: statistics.median(v) for k, v in times.items()}
-    f_dec = decoder_seconds(*base[1:], batch, repeats, device) / median["train_base"]
-    teachers = len(TEACHER_BRANCHES[ks[0]["model"]["ks"]["mode"]])
-    params = (count(base[1]), count(ks[1]), count(ks[1], inference=True))
-    del base, ks
+    f_dec = decoder_seconds(base, batch, repeats, device) / median["train_base"]
+    teachers = len(TEACHER_BRANCHES[ks_cfg["model"]["ks"]["mode"]])
+    params = (count(base[0]), count(ks[0]), count(ks[0], inference=True))
+    del base, ks, steps
     memory = {row: peak_memory(str(manifest.path), row, size, device) for row in (base_row, ks_row)}
     return dict(variant=variant, rows=(base_row, ks_row), size=size, batch=cfg["train"]["batch_size"],
                 teachers=teachers, f_dec=f_dec, floor=1 + teachers * f_dec, params=params,

@@ -15,12 +15,13 @@ GPU-hours. Only CUDA measurements are written, unless --allow-cpu (for trying th
 import argparse
 import datetime
 import statistics
+from functools import partial
 
 import torch
 
 from experiments import cost
-from experiments.benchmarks.backbone_autocast import random_batch
-from experiments.benchmarks.ks_overhead import NUM_CLASSES, build, timed, train_step
+from experiments.benchmarks import seconds, train_step
+from experiments.benchmarks.ks_overhead import build
 from experiments.build import pick_device
 from experiments.config import Manifest
 
@@ -39,20 +40,18 @@ def measure(manifest, rows, size, repeats, device):
         if frozen in seen:
             continue
         seen.add(frozen)
-        _, model, criterion, optimizer = build(manifest, row, device)
-        batch = random_batch(cfg["train"]["batch_size"], tuple(size), NUM_CLASSES, device,
-                             torch.Generator().manual_seed(0))
+        _, trainee, batch = build(manifest, row, device, tuple(size))
         for _ in range(2):  # warm-up (kernels, allocator, autotuning)
-            train_step(model, criterion, optimizer, batch)
-        seconds = statistics.median(timed(lambda: train_step(model, criterion, optimizer, batch), device)
-                                    for _ in range(repeats))
-        del model, optimizer
+            train_step(*trainee, batch)
+        step = partial(train_step, *trainee, batch)
+        step_seconds = statistics.median(seconds(step, device) for _ in range(repeats))
+        del trainee, batch, step
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        out.append((row, {**key, "seconds_per_step": round(seconds, 5), "gpu": device_name(device),
+        out.append((row, {**key, "seconds_per_step": round(step_seconds, 5), "gpu": device_name(device),
                           "torch": torch.__version__, "date": datetime.date.today().isoformat()}))
         print(f"{row:22s} {key['variant']:18s} {key['backbone']:9s} ks={key['ks_mode']:13s} batch "
-              f"{key['batch_size']}  {seconds * 1e3:9.1f} ms/step", flush=True)
+              f"{key['batch_size']}  {step_seconds * 1e3:9.1f} ms/step", flush=True)
     return out
 
 
