@@ -48,9 +48,9 @@ def _unavailable(cfg):
 
 def cmd_list(args):
     manifest = Manifest(args.manifest)
-    rows = []
+    rows, cfgs = [], {}
     for name, row in manifest.rows.items():
-        cfg = manifest.resolve(name)
+        cfg = cfgs[name] = manifest.resolve(name)
         m = cfg["model"]
         missing = _unavailable(cfg)
         directory = records.run_dir(manifest.name, name, args.results)
@@ -70,7 +70,7 @@ def cmd_list(args):
             entries = cost.load_step_times()
         except ValueError as e:
             raise RunError(str(e)) from None
-        costs = {r["row"]: cost.row_cost(manifest.resolve(r["row"]), entries, args.gpu) for r in rows}
+        costs = {r["row"]: cost.row_cost(cfgs[r["row"]], entries, args.gpu) for r in rows}
         for r in rows:
             c = costs[r["row"]]
             r.update(gpu_hours=None if c["gpu_hours"] is None else round(c["gpu_hours"], 1),

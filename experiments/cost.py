@@ -23,11 +23,11 @@ TRAIN_IMAGES = {("coco", "train2017"): 118287}
 KEY_FIELDS = ("variant", "backbone", "ks_mode", "batch_size", "image_size")
 
 
-def row_key(cfg, image_size):
-    """The measurement key of a resolved row configuration."""
+def row_key(cfg):
+    """What a step time depends on in a resolved row configuration (KEY_FIELDS but the image size)."""
     m = cfg["model"]
     return {"variant": m["variant"], "backbone": m["backbone"]["name"], "ks_mode": m["ks"]["mode"],
-            "batch_size": cfg["train"]["batch_size"], "image_size": list(image_size)}
+            "batch_size": cfg["train"]["batch_size"]}
 
 
 def train_images(cfg):
@@ -71,9 +71,7 @@ def row_cost(cfg, entries, gpu=None):
     """dict(gpu_hours, seconds_per_step, steps, gpu, measured) for a resolved row; gpu_hours None and
     `reason` set when no measurement (on `gpu`, when given) matches the row or the epoch size is unknown."""
     epoch_images = train_images(cfg)
-    m = cfg["model"]
-    want = {"variant": m["variant"], "backbone": m["backbone"]["name"], "ks_mode": m["ks"]["mode"],
-            "batch_size": cfg["train"]["batch_size"]}
+    want = row_key(cfg)
     matches = [e for e in entries if all(e[k] == v for k, v in want.items()) and (gpu is None or e["gpu"] == gpu)]
     out = {"gpu_hours": None, "seconds_per_step": None, "steps": None, "gpu": None, "measured": None, "reason": None}
     if epoch_images is None:

@@ -35,7 +35,7 @@ def measure(manifest, rows, size, repeats, device):
     out, seen = [], set()
     for row in rows:
         cfg = manifest.resolve(row)
-        key = cost.row_key(cfg, size)
+        key = {**cost.row_key(cfg), "image_size": list(size)}
         frozen = tuple(str(key[k]) for k in cost.KEY_FIELDS)
         if frozen in seen:
             continue
