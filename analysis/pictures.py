@@ -94,6 +94,13 @@ def ground_truth(dataset, image_id):
     return out
 
 
+def draw_ground_truth(ax, dataset, image_id):
+    """The image's ground-truth boxes on `ax`: white, dashed (dotted for crowd regions)."""
+    for (x0, y0, x1, y1), _, crowd in ground_truth(dataset, image_id):
+        ax.add_patch(patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white",
+                                       linestyle=":" if crowd else "--", linewidth=1.0, gid="gt"))
+
+
 def class_names(dataset):
     return [dataset.coco.cats[c]["name"] for c in dataset.category_ids]
 
@@ -150,9 +157,7 @@ def detections_figure(trained, image_ids, branches=None, score=0.3):
         for c, branch in enumerate(branches):
             ax = axes[r, c]
             ax.imshow(image)
-            for (x0, y0, x1, y1), _, crowd in ground_truth(trained.dataset, image_id):
-                ax.add_patch(patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white",
-                                               linestyle=":" if crowd else "--", linewidth=1.0, gid="gt"))
+            draw_ground_truth(ax, trained.dataset, image_id)
             d = dets[(image_id, branch)]
             for (x0, y0, x1, y1), s, label in zip(d["boxes"].tolist(), d["scores"].tolist(), d["labels"].tolist()):
                 colour = colours(label % 10)
@@ -357,9 +362,7 @@ def attention_figure(trained, image_id, points=None, per_head=False):
 
     ax = axes[0, 0]
     ax.imshow(image)
-    for (x0, y0, x1, y1), _, crowd in ground_truth(trained.dataset, image_id):
-        ax.add_patch(patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white",
-                                       linestyle=":" if crowd else "--", linewidth=1.0))
+    draw_ground_truth(ax, trained.dataset, image_id)
     for i, q in enumerate(queries):
         ax.plot(*token_xy(q), marker="*", markersize=12, color="red", markeredgecolor="white")
         ax.annotate(f"q{i + 1}", token_xy(q), color="white", fontsize=8, xytext=(4, 4), textcoords="offset points")
