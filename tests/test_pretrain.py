@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from datasets import synthetic
+from datasets.transforms import denormalize
 from experiments import pretrain
 from experiments.config import ConfigError, Manifest
 from models.backbone import SYNTHETIC_WEIGHTS, Backbone, build_backbone, file_sha256
@@ -130,9 +131,7 @@ def test_segmentation_crops_keep_images_and_labels_aligned():
         lab = np.kron(rng.integers(0, 6, (12, 12)), np.ones((16, 16), np.int64)).astype(np.uint8)  # 192 px
         pool.append((palette[lab], lab, []))
     images, labels = pretrain.segmentation_batch(pool, 8, 96, pretrain.SCALES, np.random.default_rng(1))
-    mean = torch.tensor(pretrain.IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(pretrain.IMAGENET_STD).view(1, 3, 1, 1)
-    colours = (images * std + mean) * 255  # (B, 3, S, S)
+    colours = denormalize(images) * 255  # (B, 3, S, S)
     # pixels whose 5x5 neighbourhood inside the crop has one label: away from the label edges that
     # resizing blurs and from the crop's border (the label just outside it is unknown)
     padded = torch.nn.functional.pad(labels[:, None].float(), (2, 2, 2, 2), value=-1)
