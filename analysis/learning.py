@@ -17,14 +17,10 @@ import pandas as pd
 from experiments import records
 
 from . import load_manifest, load_run, number
-from .tables import MOVED
+from .tables import MOVED, percent
 
 COLUMNS = ["manifest_row", "setting", "status", "epochs", "AP50", "AP50_moved", "ratio", "AP50_attn2", "AP50_attn3",
            "AP", "loss_class_first", "loss_class_last", "minutes"]
-
-
-def _ap50(metrics, branch):
-    return round(100 * number((metrics or {}).get(branch, {}).get("AP50")), 1)
 
 
 def learning_report(manifest_name, results=records.RESULTS):
@@ -41,8 +37,9 @@ def learning_report(manifest_name, results=records.RESULTS):
                         minutes=round(sum(number(e.get("time_s")) for e in run.log) / 60, 1))
         if run.state == "done":
             ev = run.eval
-            line.update(AP50=_ap50(ev, "attn1"), AP50_moved=_ap50(ev, MOVED), AP50_attn2=_ap50(ev, "attn2"),
-                        AP50_attn3=_ap50(ev, "attn3"), AP=round(100 * number(ev.get("attn1", {}).get("AP")), 1))
+            student = percent(ev.get("attn1"))
+            line.update(AP50=student["AP50"], AP=student["AP"], AP50_moved=percent(ev.get(MOVED))["AP50"],
+                        AP50_attn2=percent(ev.get("attn2"))["AP50"], AP50_attn3=percent(ev.get("attn3"))["AP50"])
             moved = number(ev.get(MOVED, {}).get("AP50"))
             if moved > 0:  # from the unrounded AP50s: a rounded 0.4 may be 0.35 or 0.44
                 line["ratio"] = round(number(ev.get("attn1", {}).get("AP50")) / moved, 1)
