@@ -143,7 +143,8 @@ def main(argv=None):
     p.add_argument("--image-id", type=int, help="validation image id (default: the first with two objects or more)")
     p.add_argument("--points", type=_point, nargs="+", metavar="X,Y",
                    help="query points in original-image pixels (default: two objects and the background)")
-    p.add_argument("--per-head", action="store_true", help="one row per attention head instead of their mean")
+    p.add_argument("--per-head", action="store_true",
+                   help="one row per attention head instead of their mean (standard-attention KS layers only)")
     p.set_defaults(func=cmd_attention)
 
     args = parser.parse_args(argv)
