@@ -1,10 +1,11 @@
 """COCO-format detection data: loader, DETR augmentation, COCO evaluation, synthetic data set."""
-from .coco import CocoDetection, build_dataset, collate
+from .coco import CocoDetection, build_dataset, build_split, collate, split_paths
 from .coco_eval import CocoEvaluator
+from .errors import DataError, DataNotFoundError
 from .transforms import make_transforms
 
-__all__ = ["CocoDetection", "build_dataset", "collate", "CocoEvaluator", "make_transforms",
-           "generate", "ensure_synthetic"]
+__all__ = ["CocoDetection", "build_dataset", "build_split", "split_paths", "collate", "CocoEvaluator",
+           "make_transforms", "DataError", "DataNotFoundError", "generate", "ensure_synthetic"]
 
 
 def __getattr__(name):

@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -25,8 +26,11 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from .errors import DataError
+
 FORMAT_VERSION = 1
 SPLIT_CODES = {"train": 0, "val": 1}
+COCO_IMAGE_FOLDER = re.compile(r"(train|val|test|unlabeled)20\d\d")  # COCO's train2017, val2014, ...
 
 # Non-contiguous ids on purpose (COCO's ids run 1..90 with gaps), so label mapping gets exercised.
 CATEGORIES = [
@@ -299,35 +303,70 @@ def generate(out_dir, n_train, n_val, seed, size=256):
     return out_dir
 
 
+def _written_by_generator(out_dir):
+    """The parsed meta.json of out_dir when datasets.synthetic wrote it, else None."""
+    try:
+        meta = json.loads((out_dir / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("generator") == "datasets.synthetic" else None
+
+
+def _coco_signs(out_dir):
+    """What makes out_dir look like a COCO-format data set: annotations/instances_*.json and image
+    folders named like train2017/val2017 (list of names, empty when none)."""
+    signs = sorted(f"annotations/{p.name}" for p in (out_dir / "annotations").glob("instances_*.json"))
+    try:
+        signs += sorted(f"{p.name}/" for p in out_dir.iterdir() if p.is_dir() and COCO_IMAGE_FOLDER.fullmatch(p.name))
+    except OSError:
+        pass
+    return signs
+
+
+def _not_synthetic(out_dir):
+    """DataError for an existing folder that datasets.synthetic did not write (never suggests deleting it)."""
+    signs = _coco_signs(out_dir)
+    if signs:
+        shown = ", ".join(signs[:4]) + (", ..." if len(signs) > 4 else "")
+        return DataError(f"{out_dir} looks like a COCO-format data set ({shown}; no meta.json of datasets.synthetic), "
+                         f"not a synthetic one: to train on it set data.dataset=coco (with data.root={out_dir} and "
+                         f"data.train_split/data.val_split naming its image folders), or choose another folder "
+                         f"for the synthetic set")
+    return DataError(f"{out_dir} exists, is not empty and was not written by datasets.synthetic (no meta.json of "
+                     f"the generator); it is left as it is: choose another folder (--out, or data.root) for the "
+                     f"synthetic set")
+
+
 def _check_existing(out_dir, params):
-    """Raise ValueError unless out_dir holds a finished data set generated with params."""
-    meta_file = out_dir / "meta.json"
-    if not meta_file.is_file():
-        raise ValueError(f"{out_dir} exists but has no meta.json, so it was not written by datasets.synthetic "
-                         f"(or not finished); delete it or choose another --out folder")
-    meta = json.loads(meta_file.read_text())
+    """Raise DataError (a ValueError) unless out_dir holds a finished data set generated with params."""
+    meta = _written_by_generator(out_dir)
+    if meta is None:
+        raise _not_synthetic(out_dir)
     have = dict(meta.get("params", {}), format_version=meta.get("format_version"))
     want = dict(params, format_version=FORMAT_VERSION)
     diff = {k: (have.get(k), want[k]) for k in want if have.get(k) != want[k]}
     if diff:
         detail = ", ".join(f"{k}: existing {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"synthetic data set in {out_dir} was generated with different parameters ({detail}); "
-                         f"delete the folder or point data.root to another one")
+        raise DataError(f"synthetic data set in {out_dir} was generated with different parameters ({detail}); "
+                        f"delete the folder or point data.root to another one")
 
 
 def ensure_synthetic(out_dir, n_train, n_val, seed, size=256):
     """Return out_dir holding the data set for these parameters, generating it when absent.
 
-    An existing finished data set is reused when its meta.json matches; otherwise ValueError.
-    A folder that exists with other content is never overwritten.
+    An existing finished data set is reused when its meta.json matches; otherwise DataError (a
+    ValueError). A folder that exists with other content is never overwritten, and deleting it is
+    only suggested when the generator's own meta.json is there.
     """
     out_dir = Path(out_dir)
     params = _params(n_train, n_val, seed, size)
     done = all((out_dir / "annotations" / f"instances_{s}.json").is_file() for s in SPLIT_CODES)
     if not done and out_dir.exists() and any(out_dir.iterdir()):
-        raise ValueError(f"{out_dir} exists but is not a finished synthetic data set "
-                         f"(annotations/instances_train.json or instances_val.json missing); "
-                         f"delete it or choose another folder")
+        if _written_by_generator(out_dir) is not None:
+            raise DataError(f"{out_dir} is an unfinished synthetic data set (its meta.json was written by "
+                            f"datasets.synthetic, but annotations/instances_train.json or instances_val.json is "
+                            f"missing); delete it to generate it again, or choose another folder")
+        raise _not_synthetic(out_dir)
     if not done:
         try:
             generate(out_dir, n_train, n_val, seed, size)

@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from datasets import CocoDetection, build_dataset, collate
+from datasets import CocoDetection, DataError, build_dataset, collate
 from datasets.synthetic import generate
 from .datasets_helpers import DATA_CFG, TINY_ANNOTATIONS, TINY_EXPECTED, TINY_IMAGES, write_coco
 
@@ -89,6 +89,8 @@ def test_build_dataset_missing_paths(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing))) as err:
         build_dataset(dict(DATA_CFG, root=str(missing)), "val2017", train=False)
     assert "datasets.synthetic" in str(err.value) and "data.root" in str(err.value)
+    assert isinstance(err.value, DataError)  # also a DataError (a ValueError), one line
+    assert "\n" not in str(err.value)
     write_coco(tmp_path, "train", TINY_IMAGES, TINY_ANNOTATIONS)
     with pytest.raises(FileNotFoundError, match="image folder .*val2017"):
         build_dataset(dict(DATA_CFG, root=str(tmp_path)), "val2017", train=False)
