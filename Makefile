@@ -1,27 +1,42 @@
 # Every target creates .venv when it is missing and (re)installs requirements.txt when it changed
 # (the installed file's hash is kept in .venv/.requirements.sha256), so a second run is quick.
+# `make test` and `make test-slow` also install requirements-test.txt (pytest, transformers) the
+# same way (hash of both files in .venv/.requirements-test.sha256); demo, setup and op do not.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.requirements.sha256
+STAMP      := $(VENV)/.requirements.sha256
+TEST_STAMP := $(VENV)/.requirements-test.sha256
 
-.PHONY: setup demo test test-slow op help
+.PHONY: setup setup-test demo test test-slow op help
 
 help:
-	@echo "make demo   train + evaluate Deformable-DETR and KS-Deformable-DETR on the synthetic data set (CPU, about 8 min)"
-	@echo "make test   run the test suite (CPU)"
-	@echo "make setup  create .venv and install requirements.txt"
-	@echo "make op     build the MSDeformAttn CUDA extension (needs nvcc; TORCH_CUDA_ARCH_LIST picks the GPUs)"
+	@echo "make demo        train + evaluate Deformable-DETR and KS-Deformable-DETR on the synthetic data set (CPU, about 8 min)"
+	@echo "make test        run the test suite (CPU; installs requirements-test.txt too)"
+	@echo "make test-slow   run the slow tests (installs requirements-test.txt too)"
+	@echo "make setup       create .venv and install requirements.txt"
+	@echo "make setup-test  make setup, then install requirements-test.txt (pytest, transformers)"
+	@echo "make op          build the MSDeformAttn CUDA extension (needs nvcc; TORCH_CUDA_ARCH_LIST picks the GPUs)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-setup: | $(PY)
-	@want=$$(sha256sum requirements.txt | cut -d' ' -f1); \
-	if [ "$$want" != "$$(cat $(STAMP) 2>/dev/null)" ]; then \
-	  echo "installing requirements.txt into $(VENV)"; \
-	  $(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt && echo $$want > $(STAMP); \
+# $(call install,FILE,HASHED FILES,STAMP): pip-install FILE into .venv unless STAMP holds the
+# sha256 of HASHED FILES (written only after a successful install).
+define install
+	@want=$$(cat $(2) | sha256sum | cut -d' ' -f1); \
+	if [ "$$want" != "$$(cat $(3) 2>/dev/null)" ]; then \
+	  echo "installing $(1) into $(VENV)"; \
+	  $(PY) -m pip install --quiet --disable-pip-version-check -r $(1) && echo $$want > $(3); \
 	fi
+endef
+
+setup: | $(PY)
+	$(call install,requirements.txt,requirements.txt,$(STAMP))
+
+# requirements-test.txt includes requirements.txt, so a change to either file reinstalls it.
+setup-test: setup
+	$(call install,requirements-test.txt,requirements.txt requirements-test.txt,$(TEST_STAMP))
 
 # Trains both demo rows (a finished row is skipped, an interrupted one resumes), then regenerates
 # the demo table, the demo Fig. 4 and the pictures of the KS row (detections, attention).
@@ -32,10 +47,10 @@ demo: setup
 	$(PY) -m analysis show --manifest demo --row ks_def_r18
 	$(PY) -m analysis attention --manifest demo --row ks_def_r18
 
-test: setup
+test: setup-test
 	$(PY) -m pytest -q
 
-test-slow: setup
+test-slow: setup-test
 	$(PY) -m pytest -q -m slow
 
 op: setup

@@ -3,7 +3,8 @@ transformers ConditionalDetr / DabDetr models (local ResNet-18 backbone config: 
 are converted with models.convert_hf, and this project's models must give the same logits and boxes,
 elementwise, for every decoder layer, from the same pixels.
 
-Needs transformers (a test-only dependency; skipped without it). Every tensor of the Hugging Face
+Needs transformers (a test-only dependency pinned in requirements-test.txt, which `make test`
+installs; skipped without it). Every tensor of the Hugging Face
 models is randomised first (LayerNorm and BatchNorm statistics included), so that a swapped or
 forgotten mapping cannot hide behind default values; and every parameter here is shown to influence
 the outputs. Deviations of transformers from the original repositories are documented in

@@ -6,7 +6,8 @@ without box refinement (the Deformable-DETR rows) and with it. And the op: this 
 of MSDeformAttn (models.ops.ms_deform_attn) equals transformers' multi-scale deformable attention
 function, forward and gradients.
 
-Needs transformers (a test-only dependency; skipped without it). Every tensor of the Hugging Face
+Needs transformers (a test-only dependency pinned in requirements-test.txt, which `make test`
+installs; skipped without it). Every tensor of the Hugging Face
 models is randomised first (GroupNorm/LayerNorm/BatchNorm statistics and the MSDA linears included).
 Heads (8), levels (4) and points (3) differ, so that a swapped axis cannot pass. Deviations of
 transformers from the original repository are documented in models/convert_hf.py; the ones that show

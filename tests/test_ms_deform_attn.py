@@ -12,7 +12,6 @@ Every launch also has threads past the last group (whole idle warps; for G <= 4 
 in a warp that shuffles), which must take part in the shuffles without writing anything.
 """
 import ctypes
-import logging
 import math
 import os
 import shutil
@@ -144,10 +143,11 @@ def check_against_pytorch_path(run, inputs, out_tol, grad_tol):
 
 @pytest.fixture
 def restore_extension_state(monkeypatch):
-    """Undo any change the test makes to the loaded extension and the fallback log flag."""
+    """Undo any change the test makes to the loaded extension; the test starts with no fallback
+    notice shown yet, and the process's record of shown notices is put back after it."""
     for name in ("_extension", "_load_error", "_tried"):
         monkeypatch.setattr(extension, name, getattr(extension, name))
-    monkeypatch.setattr(function, "_fallback_logged", function._fallback_logged)
+    monkeypatch.setattr(function, "_notices_shown", set())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,26 +242,48 @@ def _failing_extension():
 
 
 def test_cpu_tensors_take_pytorch_path_even_with_extension(monkeypatch, restore_extension_state,
-                                                           caplog):
+                                                           capfd):
     monkeypatch.setattr(function, "get_extension", _failing_extension)
     inputs = make_inputs()
-    with caplog.at_level(logging.DEBUG, logger=function.__name__):
-        out = ms_deform_attn(*inputs)
+    out = ms_deform_attn(*inputs)
     torch.testing.assert_close(out, ms_deform_attn_pytorch(*inputs), rtol=0, atol=0)
-    assert caplog.records == []  # nothing to report: the extension is there
+    assert capfd.readouterr() == ("", "")  # nothing to report: the extension is there
 
 
-def test_fallback_is_logged_once(monkeypatch, restore_extension_state, caplog):
+def test_fallback_notice_is_printed_once(monkeypatch, restore_extension_state, capfd):
     monkeypatch.setattr(function, "get_extension", lambda: None)
-    monkeypatch.setattr(function, "extension_load_error", lambda: "ImportError: not built")
-    monkeypatch.setattr(function, "_fallback_logged", False)
+    monkeypatch.setattr(function, "extension_load_error", lambda: "ImportError: not\nbuilt")
     inputs = make_inputs()
-    with caplog.at_level(logging.INFO, logger=function.__name__):
-        for _ in range(3):
-            ms_deform_attn(*inputs)
-    assert len(caplog.records) == 1
-    message = caplog.records[0].getMessage()
-    assert "not built" in message and BUILD_COMMAND in message
+    for _ in range(3):
+        ms_deform_attn(*inputs)
+    out, err = capfd.readouterr()
+    assert out == "" and len(err.splitlines()) == 1, err
+    assert "CPU tensors run on the PyTorch path" in err
+    assert "(ImportError: not built)" in err  # the reason, on one line
+    assert "make op" in err and BUILD_COMMAND in err
+
+
+FALLBACK_SCRIPT = """\
+import sys; sys.modules['models.ops.ms_deform_attn._C'] = None  # as if never built
+import torch
+from models.ops.ms_deform_attn import ms_deform_attn
+v = torch.ones(1, 4, 1, 2); loc = torch.full((1, 3, 1, 1, 1, 2), 0.5)
+for _ in range(2):
+    ms_deform_attn(v, torch.tensor([[2, 2]]), torch.tensor([0]), loc, torch.ones(1, 3, 1, 1, 1))
+"""
+
+
+def test_fallback_notice_shows_once_in_a_fresh_process():
+    """Without any logging set up (a plain script, a training process), the notice reaches
+    stderr, once for two calls."""
+    proc = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    notices = [line for line in proc.stderr.splitlines() if line.startswith("MSDeformAttn:")]
+    assert len(notices) == 1, proc.stderr
+    assert "PyTorch path" in notices[0] and "not loaded" in notices[0]
+    assert "make op" in notices[0] and BUILD_COMMAND in notices[0]
+    assert proc.stdout == ""
 
 
 def test_import_without_extension():
@@ -537,15 +559,17 @@ def test_cuda_non_contiguous_and_empty_inputs(cuda_ext):
 
 
 @pytest.mark.cuda
-def test_cuda_without_extension_falls_back_with_warning(monkeypatch, restore_extension_state,
-                                                         caplog):
+def test_cuda_without_extension_falls_back_with_notice(monkeypatch, restore_extension_state,
+                                                        capfd):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     monkeypatch.setattr(function, "get_extension", lambda: None)
-    monkeypatch.setattr(function, "_fallback_logged", False)
     inputs = make_inputs(device="cuda")
-    with caplog.at_level(logging.INFO, logger=function.__name__):
-        out = ms_deform_attn(*inputs)
-        ms_deform_attn(*inputs)
+    out = ms_deform_attn(*inputs)
+    ms_deform_attn(*inputs)
     torch.testing.assert_close(out.cpu(), ms_deform_attn_pytorch(*[t.cpu() for t in inputs]))
-    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    err = capfd.readouterr().err
+    assert len(err.splitlines()) == 1 and "CUDA tensors run on the slower PyTorch path" in err, err
+    ms_deform_attn(*[t.cpu() for t in inputs])  # CPU tensors: a notice of their own, once
+    err = capfd.readouterr().err
+    assert len(err.splitlines()) == 1 and "CPU tensors run on the PyTorch path" in err, err

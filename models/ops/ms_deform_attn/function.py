@@ -10,7 +10,7 @@ L levels, P points per level):
     attention_weights   (N, Lq, M, L, P), already normalised over L * P
     output              (N, Lq, M * D)
 """
-import logging
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +18,8 @@ from torch.autograd.function import once_differentiable
 
 from .extension import BUILD_COMMAND, extension_load_error, get_extension
 
-logger = logging.getLogger(__name__)
-_fallback_logged = False
+# Device types ("cpu", "cuda") whose fallback notice this process has printed: one line each.
+_notices_shown = set()
 
 
 def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -130,24 +130,40 @@ def _ms_deform_attn_cuda(ext, value, spatial_shapes, level_start_index, sampling
     return output.to(value.dtype)
 
 
-def _log_fallback(device):
-    global _fallback_logged
-    if _fallback_logged:
+def _fallback_notice(device):
+    """The one-line notice for the PyTorch path taken on `device` without the extension."""
+    error = extension_load_error()
+    why = f" ({' '.join(str(error).split())})" if error else ""  # on one line, whatever it said
+    build = f"build it with `make op` ({BUILD_COMMAND}; needs nvcc, not a GPU)"
+    if device.type == "cuda":
+        return (f"MSDeformAttn: CUDA tensors run on the slower PyTorch path (grid_sample) because "
+                f"the compiled extension is not loaded{why}; {build}")
+    return (f"MSDeformAttn: {device.type.upper()} tensors run on the PyTorch path (grid_sample); "
+            f"the compiled CUDA extension, for CUDA tensors only, is not loaded{why}; {build}")
+
+
+def _note_fallback(device):
+    """Print the fallback notice to stderr, once per process and device type. Printed rather
+    than logged, so that it shows without any logging configuration."""
+    if device.type in _notices_shown:
         return
-    _fallback_logged = True
-    logger.log(logging.WARNING if device.type == "cuda" else logging.INFO,
-               "MSDeformAttn CUDA extension is not built or failed to load (%s); using the "
-               "PyTorch grid_sample path. Build it with: %s",
-               extension_load_error(), BUILD_COMMAND)
+    _notices_shown.add(device.type)
+    notice = _fallback_notice(device)
+    tqdm = getattr(sys.modules.get("tqdm"), "tqdm", None)
+    if getattr(tqdm, "_instances", None):  # a progress bar is drawn (training): print above it
+        tqdm.write(notice, file=sys.stderr)
+    else:
+        print(notice, file=sys.stderr, flush=True)
 
 
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     """Multi-scale deformable attention, (N, Lq, M * D) in the dtype of `value`.
 
     CUDA tensors use the compiled kernels when the extension is loaded; CPU tensors, and CUDA
-    tensors without the extension, use `ms_deform_attn_pytorch` (the latter logged once per
-    process). Half and bfloat16 inputs are computed in float32. On CUDA the value gradient is
-    accumulated with atomicAdd, so it is not bitwise reproducible.
+    tensors without the extension, use `ms_deform_attn_pytorch`; when the extension is not
+    loaded, one line on stderr says so, once per process and device type. Half and bfloat16
+    inputs are computed in float32. On CUDA the value gradient is accumulated with atomicAdd,
+    so it is not bitwise reproducible.
     """
     if value.is_cuda:
         ext = get_extension()
@@ -155,6 +171,6 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
             return _ms_deform_attn_cuda(ext, value, spatial_shapes, level_start_index,
                                         sampling_locations, attention_weights)
     if get_extension() is None:
-        _log_fallback(value.device)
+        _note_fallback(value.device)
     return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations,
                                   attention_weights)
