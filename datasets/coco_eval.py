@@ -7,6 +7,12 @@ import torch
 from pycocotools.cocoeval import COCOeval
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the first six COCOeval stats, in order
+# Rounding of `CocoEvaluator.results()`. Measured on 200 synthetic 192-px images (four demo_ladder
+# checkpoints): the metrics recomputed from boxes rounded to 0.01 px moved by up to 7e-4 (IoU
+# thresholds and area ranges of small boxes), from scores rounded to 5 decimals by up to 1e-4
+# (ties); these two kept all six metrics within 1e-7 of the unrounded ones.
+BOX_DECIMALS = 3  # of a pixel
+SCORE_DECIMALS = 6
 
 
 def _as_list(x):
@@ -40,6 +46,20 @@ class CocoEvaluator:
                     "bbox": [x1, y1, x2 - x1, y2 - y1],
                     "score": float(score),
                 })
+
+    def results(self, box_decimals=BOX_DECIMALS, score_decimals=SCORE_DECIMALS):
+        """The detections in COCO's results format, what pycocotools' ``COCO.loadRes`` takes: a list
+        of {"image_id", "category_id" (the data set's own category id), "bbox" [x, y, w, h] in
+        original image pixels, "score"} of plain floats, grouped by image id (ascending; each image's
+        detections in the order they were given), boxes rounded to `box_decimals` and scores to
+        `score_decimals` decimals (None: unrounded). New dicts: ``summarize()``, which lets
+        ``loadRes`` add keys to ``self.detections``, leaves them as they are."""
+        def rounded(x, decimals):
+            return float(x) if decimals is None else round(float(x), decimals)
+
+        return [{"image_id": d["image_id"], "category_id": d["category_id"],
+                 "bbox": [rounded(v, box_decimals) for v in d["bbox"]], "score": rounded(d["score"], score_decimals)}
+                for d in sorted(self.detections, key=lambda d: d["image_id"])]
 
     def moved_to_other_images(self, offset=1):
         """A new evaluator holding these detections, each image's given to another image: image k of

@@ -16,6 +16,7 @@ options of run, submit and eval; they are recorded in the run's config.yaml and 
 import argparse
 import json
 import re
+import signal
 import sys
 
 from . import records
@@ -179,12 +180,15 @@ def cmd_eval(args):
 def _eval_and_print(manifest, row, **kwargs):
     from .evaluation import evaluate_row
 
-    metrics, path = evaluate_row(manifest, row, **kwargs)
-    if path is None:  # not rank 0
+    result = evaluate_row(manifest, row, **kwargs)
+    if not result.is_main:
         return
-    lines = [{"branch": b, **{k: f"{100 * v:.1f}" for k, v in m.items()}} for b, m in metrics.items()]
+    lines = [{"branch": b, **{k: f"{100 * v:.1f}" for k, v in m.items()}} for b, m in result.metrics.items()]
     print(_table(lines))
-    print(f"(COCO box AP in percent; written to {path})")
+    if result.saved:
+        print(f"(COCO box AP in percent; written to {result.path}, the detections to {result.path.with_suffix('')}/)")
+    else:
+        print("(COCO box AP in percent; not saved: see the note above)")
 
 
 def _add_overrides(p):
@@ -197,6 +201,9 @@ def build_parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     results_help = "results folder holding runs/<manifest>/<row>/ (default: %s)" % records.RESULTS
     parser.add_argument("--results", default=str(records.RESULTS), help=results_help)
+    parser.add_argument("--traceback", action="store_true",
+                        help="show the full traceback of configuration, data and run errors (by default they "
+                             "are one `error:` line)")
     # --results also after the command (`run demo --results DIR`); SUPPRESS keeps the top-level value
     # when the command does not give one
     results_option = argparse.ArgumentParser(add_help=False)
@@ -289,7 +296,10 @@ def build_parser():
                        description="Evaluate a checkpoint of a row (default: its checkpoint.pth) on the validation "
                                    "set: the student (attn1) and, with --teachers, the KS teacher branches with "
                                    "ground-truth masks (paper Fig. 4). Prints the metrics and writes "
-                                   "eval-<time>.json in the run directory; eval.json and DONE are never touched. "
+                                   "eval-<time>.json in the run directory, with each branch's detections in "
+                                   "COCO's results format in eval-<time>/detections-<branch>.json; eval.json and "
+                                   "DONE are never touched. If the folder cannot be written, the metrics are "
+                                   "printed with a note. "
                                    "The model configuration comes from the checkpoint; overrides may change data "
                                    "and evaluation keys (e.g. data.root, train.max_eval_images).")
     p.add_argument("manifest", help=manifest_help)
@@ -336,12 +346,18 @@ def main(argv=None):
 
     try:
         args.func(args)
-    except (ConfigError, RunError) as e:
-        sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM (training.Stopped): said where it happened, no traceback
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"stopped ({signal.Signals(signum).name})" if signum else "stopped", file=sys.stderr)
+        sys.exit(128 + (signum or signal.SIGINT))
     except Exception as e:
+        from datasets import DataError
+        from models.backbone import WeightsError
+
         from .distributed import WorkerFailed
 
-        if isinstance(e, WorkerFailed):
+        # a bad configuration, data set, weights file or results folder: one line (--traceback: all)
+        if isinstance(e, (ConfigError, RunError, WorkerFailed, DataError, WeightsError)) and not args.traceback:
             sys.exit(f"error: {e}")
         raise
 

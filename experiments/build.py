@@ -61,10 +61,11 @@ def check_available(cfg, where):
 
 def build_data(cfg, ctx=None):
     """(train set, val set) for a run configuration; the synthetic set is generated if missing
-    (by rank 0, the others wait)."""
+    (by rank 0, the others wait). Relative paths are relative to the repository root."""
     ctx = ctx or distributed.Context()
     data = dict(cfg["data"])
-    data["root"] = resolve_root(data["root"])
+    for key in ("root", "train_images", "train_annotations", "val_images", "val_annotations"):
+        data[key] = resolve_root(data[key]) if data[key] else data[key]
     if data["dataset"] == "synthetic":
         if not data["root"]:
             raise RunError("data.root must name a folder for the synthetic data set")
@@ -72,6 +73,5 @@ def build_data(cfg, ctx=None):
         if ctx.is_main:
             datasets.ensure_synthetic(data["root"], s["train"], s["val"], s["seed"], s["size"])
         ctx.barrier()
-    return (datasets.build_dataset(data, data["train_split"], train=True),
-            datasets.build_dataset(data, data["val_split"], train=False))
+    return datasets.build_split(data, "train"), datasets.build_split(data, "val")
 

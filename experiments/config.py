@@ -40,6 +40,7 @@ gradient accumulation when fewer processes run than it assumes (see experiments/
 variant is built (models.VARIANTS, read at call time since variants are being added).
 """
 import copy
+import math
 import re
 from pathlib import Path
 
@@ -82,6 +83,12 @@ DEFAULTS = {
         "root": None,
         "train_split": "train2017",
         "val_split": "val2017",
+        # Explicit paths instead of root/<split> and root/annotations/instances_<split>.json (COCO-format
+        # sets that share one image folder or name their annotation files freely). Set both of a part.
+        "train_images": None,
+        "train_annotations": None,
+        "val_images": None,
+        "val_annotations": None,
         "synthetic": {"train": 1000, "val": 200, "seed": 0, "size": 256},
         "train_scales": [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800],
         "train_max_size": 1333,
@@ -125,6 +132,10 @@ NULLABLE = {
     "model.backbone.weights_path": str,
     "model.backbone.autocast": str,
     "data.root": str,
+    "data.train_images": str,
+    "data.train_annotations": str,
+    "data.val_images": str,
+    "data.val_annotations": str,
     "train.max_iters_per_epoch": int,
     "train.max_eval_images": int,
     "train.total_batch_size": int,
@@ -229,6 +240,10 @@ def _check_value(key, value, default, where):
         item_type = type(default[0])
         if not all(isinstance(v, item_type) and not isinstance(v, bool) for v in value):
             raise ConfigError(f"{where}: key {key!r} must be a list of {item_type.__name__} values, got {value!r}")
+    items = value if expected is list else [value]
+    if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+        # NaN is never below a minimum, and inf passes it: neither is a usable setting
+        raise ConfigError(f"{where}: key {key!r} must be a finite number, got {value!r}")
     if key in MINIMUM and value < MINIMUM[key]:
         raise ConfigError(f"{where}: key {key!r} must be at least {MINIMUM[key]}, got {value!r}")
     if key in CHOICES and value not in CHOICES[key]:
@@ -271,7 +286,12 @@ def parse_override(text):
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key.sub=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else None
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"override {text!r}: the value {raw!r} is not valid YAML ({problem}); quote it "
+                          f"or write lists as [a, b]") from None
     tree = value
     for part in reversed(key.strip().split(".")):
         tree = {part: tree}
@@ -414,8 +434,8 @@ class Manifest:
             where = f"override {text!r} (manifest {self.path}, row {row_name!r})"
             try:
                 tree = parse_override(text)
-            except ConfigError as e:
-                raise ConfigError(f"{where}: {e}") from None
+            except ConfigError as e:  # its message names the override already
+                raise ConfigError(f"{e} (manifest {self.path}, row {row_name!r})") from None
             cfg = merge(cfg, tree, where)
         if overrides:
             _check_consistency(cfg, f"manifest {self.path}, row {row_name!r} with overrides {list(overrides)}")

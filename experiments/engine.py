@@ -17,12 +17,12 @@ from models.ks_encoder import TEACHER_BRANCHES
 
 from . import distributed, records
 from .build import build_data, check_available, model_config
-from .config import Manifest, diff, new_default_keys
+from .config import Manifest, diff, flatten, new_default_keys
 from .errors import RunError
-from .evaluation import evaluate, make_eval_loader
-from .runs import environment, prepare_run_dir, save_checkpoint
-from .training import (_reduce_means, batch_plan, build_optimizer, main_lr, make_train_loader, seed_everything,
-                       train_one_epoch)
+from .evaluation import evaluate, make_eval_loader, write_detections
+from .runs import CHECKPOINT, environment, has_checkpoint, prepare_run_dir, read_checkpoint, save_checkpoint
+from .training import (Stopped, StopRequest, _reduce_means, batch_plan, build_optimizer, main_lr, make_train_loader,
+                       optimizer_steps, seed_everything, train_one_epoch)
 
 
 def _launch(ctx):
@@ -40,63 +40,132 @@ def train_row(manifest_name, row, overrides=(), resume=False, force=False, devic
     """Trains and evaluates one manifest row, writing its run record. Returns the run directory.
 
     Run by every process of a distributed launch (torchrun, SLURM, `run --gpus N`): rank 0 decides
-    how the row starts and writes the records, the others follow."""
+    how the row starts and writes the records, the others follow. The data sets are built and
+    checked before any record is written, so a data error leaves no record behind. SIGTERM and
+    SIGINT write a checkpoint at the current step and stop (training.StopRequest)."""
+    if force and resume:
+        raise RunError(f"{row}: --force (start over, moving the record aside) and --resume (continue it) "
+                       f"contradict each other; give one")
     manifest = Manifest(manifest_name)
     cfg = manifest.resolve(row, overrides)
     check_available(cfg, f"manifest {manifest.path}, row {row!r}")
     directory = records.run_dir(manifest.name, row, results)
     ctx = distributed.setup(device)
+    stop = StopRequest().install()
     prepared = False
     heartbeat = None  # rank 0's claim on the row, from the decision to start until the end
     try:
         plan = batch_plan(cfg["train"], ctx.world_size)
-        decision = None
+        built = None
+        if ctx.broadcast(force or records.status(directory) != "done"):
+            built = _build(row, cfg, ctx, plan)
+        decision, state = None, None
         if ctx.is_main:
             try:
                 with records.row_lock(directory):
-                    resuming = _start_records(manifest, row, cfg, overrides, directory, resume, force, ctx)
+                    resuming, state = _start_records(manifest, row, cfg, overrides, directory, resume, force, ctx)
                     if resuming is not None:
                         heartbeat = records.Heartbeat(directory).start()
                 decision = ("ok", resuming)
             except TimeoutError as e:  # the row's lock
                 decision = ("error", RunError(f"{row}: {e}"))
+            except OSError as e:  # a results folder that cannot be written
+                decision = ("error", RunError(f"{row}: cannot write the run record in {directory}: {e}"))
             except Exception as e:  # noqa: BLE001 - handed to the other ranks, then raised everywhere
                 decision = ("error", e)
         decision = ctx.broadcast(decision)
         if decision[0] == "error":
             raise decision[1]
-        resuming = decision[1]
+        resuming = decision[1]  # the checkpoint file to resume from, False (fresh start) or None (done)
         if resuming is None:
             return directory
         prepared = True
-        return _train(cfg, directory, resuming, ctx, plan, heartbeat)
+        return _train(cfg, directory, resuming, ctx, plan, built, state, heartbeat, stop)
+    except Stopped as e:
+        if prepared and ctx.is_main:
+            if e.saved:
+                kept = f"a checkpoint at this step, {directory / CHECKPOINT}"
+            else:
+                last = records.last_epoch(directory)
+                kept = f"epochs up to {last or 'none'}" + (f" ({directory / CHECKPOINT})"
+                                                             if has_checkpoint(directory) else "")
+            print(f"{row}: {e}; the record keeps {kept}; continue with `run ... --resume`", flush=True)
+        raise
     except (KeyboardInterrupt, SystemExit):
         if prepared and ctx.is_main:
             last = records.last_epoch(directory)
             print(f"{row}: interrupted; the record keeps epochs up to {last or 'none'} and resumes from "
-                  f"{directory / 'checkpoint.pth'} (`run ... --resume`)", flush=True)
+                  f"{directory / CHECKPOINT} (`run ... --resume`)", flush=True)
         raise
     except BaseException as e:
         if prepared and ctx.is_main:
             records.atomic_write(directory / "FAILED", f"{type(e).__name__}: {e}\n")
         raise
     finally:
+        stop.restore()
         if heartbeat:
             heartbeat.stop()
         ctx.close()
 
 
+def _build(row, cfg, ctx, plan):
+    """(train set, val set, model, criterion), built and checked before any record is written: a
+    problem with the data, the weights or the batch plan leaves no record behind."""
+    tc = cfg["train"]
+    seed_everything(tc["seed"] + ctx.rank)
+    train_set, val_set = build_data(cfg, ctx)
+    check_steps(row, (train_set, val_set), plan, ctx.world_size)
+    torch.manual_seed(tc["seed"])  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    model, criterion = build_model(model_config(cfg), train_set.num_classes)
+    return train_set, val_set, model, criterion
+
+
+def check_steps(row, data, plan, world_size):
+    """RunError when an epoch would train no optimizer step or there is nothing to evaluate."""
+    train_set, val_set = data
+    batch, accumulation, total = plan
+    if optimizer_steps(len(train_set), plan, world_size) == 0:
+        raise RunError(
+            f"{row}: the training set has {len(train_set)} images, fewer than one optimizer step takes ({total} = "
+            f"{world_size} process(es) x train.batch_size {batch} x {accumulation} accumulation step(s); incomplete "
+            f"batches are dropped), so no step would run. Lower train.batch_size (or train.total_batch_size) or "
+            f"use a larger training set")
+    if len(val_set) == 0:
+        raise RunError(f"{row}: the validation set has no images")
+
+
+def _changes(recorded, cfg):
+    """'key: recorded -> now' for every key where `cfg` differs from a recorded configuration (keys
+    added to DEFAULTS since, at their default, do not count)."""
+    added = set(new_default_keys(recorded, cfg))
+    old, new = flatten(recorded), flatten(cfg)
+    return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
+            for k in diff(recorded, cfg) if k not in added]
+
+
 def _start_records(manifest, row, cfg, overrides, directory, resume, force, ctx):
+    """Decides how the row starts and writes its first records. Returns (the checkpoint file to
+    resume from, False for a fresh start or None when the row is done; the checkpoint's state)."""
     resuming = prepare_run_dir(directory, row, resume, force)
     if resuming is None:
-        return None
+        changed = _changes(yaml.safe_load((directory / "config.yaml").read_text()) or {}, cfg)
+        if changed:
+            raise RunError(f"{row}: this row is done ({directory}) with another configuration: "
+                           f"{'; '.join(changed)}. Pass --force to train it again with this one (the finished "
+                           f"record is moved aside), or run it under another manifest name")
+        return None, None
+    state = None
     if resuming:
-        recorded = yaml.safe_load((directory / "config.yaml").read_text())
-        added = set(new_default_keys(recorded, cfg))
-        changed = [k for k in diff(recorded, cfg) if k not in added]
+        changed = _changes(yaml.safe_load((directory / "config.yaml").read_text()) or {}, cfg)
         if changed:
             raise RunError(f"{row}: the configuration differs from the recorded one in {directory}/config.yaml "
-                           f"at {changed}; resume with the same overrides, or --force to start over")
+                           f"({'; '.join(changed)}); resume with the same overrides, or --force to start over")
+        state, resuming = read_checkpoint(directory / CHECKPOINT)
+        changed = _changes(state.get("config") or {}, cfg)
+        if changed:
+            raise RunError(f"{row}: the checkpoint {resuming} was saved with another configuration "
+                           f"({'; '.join(changed)}); resume with the configuration it was trained with, or "
+                           f"--force to start over")
     late = [e for e in cfg["train"]["lr_drop"] if e >= cfg["train"]["epochs"]]
     if late:  # allowed (shortened smoke runs of a table row), but usually an override that missed lr_drop
         print(f"{row}: note: train.lr_drop {late} at or after the last epoch ({cfg['train']['epochs']}): "
@@ -108,39 +177,42 @@ def _start_records(manifest, row, cfg, overrides, directory, resume, force, ctx)
     records.append_command(directory / "command.txt",
                            records.run_command(manifest.name, row, overrides, resume=bool(resuming), options=options)
                            + note)
-    return resuming
+    return (str(resuming) if resuming else False), state
 
 
-def _train(cfg, directory, resuming, ctx, plan, heartbeat=None):
-    """Trains and evaluates a prepared run. `heartbeat`: rank 0's running Heartbeat (stopped by the
-    caller), updated with the progress."""
+def _train(cfg, directory, resuming, ctx, plan, built, state=None, heartbeat=None, stop=None):
+    """Trains and evaluates a prepared run. `resuming`: the checkpoint file to continue from (its
+    `state` when rank 0 has read it already) or False; `built`: _build's data sets, model and
+    criterion (the model as initialised from the seed); `heartbeat`:
+    rank 0's running Heartbeat (stopped by the caller), updated with the progress; `stop`: the
+    StopRequest of the signals."""
     tc = cfg["train"]
     device = ctx.device
     batch, accumulation, total = plan
-    seed_everything(tc["seed"] + ctx.rank)
-    train_set, val_set = build_data(cfg, ctx)
-    torch.manual_seed(tc["seed"])  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    model, criterion = build_model(model_config(cfg), train_set.num_classes)
+    train_set, val_set, model, criterion = built
+    stop = stop or StopRequest()  # not installed: no signal handling
     model.to(device)
     optimizer = build_optimizer(model, tc)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=tc["lr_drop"], gamma=0.1)
     history, start, start_step, partial = [], 0, 0, None  # start: epochs already completed
-    checkpoint = directory / "checkpoint.pth"
+    checkpoint = directory / CHECKPOINT
     if resuming:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        if state is None:
+            state, _ = read_checkpoint(resuming)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history, start = state["history"], state["epoch"]
         start_step, partial = state.get("step", 0), state.get("partial")
         if start_step and state.get("total_batch_size") not in (None, total):
-            raise RunError(f"{checkpoint} was saved in the middle of epoch {start + 1} with a total batch of "
+            raise RunError(f"{resuming} was saved in the middle of epoch {start + 1} with a total batch of "
                            f"{state['total_batch_size']} images per step, but this launch has {total}; resume "
                            f"with the same number of processes x train.batch_size, or set train.total_batch_size")
+        state = None  # the weights are in the model now
         if ctx.is_main:
             records.write_log(directory / "log.jsonl", history)  # the checkpoint's history is authoritative
             where = f"after epoch {start}" + (f" and {start_step} steps of epoch {start + 1}" if start_step else "")
-            print(f"resumed from {checkpoint} {where}", flush=True)
+            print(f"resumed from {resuming} {where}", flush=True)
     elif ctx.is_main:
         records.write_log(directory / "log.jsonl", [])
     if ctx.is_main:
@@ -158,6 +230,9 @@ def _train(cfg, directory, resuming, ctx, plan, heartbeat=None):
     train_loader = make_train_loader(train_set, batch, workers, tc["seed"], ctx)
     val_loader = make_eval_loader(val_set, tc["eval_batch_size"] or batch, workers, ctx, tc["max_eval_images"])
     every = tc["checkpoint_every_iters"]
+    detections = {}  # of the final evaluation, in COCO's results format (rank 0)
+    # from here a signal is answered after the next optimizer step, with a checkpoint of it
+    stop.in_steps = True
     for epoch in range(start + 1, tc["epochs"] + 1):  # epochs count from 1, as in the paper
         skip = start_step if epoch == start + 1 else 0
         train_loader.batch_sampler.sampler.set_epoch(epoch, skip * accumulation * batch)
@@ -165,28 +240,34 @@ def _train(cfg, directory, resuming, ctx, plan, heartbeat=None):
         lr = main_lr(optimizer)
         label = f"{epoch}/{tc['epochs']}"
 
+        def save_mid_epoch(step, sums, count, epoch=epoch):
+            means = _reduce_means(sums, count, ctx)
+            if ctx.is_main:
+                save_checkpoint(checkpoint, model, optimizer, scheduler, epoch - 1, history, cfg, step=step,
+                                partial={"means": means, "count": count}, total_batch=total)
+
         def on_step(step, sums, count, epoch=epoch):
             if heartbeat:
                 heartbeat.update(epoch=epoch, iteration=step, phase="train")
             if every and step % every == 0:
-                means = _reduce_means(sums, count, ctx)
-                if ctx.is_main:
-                    save_checkpoint(checkpoint, model, optimizer, scheduler, epoch - 1, history, cfg, step=step,
-                                    partial={"means": means, "count": count}, total_batch=total)
+                save_mid_epoch(step, sums, count)
 
         if heartbeat:
             heartbeat.update(epoch=epoch, iteration=skip, phase="train")
         train_losses = train_one_epoch(net, criterion, train_loader, optimizer, device, tc["clip_max_norm"],
                                        label, tc["max_iters_per_epoch"], accumulation=accumulation, ctx=ctx,
                                        start_step=skip, partial=partial if skip else None, on_step=on_step,
-                                       seed_key=(tc["seed"], epoch))
+                                       seed_key=(tc["seed"], epoch), stop=stop, on_stop=save_mid_epoch)
         scheduler.step()
         record = {"epoch": epoch, "lr": lr, "train": train_losses}
         if epoch == tc["epochs"] or epoch % tc["eval_every"] == 0:
             if heartbeat:
                 heartbeat.update(phase="eval")
+            stop.in_steps = False  # a signal during the evaluation stops at once (the epoch's steps are lost)
             record["eval"] = evaluate(model, val_loader, val_set, device, teachers, cfg["model"]["eval_topk"],
-                                      None, desc=f"epoch {label} eval", ctx=ctx, moved=tc["eval_moved"])
+                                      None, desc=f"epoch {label} eval", ctx=ctx, moved=tc["eval_moved"],
+                                      detections=detections if epoch == tc["epochs"] else None)
+            stop.in_steps = True
         record["time_s"] = round(time.time() - t0, 1)
         history.append(record)
         if ctx.is_main:
@@ -200,6 +281,7 @@ def _train(cfg, directory, resuming, ctx, plan, heartbeat=None):
     if ctx.is_main:
         final = history[-1]["eval"]
         records.write_json(directory / "eval.json", {"epoch": history[-1]["epoch"], **final})
+        write_detections(directory, "", detections)
         records.write_json(directory / "DONE", {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                                "epochs": tc["epochs"], "git_sha": records.git_sha()})
     ctx.barrier()

@@ -2,12 +2,16 @@
 (`python -m experiments eval`).
 
 Each process evaluates a shard of the validation images; rank 0 gathers the detections and runs
-pycocotools.
+pycocotools. The detections themselves can be kept in COCO's results format (`evaluate(...,
+detections=d)`, `write_detections`): `detections-<branch>.json` beside the metrics.
 """
+import json
 import math
+import os
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,6 +25,7 @@ from . import distributed, records
 from .build import build_data, check_available, model_config
 from .config import DEFAULTS, ConfigError, Manifest, diff, merge, parse_override
 from .errors import RunError
+from .runs import CHECKPOINT, has_checkpoint, read_checkpoint
 from .training import progress, to_device
 
 
@@ -36,12 +41,24 @@ def make_eval_loader(dataset, batch_size, num_workers, ctx, max_images=None):
 
 @torch.no_grad()
 def evaluate(model, loader, dataset, device, teachers=(), topk=300, max_images=None, desc="eval", ctx=None,
-             moved=False):
+             moved=False, detections=None):
     """COCO metrics of the student and, with `teachers` (branch names), of each teacher branch's
     last decoder layer with GT masks. Returns {branch: {AP, AP50, ...}} (on every process; each
     process evaluates the images of its `loader`, rank 0 computes the metrics). With `moved`, also
     `attn1_moved`: the student's detections scored on other images (CocoEvaluator.
-    moved_to_other_images), equal to its own AP for a detector that ignores its input."""
+    moved_to_other_images), equal to its own AP for a detector that ignores its input.
+
+    `detections`: a dict that rank 0 fills with the detections of every process, per evaluated
+    branch (the student and `teachers`; never `attn1_moved`) in COCO's results format
+    (CocoEvaluator.results(): {"image_id", "category_id" (the data set's own id), "bbox" [x, y, w, h]
+    in original image pixels, "score"}; boxes rounded to 0.001 px and scores to 6 decimals, so that
+    pycocotools computes the returned metrics from them, to about 1e-7); the other processes' dict
+    stays empty. Hand it to `write_detections`, e.g. for a run's final evaluation (on rank 0):
+
+        dets = {}
+        metrics = evaluate(..., detections=dets)
+        write_detections(directory, "", dets)  # detections-attn1.json, ... beside eval.json
+    """
     ctx = ctx or distributed.Context(device=torch.device(device))
     model.eval()
     branches = (STUDENT,) + tuple(teachers)
@@ -73,6 +90,8 @@ def evaluate(model, loader, dataset, device, teachers=(), topk=300, max_images=N
                     e.image_ids.extend(shard[b][1])
     metrics = None
     if ctx.is_main:
+        if detections is not None:
+            detections.update({b: e.results() for b, e in evaluators.items()})
         metrics = {b: e.summarize() for b, e in evaluators.items()}
         if moved:  # needs two images to swap; with fewer, undefined (NaN) rather than an error on rank 0 only
             student = evaluators[STUDENT]
@@ -82,14 +101,80 @@ def evaluate(model, loader, dataset, device, teachers=(), topk=300, max_images=N
     return ctx.broadcast(metrics)
 
 
+def detections_file(directory, prefix, branch):
+    """Where `write_detections` puts a branch's detections: <directory>/<prefix>detections-<branch>.json."""
+    return Path(directory) / f"{prefix}detections-{branch}.json"
+
+
+def write_detections(directory, prefix, detections):
+    """Writes the detections that `evaluate(..., detections=...)` collected, one file per branch:
+    <directory>/<prefix>detections-<branch>.json, a JSON list in COCO's results format (one
+    detection a line), which pycocotools' `COCO.loadRes` reads as it is. Each file is written
+    atomically and replaces a file of the same name. Returns the paths written, in the order of
+    `detections` (none for an empty dict, e.g. on a process other than rank 0). A branch without
+    any detection gets an empty list, which loadRes cannot read (its metrics are all 0).
+
+    A run's final evaluation: write_detections(run_dir, "", dets) -> detections-attn1.json, ...
+    beside eval.json. `python -m experiments eval` writes its own into a folder named after its
+    eval-<time>.json: write_detections(run_dir / "eval-<time>", "", dets) ->
+    eval-<time>/detections-attn1.json, ... (a folder, so that eval-*.json finds only the metrics)."""
+    paths = []
+    for branch, dets in detections.items():
+        path = detections_file(directory, prefix, branch)
+        lines = ",\n".join(json.dumps(d, separators=(",", ":")) for d in dets)
+        records.atomic_write(path, f"[\n{lines}\n]\n" if dets else "[]\n")
+        paths.append(path)
+    return paths
+
+
 def eval_file(directory):
-    """A new eval-<time>.json path in the run directory (never an existing file)."""
+    """A new eval-<time>.json path in the run directory: neither it nor the folder of its detection
+    files (eval-<time>/) exists."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path, n = Path(directory) / f"eval-{stamp}.json", 1
-    while path.exists():
+    while os.path.lexists(path) or os.path.lexists(path.with_suffix("")):
         n += 1
         path = Path(directory) / f"eval-{stamp}-{n}.json"
     return path
+
+
+def unwritable(directory):
+    """None when files can be written to `directory` or, when it does not exist yet, in its nearest
+    existing parent (where it would be created); else why not (a short text). It tries: creates
+    and removes a temporary file, since permission bits do not tell (root writes past them, and a
+    read-only mount stops root too)."""
+    directory = Path(directory).absolute()
+    target = next(p for p in (directory, *directory.parents) if os.path.lexists(p))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target, prefix=".write-test-")
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        return reason if target == directory else f"{reason}: {target}"
+    os.close(fd)
+    Path(tmp).unlink(missing_ok=True)
+    return None
+
+
+@dataclass
+class EvalResult:
+    """What `evaluate_row` returns. Unpacks as `metrics, path = ...`, as before.
+
+    metrics: {branch: {AP, ...}} on every process. path: the eval-<time>.json written; None on the
+    other processes and on rank 0 when nothing could be written. is_main: rank 0, the process that
+    writes (and prints). not_saved: on rank 0, why nothing was written (None when written).
+    detection_files: the detection files written (eval-<time>/detections-<branch>.json)."""
+    metrics: dict
+    path: Path | None = None
+    is_main: bool = False
+    not_saved: str | None = None
+    detection_files: list = field(default_factory=list)
+
+    @property
+    def saved(self):
+        return self.path is not None
+
+    def __iter__(self):
+        return iter((self.metrics, self.path))
 
 
 @dataclass
@@ -124,13 +209,12 @@ def load_checkpoint(manifest_name, row, checkpoint=None, overrides=(), results=r
     manifest = Manifest(manifest_name)
     row_cfg = manifest.resolve(row)
     directory = records.run_dir(manifest.name, row, results)
-    path = Path(checkpoint) if checkpoint else directory / "checkpoint.pth"
-    if not path.is_file():
+    path = Path(checkpoint) if checkpoint else directory / CHECKPOINT
+    if not path.is_file() and not (not checkpoint and has_checkpoint(directory)):
         raise RunError(f"{row}: no checkpoint at {path}" + ("" if checkpoint else " (the row has not finished an "
                                                              "epoch; pass --checkpoint PATH)"))
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or "model" not in state:
-        raise RunError(f"{path}: not a checkpoint of this project (expected a dict with 'model')")
+    # the run's own checkpoint falls back to the previous one when damaged; a named file does not
+    state, path = read_checkpoint(path, fallback=not checkpoint)
     cfg = merge(DEFAULTS, state["config"], f"{path}, config") if state.get("config") else row_cfg
     source = "the checkpoint" if state.get("config") else f"manifest {manifest.path}"
     for text in overrides:
@@ -146,8 +230,15 @@ def evaluate_row(manifest_name, row, checkpoint=None, teachers=False, overrides=
                  results=records.RESULTS, moved=False):
     """Evaluates a checkpoint of a row (default: the run's checkpoint.pth): the student and, with
     `teachers`, the teacher branches with GT masks; with `moved`, also the student's detections
-    moved to other images (see `evaluate`). Writes eval-<time>.json in the run directory
-    (never eval.json or DONE) and returns (metrics, path)."""
+    moved to other images (see `evaluate`). Writes, in the run directory, eval-<time>.json (never
+    eval.json or DONE; its "detections" names the detection files, relative to the run directory)
+    and each evaluated branch's detections, eval-<time>/detections-<branch>.json
+    (`write_detections`); no existing file is replaced. Returns an EvalResult (unpacks as
+    `metrics, path`).
+
+    When the run directory (or, before it exists, its nearest existing parent) cannot be written
+    to, a note on stderr says so before the evaluation, and rank 0's result has path None and
+    `not_saved` set: the metrics are for printing only."""
     ck = load_checkpoint(manifest_name, row, checkpoint, overrides, results)
     cfg = ck.cfg
     directory = records.run_dir(ck.manifest.name, row, results)
@@ -155,6 +246,7 @@ def evaluate_row(manifest_name, row, checkpoint=None, teachers=False, overrides=
     branches = TEACHER_BRANCHES[mode] if teachers else ()
     ctx = distributed.setup(device)
     try:
+        not_saved = None
         if ctx.is_main:
             changed = ck.changed_model_keys()
             if ck.state.get("config") and changed:
@@ -162,22 +254,38 @@ def evaluate_row(manifest_name, row, checkpoint=None, teachers=False, overrides=
                       f"evaluating with the checkpoint's", file=sys.stderr)
             if teachers and not branches:
                 print(f"{row}: model.ks.mode is {mode!r}: no teacher branches to evaluate", file=sys.stderr)
+            reason = unwritable(directory)
+            if reason:
+                not_saved = f"cannot write to {directory} ({reason})"
+                print(f"{not_saved}: the metrics are printed but not saved", file=sys.stderr)
         _, val_set = build_data(cfg, ctx)
         model = ck.build_model(val_set.num_classes, ctx.device)
         tc = cfg["train"]
         loader = make_eval_loader(val_set, tc["eval_batch_size"] or tc["batch_size"], cfg["data"]["num_workers"], ctx,
                                   tc["max_eval_images"])
+        dets = None if not_saved else {}
         metrics = evaluate(model, loader, val_set, ctx.device, branches, cfg["model"]["eval_topk"],
-                           desc=f"eval {row}", ctx=ctx, moved=moved)
-        out = None
-        if ctx.is_main:
-            out = eval_file(directory)
+                           desc=f"eval {row}", ctx=ctx, moved=moved, detections=dets)
+        if not ctx.is_main:
+            return EvalResult(metrics)
+        if not_saved:
+            return EvalResult(metrics, None, True, not_saved)
+        out = eval_file(directory)
+        files = []
+        try:
+            files = write_detections(out.with_suffix(""), "", dets)
             records.write_json(out, {
                 "manifest": ck.manifest.name, "row": row, "checkpoint": str(ck.path),
                 "checkpoint_epoch": ck.state.get("epoch"), "checkpoint_step": ck.state.get("step", 0),
                 "config_from": ck.source, "overrides": list(overrides), "teachers": bool(branches), "moved": moved,
                 "world_size": ctx.world_size, "git_sha": records.git_sha(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "metrics": metrics})
-        return metrics, out
+                "metrics": metrics, "detections": {b: f"{p.parent.name}/{p.name}" for b, p in zip(dets, files)}})
+        except OSError as e:  # e.g. a full disk: the evaluation is not lost, its metrics still print
+            not_saved = f"cannot write to {directory} ({e.strerror or e})"
+            print(f"{not_saved}: the metrics are printed but not saved"
+                  + (f" (detection files written to {files[0].parent})" if files else ""),
+                  file=sys.stderr)
+            return EvalResult(metrics, None, True, not_saved, files)
+        return EvalResult(metrics, out, True, None, files)
     finally:
         ctx.close()

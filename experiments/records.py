@@ -48,12 +48,19 @@ def run_dir(manifest, row, results=RESULTS):
     return Path(results) / "runs" / manifest / row
 
 
+# The process's umask, read once at import (reading it means setting it, which is not thread-safe).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def atomic_write(path, data):
-    """Writes text or bytes to `path` via a temporary file in the same folder and a rename."""
+    """Writes text or bytes to `path` via a temporary file in the same folder, fsync and a rename.
+    The file gets the permissions a plain open() would give (mkstemp's are 0600), as checkpoints do."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
@@ -222,8 +229,12 @@ class Heartbeat:
         self._thread = None
 
     def update(self, **progress):
+        """Sets the progress; a new phase (train, eval) is written at once, the rest with the next beat."""
         with self._lock:
+            new_phase = "phase" in progress and progress["phase"] != self.info.get("phase")
             self.info.update(progress)
+        if new_phase and self._thread is not None:
+            self.beat()
 
     def beat(self):
         with self._lock:

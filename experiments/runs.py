@@ -7,9 +7,11 @@ Resuming: checkpoint.pth (written atomically by rank 0 after each epoch's evalua
 configuration. A SLURM timeout or preemption in the middle of an epoch resumes from the last
 checkpoint: the steps since then are trained again (at most one epoch, or checkpoint_every_iters steps).
 """
+import os
 import platform
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -50,16 +52,80 @@ def environment(cfg, model, ctx, plan, resumed_after=None):
     }
 
 
+CHECKPOINT = "checkpoint.pth"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pth"  # the one before, kept as a fallback for a damaged latest
+
+
+def nonfinite_weights(model):
+    """Names of the model's floating-point weights and buffers holding NaN or inf."""
+    return [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+
+
 def save_checkpoint(path, model, optimizer, scheduler, epoch, history, cfg, step=0, partial=None, total_batch=None):
     """Everything needed to resume after `epoch` completed epochs (and `step` optimizer steps of the
-    next one, `partial` its mean losses so far), written atomically."""
+    next one, `partial` its mean losses so far). Written to a temporary file, fsynced and renamed;
+    the checkpoint it replaces becomes checkpoint.prev.pth. Refuses (RunError) weights that are not
+    finite, so a diverged run never replaces a good checkpoint."""
+    path = Path(path)
+    bad = nonfinite_weights(model)
+    if bad:
+        where = f"at epoch {epoch + 1}, iteration {step}" if step else f"after epoch {epoch}"
+        raise RunError(f"the weights {where} are not finite ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); "
+                       f"not saved: {path} keeps the last finite state")
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "partial": partial,
              "total_batch_size": total_batch, "history": history, "config": cfg}
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.is_file():
+            os.replace(path, path.with_name(PREVIOUS_CHECKPOINT))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. a full disk: leave no half-written file behind
+        raise
 
+
+def _read(path):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - truncated zip, pickle errors, ...: all mean a damaged file
+        raise RunError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                       f"it is damaged or not a checkpoint") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise RunError(f"{path}: not a checkpoint of this project (expected a dict with 'model')")
+    return state
+
+
+def read_checkpoint(path, fallback=True):
+    """(state, path read) of a checkpoint. When `path` is a run's checkpoint.pth and it is missing or
+    damaged, checkpoint.prev.pth (the one before) is read instead (with `fallback`), saying so; a
+    RunError names every file that could not be read."""
+    path = Path(path)
+    previous = path.with_name(PREVIOUS_CHECKPOINT)
+    if not fallback or path.name != CHECKPOINT or not previous.is_file():
+        if not path.is_file():
+            raise RunError(f"no checkpoint at {path}")
+        return _read(path), path
+    problem = f"{path} is missing"
+    if path.is_file():
+        try:
+            return _read(path), path
+        except RunError as e:
+            problem = str(e)
+    try:
+        state = _read(previous)
+    except RunError as e:
+        raise RunError(f"{problem}; the previous checkpoint cannot be used either: {e}") from None
+    print(f"warning: {problem}; using the previous checkpoint {previous} instead", file=sys.stderr, flush=True)
+    return state, previous
+
+
+def has_checkpoint(directory):
+    return any((Path(directory) / name).is_file() for name in (CHECKPOINT, PREVIOUS_CHECKPOINT))
 
 
 def move_aside(directory, row):
@@ -118,13 +184,13 @@ def prepare_run_dir(directory, row, resume, force):
     # "running" gets here only when the heartbeat is our own requeued SLURM job's or its job is gone
     # (check_not_running): that record is as unfinished as an interrupted one
     if state in ("interrupted", "failed", "running"):
-        has_checkpoint = (directory / "checkpoint.pth").is_file()
+        resumable = has_checkpoint(directory)
         last = records.read_log(directory / "log.jsonl")
-        if has_checkpoint and resume:
+        if resumable and resume:
             return True
         if not resume or last:
             # never start over silently: that would overwrite the log and checkpoint of finished epochs
-            why = ("pass --resume to continue it from its checkpoint" if has_checkpoint else
+            why = ("pass --resume to continue it from its checkpoint" if resumable else
                    "its checkpoint is missing, so it cannot be resumed")
             raise RunError(
                 f"{row}: {directory} holds an unfinished run ({state}, last finished epoch "

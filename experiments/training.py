@@ -16,7 +16,9 @@ So a resumed run continues exactly as an uninterrupted one, at an epoch boundary
 `train.checkpoint_every_iters`) in the middle of an epoch.
 """
 import math
+import signal
 import sys
+import threading
 from contextlib import nullcontext
 
 import numpy as np
@@ -102,12 +104,27 @@ class TrainSampler(torch.utils.data.Sampler):
 
 
 
+def ignore_stop_signals(_worker_id=None):
+    """DataLoader worker_init_fn: SIGINT and SIGTERM are for the training process (StopRequest), which
+    stops its workers itself; a worker killed by the terminal's Ctrl-C would break the last step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_train_loader(dataset, batch_size, num_workers, seed, ctx):
     sampler = TrainSampler(len(dataset), ctx.world_size, ctx.rank, seed)
     batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last=True)
     return torch.utils.data.DataLoader(
         SeededDataset(dataset, seed), batch_sampler=batches, collate_fn=datasets.collate, num_workers=num_workers,
-        persistent_workers=num_workers > 0, pin_memory=ctx.device.type == "cuda")
+        persistent_workers=num_workers > 0, pin_memory=ctx.device.type == "cuda",
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None)
+
+
+def optimizer_steps(n_images, plan, world_size):
+    """Optimizer steps of one epoch over `n_images` training images (the sampler and loader drop the
+    remainders), for the batch plan (batch, accumulation, total) of `world_size` processes."""
+    batch, accumulation, _ = plan
+    return (n_images // world_size // batch) // accumulation
 
 
 
@@ -150,6 +167,77 @@ def progress(iterable=None, disable=False, **kwargs):
 
 
 LOGGED_LOSSES = ("loss", "loss_attn1", "loss_attn2", "loss_attn3", "loss_class", "loss_bbox", "loss_giou")
+PREDICTIONS = ("pred_logits", "pred_boxes")
+
+
+class Stopped(KeyboardInterrupt):
+    """Training stopped by a signal (SIGTERM, SIGINT). Like Ctrl-C it is an interruption, not a
+    failure: the record stays resumable. `signum`: the signal; `saved`: whether a checkpoint of the
+    current step was written for it (else the last checkpoint is the latest saved one)."""
+
+    def __init__(self, message, signum, saved=False):
+        super().__init__(message)
+        self.signum, self.saved = signum, saved
+
+
+class StopRequest:
+    """SIGTERM (what SLURM sends at a time limit or preemption, before SIGKILL) and SIGINT while a
+    row trains. During the training steps the first signal is noted and the loop writes a checkpoint
+    after the current optimizer step and raises Stopped; outside them (evaluation, start-up), or on
+    a second signal, Stopped (SIGTERM) or KeyboardInterrupt (SIGINT) is raised at once.
+
+    Where the launcher handles SIGTERM itself (submitit ignores it and requeues on its own signal),
+    SIGTERM only triggers that checkpoint: the launcher decides when the job ends."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = None  # the signal waiting for the end of the current step
+        self.in_steps = False
+        self._previous = {}
+
+    def install(self):
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
+        return self
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _launcher_handles(self, signum):
+        previous = self._previous.get(signum)
+        return callable(previous) and previous is not signal.default_int_handler
+
+    def _handle(self, signum, frame):
+        if self._launcher_handles(signum):
+            self._previous[signum](signum, frame)
+            if self.in_steps and self.signum is None:
+                self.signum = -signum  # negative: checkpoint, then go on
+            return
+        if self.in_steps and (self.signum is None or self.signum < 0):
+            self.signum = signum
+            return
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Stopped(f"stopped by {signal.Signals(signum).name}", signum)
+
+    def poll(self, ctx):
+        """After an optimizer step, on every process together: None, "checkpoint" (write one and go
+        on) or "stop" (write one and stop). Returns the signal for "stop" as well."""
+        mine = self.signum or 0
+        flags = torch.tensor([float(mine > 0), float(mine < 0)], dtype=torch.float64, device=ctx.device)
+        if ctx.distributed:
+            ctx.all_reduce_sum(flags)
+        if flags[0] > 0:
+            return "stop"
+        if flags[1] > 0:
+            self.signum = None
+            return "checkpoint"
+        return None
 
 
 def _reduce_means(sums, count, ctx):
@@ -163,12 +251,58 @@ def _reduce_means(sums, count, ctx):
     return {k: v for k, v in zip(keys, (t[:-1] / total).tolist())}
 
 
+def _prediction_tensors(outputs, path=""):
+    """(name, tensor) of every pred_logits / pred_boxes in a model's (nested) outputs."""
+    if isinstance(outputs, dict):
+        for k, v in outputs.items():
+            name = f"{path}.{k}" if path else str(k)
+            if k in PREDICTIONS and isinstance(v, torch.Tensor):
+                yield name, v
+            elif isinstance(v, (dict, list, tuple)):
+                yield from _prediction_tensors(v, name)
+    elif isinstance(outputs, (list, tuple)):
+        for i, v in enumerate(outputs):
+            yield from _prediction_tensors(v, f"{path}[{i}]")
+
+
+def nonfinite_outputs(outputs):
+    """Names of the predictions (pred_logits/pred_boxes, at any depth) holding NaN or inf."""
+    named = list(_prediction_tensors(outputs))
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in named]).tolist()
+    return [name for (name, _), ok in zip(named, finite) if not ok]
+
+
+def _check_finite(problem, ctx, where):
+    """Raises RunError on every process when any process found a non-finite value (`problem`: its
+    description or None), so that no process is left waiting in a collective."""
+    flag = torch.tensor([0.0 if problem is None else 1.0], device=ctx.device)
+    if ctx.distributed:
+        ctx.all_reduce_sum(flag)
+    if flag.item() > 0:
+        what = (f"rank {ctx.rank}: " if ctx.distributed else "") + problem if problem else "on another process"
+        raise RunError(f"training diverged at {where}: {what}. Lower train.lr / train.lr_backbone, or clip the "
+                       f"gradients (train.clip_max_norm)")
+
+
+def _nonfinite_grads(named_params):
+    return [n for n, p in named_params if p.grad is not None and not torch.isfinite(p.grad).all()]
+
+
 def train_one_epoch(model, criterion, loader, optimizer, device, clip_max_norm, epoch, max_iters=None, *,
-                    accumulation=1, ctx=None, start_step=0, partial=None, on_step=None, seed_key=None):
+                    accumulation=1, ctx=None, start_step=0, partial=None, on_step=None, seed_key=None,
+                    stop=None, on_stop=None):
     """Trains one epoch; returns the mean of the logged losses over its optimizer steps (over all
     processes). `loader` yields this process's micro-batches; `accumulation` micro-batches make one
     step. `start_step`/`partial` continue an epoch from a mid-epoch checkpoint; `on_step(step, sums,
-    count)` is called after every optimizer step; `seed_key` (seed, epoch) reseeds dropout per step."""
+    count)` is called after every optimizer step; `seed_key` (seed, epoch) reseeds dropout per step.
+
+    Divergence: non-finite predictions are caught before the matcher, non-finite losses before
+    backward and a non-finite gradient norm before optimizer.step(), with a RunError naming the
+    epoch, the iteration and what was not finite. `stop` (StopRequest): after a step where a signal
+    arrived, `on_stop(step, sums, count)` writes a checkpoint and Stopped is raised ("checkpoint":
+    the loop goes on)."""
     ctx = ctx or distributed.Context(device=torch.device(device))
     model.train()
     criterion.train()
@@ -181,43 +315,70 @@ def train_one_epoch(model, criterion, loader, optimizer, device, clip_max_norm, 
         sums = {k: v * count for k, v in partial["means"].items()}
     bar = progress(total=steps, initial=start_step, desc=f"epoch {epoch} train", leave=False, disable=not ctx.is_main)
     batches = iter(loader)
-    params = [p for p in model.parameters() if p.requires_grad]
-    for step in range(start_step, steps):
-        if seed_key is not None:
-            torch.manual_seed(mix_seed(*seed_key, step, ctx.rank))
-        micro = [to_device(next(batches), device) for _ in range(accumulation)]
-        # each micro-batch's loss is normalised by its own (global) box count: reweight to the step's
-        counts = torch.tensor([float(sum(len(t["labels"]) for t in m[2])) for m in micro], dtype=torch.float64,
-                              device=ctx.device)
-        counts = ctx.all_reduce_sum(counts) / ctx.world_size
-        weights = (counts.clamp(min=1) / counts.sum().clamp(min=1)).tolist()
-        optimizer.zero_grad(set_to_none=True)
-        step_losses, bad = {}, None
-        for i, (images, mask, targets) in enumerate(micro):
-            last = i == accumulation - 1
-            with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
-                losses = criterion(model(images, mask, targets), targets)
-                (losses["loss"] * weights[i]).backward()
-            if bad is None and not math.isfinite(losses["loss"].item()):
-                bad = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-            for k in LOGGED_LOSSES:
-                if k in losses:
-                    step_losses[k] = step_losses.get(k, 0.0) + losses[k].item() * weights[i]
-        flag = ctx.all_reduce_sum(torch.tensor([0.0 if bad is None else 1.0], device=ctx.device))
-        if flag.item() > 0:
-            where = f"rank {ctx.rank}: {bad}" if bad else "on another process"
-            raise RunError(f"non-finite loss at epoch {epoch}, iteration {step} ({where})")
-        if clip_max_norm > 0:
-            nn.utils.clip_grad_norm_(params, clip_max_norm)
-        optimizer.step()
-        for k, v in step_losses.items():
-            sums[k] = sums.get(k, 0.0) + v
-        count += 1
-        bar.update(1)
-        if ctx.is_main:
-            bar.set_postfix(loss=f"{sums['loss'] / count:.3f}", refresh=False)
-        if on_step is not None:
-            on_step(step + 1, sums, count)
-    bar.close()
+    named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named_params]
+    in_steps = stop.in_steps if stop is not None else False
+    try:
+        if stop is not None:
+            stop.in_steps = True
+        for step in range(start_step, steps):
+            where = f"epoch {epoch}, iteration {step + 1} of {steps}"
+            if seed_key is not None:
+                torch.manual_seed(mix_seed(*seed_key, step, ctx.rank))
+            micro = [to_device(next(batches), device) for _ in range(accumulation)]
+            # each micro-batch's loss is normalised by its own (global) box count: reweight to the step's
+            counts = torch.tensor([float(sum(len(t["labels"]) for t in m[2])) for m in micro], dtype=torch.float64,
+                                  device=ctx.device)
+            counts = ctx.all_reduce_sum(counts) / ctx.world_size
+            weights = (counts.clamp(min=1) / counts.sum().clamp(min=1)).tolist()
+            optimizer.zero_grad(set_to_none=True)
+            step_losses = {}
+            for i, (images, mask, targets) in enumerate(micro):
+                last = i == accumulation - 1
+                with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+                    outputs = model(images, mask, targets)
+                    bad, problem = nonfinite_outputs(outputs), None
+                    if bad:  # the matcher cannot match NaN boxes: stop before it
+                        problem = f"non-finite predictions {', '.join(bad[:6])}{', ...' if len(bad) > 6 else ''}"
+                    else:
+                        losses = criterion(outputs, targets)
+                        if not math.isfinite(losses["loss"].item()):
+                            problem = "non-finite loss: " + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+                    _check_finite(problem, ctx, where)
+                    (losses["loss"] * weights[i]).backward()
+                for k in LOGGED_LOSSES:
+                    if k in losses:
+                        step_losses[k] = step_losses.get(k, 0.0) + losses[k].item() * weights[i]
+            # gradients are the same on every process (DDP averaged them): all raise together
+            if clip_max_norm > 0:
+                norm = nn.utils.clip_grad_norm_(params, clip_max_norm)
+            else:
+                norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            if not math.isfinite(norm.item()):
+                bad = _nonfinite_grads(named_params)
+                raise RunError(f"training diverged at {where}: the gradient norm is {norm.item()} (non-finite "
+                               f"gradients of {', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); the step was "
+                               f"not taken. Lower train.lr / train.lr_backbone, or clip the gradients "
+                               f"(train.clip_max_norm)")
+            optimizer.step()
+            for k, v in step_losses.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+            bar.update(1)
+            if ctx.is_main:
+                bar.set_postfix(loss=f"{sums['loss'] / count:.3f}", refresh=False)
+            if on_step is not None:
+                on_step(step + 1, sums, count)
+            request = stop.poll(ctx) if stop is not None else None
+            if request is not None:
+                if on_stop is not None:
+                    on_stop(step + 1, sums, count)
+                if request == "stop":
+                    raise Stopped(f"stopped by {signal.Signals(stop.signum).name if stop.signum else 'a signal'} "
+                                  f"after iteration {step + 1} of {steps} of epoch {epoch}", stop.signum or 0,
+                                  saved=True)
+    finally:
+        if stop is not None:
+            stop.in_steps = in_steps
+        bar.close()
     return _reduce_means(sums, count, ctx)
-

@@ -61,12 +61,20 @@ def cached_weights_file(weights_enum):
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights_enum.url)
 
 
+class WeightsError(ValueError):
+    """Pretrained backbone weights that cannot be used: the message names the file and the key."""
+
+
+class WeightsNotFoundError(WeightsError, FileNotFoundError):
+    """Pretrained backbone weights that are not where the configuration says."""
+
+
 def load_imagenet_state_dict(name, weights_enum, weights_path=None):
     path = Path(weights_path) if weights_path else cached_weights_file(weights_enum)
     if not path.is_file():
         where = ("model.backbone.weights_path" if weights_path else
                  f"the torch hub cache ({cached_weights_file(weights_enum).parent}; set TORCH_HOME to move it)")
-        raise FileNotFoundError(
+        raise WeightsNotFoundError(
             f"ImageNet weights for backbone {name!r} not found: no file {path} (from {where}). They are "
             f"torchvision's {weights_enum} ({weights_enum.url}); put that file in the torch hub cache "
             f"({cached_weights_file(weights_enum).parent}) or set model.backbone.weights_path to a copy.")
@@ -86,20 +94,20 @@ def load_synthetic_state_dict(name, body, weights_path=None):
     unused stages removed already). Returns the `init` description: file name and sha256."""
     path = Path(weights_path) if weights_path else SYNTHETIC_WEIGHTS
     if not path.is_file():
-        raise FileNotFoundError(
+        raise WeightsNotFoundError(
             f"synthetic-pretrained weights for backbone {name!r} not found: no file {path}"
             f"{' (model.backbone.weights_path)' if weights_path else ''}. Make them with `python -m experiments "
             f"pretrain --out {path}` (see the README, 'A pretrained backbone without ImageNet').")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or "state_dict" not in state:
-        raise ValueError(f"{path} is not a weights file of `python -m experiments pretrain` (no 'state_dict')")
+        raise WeightsError(f"{path} is not a weights file of `python -m experiments pretrain` (no 'state_dict')")
     meta = state.get("meta", {})
     if meta.get("backbone", name) != name:
-        raise ValueError(f"{path} holds a {meta['backbone']} trunk, but model.backbone.name is {name!r}")
+        raise WeightsError(f"{path} holds a {meta['backbone']} trunk, but model.backbone.name is {name!r}")
     want = body.state_dict()
     missing = sorted({k.split(".")[0] for k in want if k not in state["state_dict"]})
     if missing:
-        raise ValueError(f"{path} has no weights for {missing} of {name} (it was pretrained up to "
+        raise WeightsError(f"{path} has no weights for {missing} of {name} (it was pretrained up to "
                          f"{meta.get('last_stage', '?')}); use a model.backbone.last_stage it covers or pretrain "
                          f"with --last-stage")
     body.load_state_dict({k: state["state_dict"][k].to(v.dtype) for k, v in want.items()})
@@ -264,7 +272,7 @@ def load_swin_state_dict(name, weights_enum, weights_path, body):
     missing, unexpected = body.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("relative_position_index") and not k.startswith("head.")]
     if missing or unexpected:
-        raise ValueError(f"Swin weights {path} do not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise WeightsError(f"Swin weights {path} do not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return f"imagenet:{path.name} ({kind})"
 
 

@@ -37,6 +37,15 @@ def test_overrides_parse_yaml_values_and_apply():
     ("data.train_scales=[1.5]", "must be a list of int values"),
     ("model.ks=triple", "must be a mapping"),
     ("train.epochs", "key.sub=value"),
+    # NaN is never below a minimum and inf passes it: non-finite numbers are rejected by name
+    ("train.lr=nan", "key 'train.lr' must be a finite number, got nan"),
+    ("train.lr=.nan", "key 'train.lr' must be a finite number, got nan"),
+    ("train.lr_backbone=.inf", "key 'train.lr_backbone' must be a finite number, got inf"),
+    ("train.clip_max_norm=-.inf", "key 'train.clip_max_norm' must be a finite number, got -inf"),
+    ("model.dropout=NaN", "key 'model.dropout' must be a finite number"),
+    # a value that is not valid YAML is a one-line ConfigError, not a YAML traceback
+    ("train.seed=[1", "override 'train.seed=[1': the value '[1' is not valid YAML"),
+    ("data.train_scales={a", "is not valid YAML"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match="def_r18") as e:

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from datasets.coco_eval import CocoEvaluator
 from .datasets_helpers import write_coco
@@ -108,3 +109,31 @@ def test_detections_moved_to_other_images(coco_gt, tmp_path):
     assert sized.moved_to_other_images().detections[0]["bbox"] == pytest.approx([20.0, 15.0, 40.0, 60.0])
     with pytest.raises(ValueError, match="at least two"):
         run(coco_gt, image_ids=(1,)).moved_to_other_images()
+
+
+def test_results_in_coco_results_format(coco_gt, tmp_path):
+    import json
+
+    evaluator = run(coco_gt, shift=1.0, image_ids=[2, 3])
+    evaluator.update([1], [torch.tensor([[10.00049, 10.0, 30.0, 30.123456]])], [torch.tensor([0.123456789])],
+                     [torch.tensor([1])])
+    metrics = evaluator.summarize()  # loadRes adds keys (area, id, segmentation...) to the evaluator's dicts
+    results = evaluator.results()
+    assert [d["image_id"] for d in results] == [1, 2, 2, 3]  # by image, each image's in the given order
+    assert results[0] == {"image_id": 1, "category_id": 8, "bbox": [10.0, 10.0, 20.0, 20.123], "score": 0.123457}
+    assert all(set(d) == {"image_id", "category_id", "bbox", "score"} for d in results)
+    assert results[1]["bbox"] == [101.0, 20.0, 150.0, 120.0] and results[1]["category_id"] == 8
+    assert all(type(v) is float for d in results for v in d["bbox"] + [d["score"]])
+    unrounded = evaluator.results(box_decimals=None, score_decimals=None)
+    assert unrounded[0]["bbox"][0] == pytest.approx(10.00049) and unrounded[0]["score"] == pytest.approx(0.123456789)
+
+    path = tmp_path / "detections.json"
+    path.write_text(json.dumps(results))
+    coco_dt = coco_gt.loadRes(str(path))  # what pycocotools reads as it is
+    e = COCOeval(coco_gt, coco_dt, iouType="bbox")
+    e.params.imgIds = [1, 2, 3]
+    e.evaluate()
+    e.accumulate()
+    e.summarize()
+    recomputed = {name: (math.nan if v < 0 else v) for name, v in zip(metrics, e.stats)}
+    assert recomputed == pytest.approx(metrics, abs=1e-9, nan_ok=True)

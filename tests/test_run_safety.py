@@ -1,0 +1,336 @@
+"""Runs that go wrong: divergence, reruns with another configuration, runs with no step, signals,
+damaged checkpoints, record permissions, and contradictory command lines."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from experiments import engine, records, runs
+from experiments.__main__ import main
+from experiments.engine import train_row
+from experiments.errors import RunError
+from experiments.training import Stopped, StopRequest, train_one_epoch
+from tests.test_engine import TINY_RUN
+
+REPO = records.REPO
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("data") / "synthetic"
+
+
+def overrides(data_root, *extra):
+    return TINY_RUN + [f"data.root={data_root}", *extra]
+
+
+ONE_EPOCH = ("train.epochs=1", "train.lr_drop=[]")
+
+
+# ------------------------------------------------------------------------------------------------
+# divergence
+
+class Toy(nn.Module):
+    """Predictions from one weight: `poison` makes them non-finite."""
+
+    def __init__(self, poison=None):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+        self.poison = poison
+
+    def forward(self, images, mask, targets=None):
+        boxes = self.w * torch.full((len(images), 3, 4), 0.5)
+        logits = self.w * torch.zeros(len(images), 3, 2)
+        if self.poison == "boxes":
+            boxes = boxes * float("nan")
+        return {"pred_logits": logits, "pred_boxes": boxes,
+                "aux_outputs": [{"pred_logits": logits, "pred_boxes": boxes}]}
+
+
+def toy_loader(n=3):
+    target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "image_id": 0,
+              "orig_size": torch.tensor([8, 8]), "size": torch.tensor([8, 8])}
+    batch = {"images": torch.zeros(1, 3, 8, 8), "padding_mask": torch.zeros(1, 8, 8, dtype=torch.bool),
+             "targets": [target]}
+    return [batch] * n
+
+
+def test_non_finite_predictions_stop_before_the_matcher():
+    model, called = Toy(poison="boxes"), []
+
+    def criterion(outputs, targets):  # the matcher lives here: it must never see NaN boxes
+        called.append(1)
+        return {"loss": outputs["pred_boxes"].sum()}
+
+    criterion.train = lambda: None
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    with pytest.raises(RunError, match=r"diverged at epoch 2/5, iteration 1 of 3: non-finite predictions "
+                                       r"pred_boxes, aux_outputs\[0\].pred_boxes"):
+        train_one_epoch(model, criterion, toy_loader(), opt, "cpu", 0.0, "2/5")
+    assert not called
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.1])
+def test_a_non_finite_gradient_is_never_stepped(clip):
+    model = Toy()
+
+    def criterion(outputs, targets):  # finite loss, infinite gradient: d sqrt(x)/dx at 0
+        return {"loss": (outputs["pred_logits"].sum() * 0 + (model.w - 1)).abs().sqrt().sum()}
+
+    criterion.train = lambda: None
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    with pytest.raises(RunError, match=r"diverged at epoch 1/1, iteration 1 of 3: the gradient norm is (inf|nan) "
+                                       r"\(non-finite gradients of w\); the step was not taken"):
+        train_one_epoch(model, criterion, toy_loader(), opt, "cpu", clip, "1/1")
+    assert model.w.item() == 1.0
+
+
+def test_a_diverging_run_fails_naming_the_step_and_keeps_a_finite_checkpoint(tmp_path, data_root):
+    args = overrides(data_root, *ONE_EPOCH, "train.lr=1e6", "train.lr_backbone=1e6", "train.clip_max_norm=0",
+                     "train.checkpoint_every_iters=1", "train.max_iters_per_epoch=4")
+    # the first step makes the weights huge: the next step's predictions, or the weights themselves
+    # when they are saved, are not finite
+    with pytest.raises(RunError, match=r"training diverged at epoch 1/1, iteration \d of 4: non-finite|"
+                                       r"the weights at epoch 1, iteration \d are not finite") as e:
+        train_row("demo", "def_r18", args, results=tmp_path)
+    directory = records.run_dir("demo", "def_r18", tmp_path)
+    assert records.status(directory) == "failed"
+    assert str(e.value) in (directory / "FAILED").read_text()
+    if (directory / "checkpoint.pth").exists():  # whatever was saved is finite
+        state = torch.load(directory / "checkpoint.pth", weights_only=False)
+        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_weights_that_are_not_finite_never_replace_a_checkpoint(tmp_path):
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1])
+    path = tmp_path / "checkpoint.pth"
+    runs.save_checkpoint(path, model, opt, sched, 1, [], {})
+    good = path.read_bytes()
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    with pytest.raises(RunError, match=r"weights at epoch 3, iteration 3 are not finite \(weight\); not saved"):
+        runs.save_checkpoint(path, model, opt, sched, 2, [], {}, step=3)
+    assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"]
+
+
+# ------------------------------------------------------------------------------------------------
+# configuration of reruns and resumes
+
+def test_a_finished_row_rerun_with_another_configuration_is_refused(tmp_path, data_root, capsys):
+    args = overrides(data_root, *ONE_EPOCH)
+    directory = train_row("demo", "def_r18", args, results=tmp_path)
+    done = (directory / "DONE").read_bytes()
+    assert train_row("demo", "def_r18", args, results=tmp_path) == directory  # the same: skipped
+    assert "already done" in capsys.readouterr().out
+    with pytest.raises(RunError, match=r"done .* with another configuration: train.lr: 0.0004 -> 0.001\. "
+                                       r"Pass --force"):
+        train_row("demo", "def_r18", args + ["train.lr=1e-3"], results=tmp_path)
+    with pytest.raises(SystemExit, match="^error: def_r18: this row is done"):
+        main(["--results", str(tmp_path), "run", "demo", "--row", "def_r18", *args, "train.lr=1e-3"])
+    assert (directory / "DONE").read_bytes() == done
+
+
+def test_resume_refuses_a_checkpoint_saved_with_another_configuration(tmp_path, data_root, monkeypatch):
+    from tests.test_engine import interrupt_during_second_evaluation
+
+    interrupt_during_second_evaluation(monkeypatch, "def_r18", data_root, tmp_path)
+    directory = records.run_dir("demo", "def_r18", tmp_path)
+    state = torch.load(directory / "checkpoint.pth", weights_only=False)
+    state["config"]["train"]["lr"] = 1e-3
+    torch.save(state, directory / "checkpoint.pth")
+    with pytest.raises(RunError, match=r"checkpoint .*checkpoint.pth was saved with another configuration "
+                                       r"\(train.lr: 0.001 -> 0.0004\)"):
+        train_row("demo", "def_r18", overrides(data_root), resume=True, results=tmp_path)
+    assert records.status(directory) == "interrupted"  # refused before anything was written
+
+
+@pytest.mark.parametrize("extra,message", [
+    # 8 images, batches of 8 with the last one dropped: 7 images make no batch
+    (["data.synthetic.train=7", "train.batch_size=8"], r"has 7 images, fewer than one optimizer step takes \(8 = "
+                                                       r"1 process\(es\) x train.batch_size 8 x 1 accumulation"),
+    # 3 micro-batches of 2 cannot make one step of 16 (8 micro-batches)
+    (["data.synthetic.train=6", "train.total_batch_size=16"], r"has 6 images, fewer than one optimizer step takes "
+                                                              r"\(16 = 1 process\(es\) x train.batch_size 2 x 8"),
+])
+def test_a_run_with_no_training_step_stops_before_any_record(tmp_path, extra, message):
+    args = TINY_RUN + [f"data.root={tmp_path / 'small'}", *extra]
+    with pytest.raises(RunError, match=message):
+        train_row("demo", "def_r18", args, results=tmp_path)
+    assert records.status(records.run_dir("demo", "def_r18", tmp_path)) == "not started"
+
+
+def test_contradictory_or_malformed_command_lines_are_one_line_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit, match=r"^error: def_r18: --force .* and --resume .* contradict each other"):
+        main(["--results", str(tmp_path), "run", "demo", "--row", "def_r18", "--force", "--resume"])
+    with pytest.raises(SystemExit, match=r"^error: override 'train.seed=\[1': the value '\[1' is not valid YAML"):
+        main(["--results", str(tmp_path), "run", "demo", "--row", "def_r18", "train.seed=[1"])
+    with pytest.raises(SystemExit, match=r"^error: .*key 'train.lr' must be a finite number, got nan"):
+        main(["--results", str(tmp_path), "run", "demo", "--row", "def_r18", "train.lr=nan"])
+    assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints and record files
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, data_root, monkeypatch, capsys):
+    args = overrides(data_root, "train.checkpoint_every_iters=1")
+    real_evaluate, calls = engine.evaluate, []
+
+    def evaluate_then_stop(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(engine, "evaluate", evaluate_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_row("demo", "def_r18", args, results=tmp_path)
+    monkeypatch.setattr(engine, "evaluate", real_evaluate)
+    directory = records.run_dir("demo", "def_r18", tmp_path)
+    latest, previous = directory / "checkpoint.pth", directory / "checkpoint.prev.pth"
+    assert torch.load(latest, weights_only=False)["step"] == 2
+    assert torch.load(previous, weights_only=False)["step"] == 1  # the checkpoint before the latest is kept
+    latest.write_bytes(latest.read_bytes()[:1000])  # truncated
+    state, used = runs.read_checkpoint(latest)
+    assert used == previous and (state["epoch"], state["step"]) == (1, 1)
+    capsys.readouterr()
+    train_row("demo", "def_r18", args, resume=True, results=tmp_path)
+    err = capsys.readouterr().err
+    assert f"{latest} cannot be read" in err and f"using the previous checkpoint {previous}" in err
+    assert records.status(directory) == "done"
+
+    previous.write_bytes(b"not a checkpoint")
+    latest.write_bytes(b"")
+    with pytest.raises(RunError, match=f"{latest} cannot be read .*the previous checkpoint cannot be used either: "
+                                       f"{previous} cannot be read"):
+        runs.read_checkpoint(latest)
+    with pytest.raises(RunError, match=f"{previous} cannot be read"):  # named also when asked for directly
+        runs.read_checkpoint(previous)
+
+
+def test_a_failed_checkpoint_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1])
+    path = tmp_path / "checkpoint.pth"
+    runs.save_checkpoint(path, model, opt, sched, 1, [], {})
+    good = path.read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        runs.save_checkpoint(path, model, opt, sched, 2, [], {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"] and path.read_bytes() == good
+
+
+def test_record_files_are_readable_like_checkpoints(tmp_path):
+    old = os.umask(0o022)
+    try:
+        records.write_json(tmp_path / "eval.json", {})
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(old)
+    assert (tmp_path / "eval.json").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 == 0o644
+
+
+# ------------------------------------------------------------------------------------------------
+# signals
+
+def test_a_signal_during_the_steps_waits_for_the_end_of_the_step():
+    stop = StopRequest().install()
+    try:
+        stop.in_steps = True
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        assert stop.signum == signal.SIGTERM  # noted, nothing raised yet
+        with pytest.raises(Stopped, match="SIGTERM"):  # a second one stops at once
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        stop.in_steps, stop.signum = False, None
+        with pytest.raises(KeyboardInterrupt):  # outside the steps: Ctrl-C as usual
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_a_launcher_that_handles_sigterm_gets_a_checkpoint_and_decides(monkeypatch):
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))  # as submitit's bypass
+    try:
+        stop = StopRequest().install()
+        stop.in_steps = True
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        from experiments.distributed import Context
+
+        assert seen == [signal.SIGTERM] and stop.poll(Context()) == "checkpoint" and stop.poll(Context()) is None
+        stop.restore()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _start(tmp_path, data_root, *extra, resume=False):
+    cmd = [sys.executable, "-m", "experiments", "--results", str(tmp_path), "run", "demo", "--row", "def_r18",
+           *(["--resume"] if resume else []), *overrides(data_root, *extra)]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+# 20 epochs of 4 steps: long enough to be signalled in the middle of an epoch
+LONG = ("train.epochs=20", "train.lr_drop=[15]", "train.eval_every=20", "train.max_iters_per_epoch=null")
+
+
+def _signal_while_training(proc, directory, sig):
+    deadline = time.time() + 120
+    while time.time() < deadline:  # the heartbeat says "train" as soon as the first epoch starts
+        beat = records.read_json(directory / records.HEARTBEAT)
+        if isinstance(beat, dict) and beat.get("phase") == "train":
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before it was signalled: {proc.communicate()}")
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    return proc.communicate(timeout=120)
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, 130)])
+def test_a_signalled_run_checkpoints_its_step_and_resumes_exactly(tmp_path, data_root, sig, code):
+    directory = records.run_dir("demo", "def_r18", tmp_path / "stopped")
+    proc = _start(tmp_path / "stopped", data_root, *LONG)
+    out, err = _signal_while_training(proc, directory, sig)
+    name = signal.Signals(sig).name
+    assert proc.returncode == code, (out, err)
+    assert f"def_r18: stopped by {name} after iteration" in out and "Traceback" not in err, (out, err)
+    assert records.status(directory) == "interrupted" and not (directory / "FAILED").exists()
+    state = torch.load(directory / "checkpoint.pth", weights_only=False)
+    assert state["step"] > 0 or state["epoch"] > 0
+    if sig == signal.SIGINT:
+        return
+    # the resumed run ends where an uninterrupted one does
+    resumed = _start(tmp_path / "stopped", data_root, *LONG, resume=True)
+    assert resumed.wait(300) == 0, resumed.communicate()
+    whole = _start(tmp_path / "whole", data_root, *LONG)
+    assert whole.wait(300) == 0, whole.communicate()
+    a = torch.load(directory / "checkpoint.pth", weights_only=False)
+    b = torch.load(records.run_dir("demo", "def_r18", tmp_path / "whole") / "checkpoint.pth", weights_only=False)
+    for k, v in b["model"].items():
+        torch.testing.assert_close(a["model"][k], v, rtol=0, atol=0, msg=k)
+    assert json.loads((directory / "eval.json").read_text()) == json.loads(
+        (records.run_dir("demo", "def_r18", tmp_path / "whole") / "eval.json").read_text())
