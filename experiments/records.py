@@ -7,15 +7,17 @@
     log.jsonl       one JSON line per finished epoch: {"epoch", "lr", "train": {...},
                     "eval": {"attn1": {AP...}, "attn2": {...}, "attn3": {...}}, "time_s"}
     eval.json       final COCO metrics per branch (fractions in [0, 1])
+    detections-<branch>.json  the final evaluation's detections in COCO's results format
     DONE            written last and atomically, after the final evaluation
     FAILED          the error that stopped the run (removed when it is resumed); an interruption
                     (Ctrl-C, SLURM timeout or preemption) is not a failure and writes none
-    checkpoint.pth  the latest epoch (git-ignored)
+    checkpoint.pth  the latest epoch or step (git-ignored); checkpoint.prev.pth the one before it
     heartbeat.json  while a process trains the row: {"time", "host", "pid", "slurm_job_id",
                     "slurm_restart", "epoch", "iteration", "phase"}, refreshed every HEARTBEAT_INTERVAL_S
                     by a background thread and removed when the process stops
     slurm.json      the SLURM jobs submitted for the row ({"jobs": [{"job_id", "submitted", ...}]})
-    eval-<time>.json  metrics of `python -m experiments eval` (never eval.json)
+    eval-<time>.json  metrics of `python -m experiments eval` (never eval.json), its detections in
+                    eval-<time>/detections-<branch>.json
 
 Beside each row's folder, `.<row>.lock` (empty) is locked while a launch decides how the row starts.
 
@@ -23,7 +25,8 @@ Status of a row (`status()`): "done" (DONE), "failed" (FAILED), "running" (a fre
 "interrupted" (started, not finished, nothing running: resume it), "not started". A heartbeat older
 than HEARTBEAT_STALE_S, or one left by a process of this host that no longer exists, is stale.
 
-Every file is written atomically (temporary file + rename), so a reader never sees half a record.
+Every file is written atomically (temporary file, fsync, rename), so a reader never sees half a
+record, with the permissions a plain open() gives (as checkpoints).
 """
 import contextlib
 import fcntl
