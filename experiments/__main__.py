@@ -342,8 +342,6 @@ def main(argv=None):
         parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
-    from .errors import RunError
-
     try:
         args.func(args)
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM (training.Stopped): said where it happened, no traceback
@@ -351,13 +349,11 @@ def main(argv=None):
         print(f"stopped ({signal.Signals(signum).name})" if signum else "stopped", file=sys.stderr)
         sys.exit(128 + (signum or signal.SIGINT))
     except Exception as e:
-        from datasets import DataError
-        from models.backbone import WeightsError
-
         from .distributed import WorkerFailed
+        from .errors import is_user_error
 
         # a bad configuration, data set, weights file or results folder: one line (--traceback: all)
-        if isinstance(e, (ConfigError, RunError, WorkerFailed, DataError, WeightsError)) and not args.traceback:
+        if (is_user_error(e) or isinstance(e, WorkerFailed)) and not args.traceback:
             sys.exit(f"error: {e}")
         raise
 

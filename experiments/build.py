@@ -70,8 +70,14 @@ def build_data(cfg, ctx=None):
         if not data["root"]:
             raise RunError("data.root must name a folder for the synthetic data set")
         s = data["synthetic"]
+        error = None
         if ctx.is_main:
-            datasets.ensure_synthetic(data["root"], s["train"], s["val"], s["seed"], s["size"])
+            try:
+                datasets.ensure_synthetic(data["root"], s["train"], s["val"], s["seed"], s["size"])
+            except Exception as e:  # noqa: BLE001 - raised after the barrier, so that no process waits in it
+                error = e
         ctx.barrier()
+        if error is not None:
+            raise error
     return datasets.build_split(data, "train"), datasets.build_split(data, "val")
 

@@ -16,14 +16,18 @@ With more than one process, `setup()` initialises torch.distributed: NCCL with o
 import datetime
 import os
 import re
+import signal
 import socket
 import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 TIMEOUT = datetime.timedelta(minutes=60)  # rank 0 may evaluate (COCOeval) while the others wait
+STOP_WAIT_S = 300  # after a signal, how long spawn() waits for its processes to checkpoint and stop
 
 
 LOCAL_LAUNCH = "EXPERIMENTS_LOCAL_LAUNCH"  # set by spawn(): the option that started the processes
@@ -177,11 +181,12 @@ def _worker(local_rank, nprocs, port, launch_option, fn, args, kwargs):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
     try:
         fn(*args, **kwargs)
+    except KeyboardInterrupt as e:  # Ctrl-C or errors.Stopped: an exit code, not torch's silent 0
+        sys.exit(128 + (getattr(e, "signum", 0) or signal.SIGINT))
     except Exception as e:
-        from .config import ConfigError
-        from .errors import RunError
+        from .errors import is_user_error
 
-        if isinstance(e, (ConfigError, RunError)):  # already a clear message: no traceback
+        if is_user_error(e):  # already a clear message: no traceback
             print(f"error (rank {local_rank}): {e}", file=sys.stderr, flush=True)
             sys.exit(1)
         raise
@@ -193,14 +198,42 @@ def spawn(nprocs, fn, *args, launch_option=None, **kwargs):
     them (recorded with the run). Raises WorkerFailed when any of them fails."""
     import torch.multiprocessing as mp
 
+    from .errors import Stopped
+
     port = free_port()
     option = launch_option or f"--nproc {nprocs}"
+    context = mp.start_processes(_worker, args=(nprocs, port, option, fn, args, kwargs), nprocs=nprocs, join=False,
+                                 start_method="spawn")
+    received = []
+
+    def forward(signum, frame):
+        # SIGTERM or Ctrl-C for this launcher: every process writes its checkpoint and stops
+        # (errors.Stopped); one that got the signal itself too counts the two as one
+        received.append(signum)
+        for p in context.processes:
+            if p.is_alive():
+                os.kill(p.pid, signum)
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        mp.start_processes(_worker, args=(nprocs, port, option, fn, args, kwargs), nprocs=nprocs, join=True,
-                           start_method="spawn")
-    except mp.ProcessRaisedException as e:
-        raise WorkerFailed(f"a training process raised an error:\n{e}") from None
-    except mp.ProcessExitedException as e:
-        raise WorkerFailed(f"training process {e.error_index} exited with code {e.exit_code} "
-                           f"(its error is printed above)") from None
+        while True:
+            if received:  # let every process finish its step and checkpoint before collecting them
+                deadline = time.monotonic() + STOP_WAIT_S
+                for p in context.processes:
+                    p.join(max(0.0, deadline - time.monotonic()))
+            try:
+                if context.join(timeout=1):
+                    break
+            except mp.ProcessRaisedException as e:
+                raise WorkerFailed(f"a training process raised an error:\n{e}") from None
+            except mp.ProcessExitedException as e:
+                if received:
+                    raise Stopped(f"stopped by {signal.Signals(received[0]).name}", received[0]) from None
+                raise WorkerFailed(f"training process {e.error_index} exited with code {e.exit_code} "
+                                   f"(its error is printed above)") from None
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
 

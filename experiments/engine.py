@@ -18,10 +18,11 @@ from models.ks_encoder import TEACHER_BRANCHES
 from . import distributed, records
 from .build import build_data, check_available, model_config
 from .config import Manifest, diff, flatten, new_default_keys
-from .errors import RunError
 from .evaluation import evaluate, make_eval_loader, write_detections
-from .runs import CHECKPOINT, environment, has_checkpoint, prepare_run_dir, read_checkpoint, save_checkpoint
-from .training import (Stopped, StopRequest, _reduce_means, batch_plan, build_optimizer, main_lr, make_train_loader,
+from .errors import RunError, Stopped
+from .runs import (CHECKPOINT, environment, has_checkpoint, nonfinite_weights, prepare_run_dir, read_checkpoint,
+                   save_checkpoint, set_damaged_aside)
+from .training import (StopRequest, _reduce_means, batch_plan, build_optimizer, main_lr, make_train_loader,
                        optimizer_steps, seed_everything, train_one_epoch)
 
 
@@ -58,7 +59,7 @@ def train_row(manifest_name, row, overrides=(), resume=False, force=False, devic
         plan = batch_plan(cfg["train"], ctx.world_size)
         built = None
         if ctx.broadcast(force or records.status(directory) != "done"):
-            built = _build(row, cfg, ctx, plan)
+            built = _agreed(lambda: _build(row, cfg, ctx, plan), ctx, "building the data sets and the model")
         decision, state = None, None
         if ctx.is_main:
             try:
@@ -80,11 +81,13 @@ def train_row(manifest_name, row, overrides=(), resume=False, force=False, devic
         if resuming is None:
             return directory
         prepared = True
+        if built is None:  # the row was done when the launch began and is not now (moved aside meanwhile)
+            built = _build(row, cfg, ctx, plan)
         return _train(cfg, directory, resuming, ctx, plan, built, state, heartbeat, stop)
     except Stopped as e:
         if prepared and ctx.is_main:
             if e.saved:
-                kept = f"a checkpoint at this step, {directory / CHECKPOINT}"
+                kept = f"a checkpoint of where it stopped, {directory / CHECKPOINT}"
             else:
                 last = records.last_epoch(directory)
                 kept = f"epochs up to {last or 'none'}" + (f" ({directory / CHECKPOINT})"
@@ -108,6 +111,22 @@ def train_row(manifest_name, row, overrides=(), resume=False, force=False, devic
         ctx.close()
 
 
+def _agreed(step, ctx, what):
+    """step() on every process; when it raises on any of them, every process raises (its own error,
+    or a RunError naming the process that failed), so none is left waiting in a later collective."""
+    error = None
+    try:
+        result = step()
+    except Exception as e:  # noqa: BLE001 - raised below, on every process
+        error = e
+    failed = ctx.all_reduce_sum(torch.tensor([float(error is not None)], device=ctx.device))
+    if error is not None:
+        raise error
+    if failed.item() > 0:
+        raise RunError(f"{what} failed on another process (its error is printed there)")
+    return result
+
+
 def _build(row, cfg, ctx, plan):
     """(train set, val set, model, criterion), built and checked before any record is written: a
     problem with the data, the weights or the batch plan leaves no record behind."""
@@ -118,6 +137,15 @@ def _build(row, cfg, ctx, plan):
     torch.manual_seed(tc["seed"])  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model, criterion = build_model(model_config(cfg), train_set.num_classes)
     return train_set, val_set, model, criterion
+
+
+def check_weights(model, where):
+    """RunError when the weights hold NaN or inf, on every process alike (DDP keeps the weights
+    equal), so that a diverged state is never saved and no process waits for another."""
+    bad = nonfinite_weights(model)
+    if bad:
+        raise RunError(f"the weights {where} are not finite ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); "
+                       f"not saved: the checkpoint on disk keeps the last finite state")
 
 
 def check_steps(row, data, plan, world_size):
@@ -161,6 +189,8 @@ def _start_records(manifest, row, cfg, overrides, directory, resume, force, ctx)
             raise RunError(f"{row}: the configuration differs from the recorded one in {directory}/config.yaml "
                            f"({'; '.join(changed)}); resume with the same overrides, or --force to start over")
         state, resuming = read_checkpoint(directory / CHECKPOINT)
+        if resuming.name != CHECKPOINT:  # the previous one: keep the damaged latest out of its way
+            set_damaged_aside(directory / CHECKPOINT)
         changed = _changes(state.get("config") or {}, cfg)
         if changed:
             raise RunError(f"{row}: the checkpoint {resuming} was saved with another configuration "
@@ -242,6 +272,7 @@ def _train(cfg, directory, resuming, ctx, plan, built, state=None, heartbeat=Non
 
         def save_mid_epoch(step, sums, count, epoch=epoch):
             means = _reduce_means(sums, count, ctx)
+            check_weights(model, f"at epoch {epoch}, iteration {step}")
             if ctx.is_main:
                 save_checkpoint(checkpoint, model, optimizer, scheduler, epoch - 1, history, cfg, step=step,
                                 partial={"means": means, "count": count}, total_batch=total)
@@ -252,24 +283,28 @@ def _train(cfg, directory, resuming, ctx, plan, built, state=None, heartbeat=Non
             if every and step % every == 0:
                 save_mid_epoch(step, sums, count)
 
+        def on_stop(step, sums, count):
+            if not (every and step % every == 0):  # else on_step has just saved this step
+                save_mid_epoch(step, sums, count)
+
         if heartbeat:
             heartbeat.update(epoch=epoch, iteration=skip, phase="train")
         train_losses = train_one_epoch(net, criterion, train_loader, optimizer, device, tc["clip_max_norm"],
                                        label, tc["max_iters_per_epoch"], accumulation=accumulation, ctx=ctx,
                                        start_step=skip, partial=partial if skip else None, on_step=on_step,
-                                       seed_key=(tc["seed"], epoch), stop=stop, on_stop=save_mid_epoch)
+                                       seed_key=(tc["seed"], epoch), stop=stop, on_stop=on_stop)
         scheduler.step()
         record = {"epoch": epoch, "lr": lr, "train": train_losses}
         if epoch == tc["epochs"] or epoch % tc["eval_every"] == 0:
             if heartbeat:
                 heartbeat.update(phase="eval")
-            stop.in_steps = False  # a signal during the evaluation stops at once (the epoch's steps are lost)
+            # a signal during the evaluation waits for its end and the epoch's checkpoint (below)
             record["eval"] = evaluate(model, val_loader, val_set, device, teachers, cfg["model"]["eval_topk"],
                                       None, desc=f"epoch {label} eval", ctx=ctx, moved=tc["eval_moved"],
                                       detections=detections if epoch == tc["epochs"] else None)
-            stop.in_steps = True
         record["time_s"] = round(time.time() - t0, 1)
         history.append(record)
+        check_weights(model, f"after epoch {epoch}")
         if ctx.is_main:
             save_checkpoint(checkpoint, model, optimizer, scheduler, epoch, history, cfg, total_batch=total)
             records.write_log(directory / "log.jsonl", history)
@@ -277,6 +312,13 @@ def _train(cfg, directory, resuming, ctx, plan, built, state=None, heartbeat=Non
                                 for b, m in record.get("eval", {}).items())
             print(f"epoch {epoch}: loss {train_losses.get('loss', float('nan')):.3f}  {summary}  "
                   f"({record['time_s']} s)", flush=True)
+        if epoch < tc["epochs"] and stop.poll(ctx) == "stop":
+            raise Stopped(f"stopped by {stop.name} after epoch {epoch}", max(stop.signum or 0, 0), saved=True)
+    stop.in_steps = False
+
+    if start >= tc["epochs"]:  # resumed after the last epoch's checkpoint: its detections were not kept
+        evaluate(model, val_loader, val_set, device, teachers, cfg["model"]["eval_topk"], None,
+                 desc=f"epoch {start}/{tc['epochs']} eval", ctx=ctx, detections=detections)
 
     if ctx.is_main:
         final = history[-1]["eval"]

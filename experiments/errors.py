@@ -1,4 +1,5 @@
-"""Errors of running rows that the command line prints as one `error:` line (with ConfigError)."""
+"""Errors of running rows that the command line prints as one `error:` line (with ConfigError,
+datasets.DataError and models.backbone.WeightsError), and the stop of a run by a signal."""
 
 
 class RunError(RuntimeError):
@@ -7,3 +8,24 @@ class RunError(RuntimeError):
 
 class NotAvailableError(RunError):
     """The row needs a model part that is not built yet (a variant, a backbone)."""
+
+
+class Stopped(KeyboardInterrupt):
+    """A run stopped by a signal (SIGTERM, SIGINT). Like Ctrl-C it is an interruption, not a
+    failure: the record stays resumable. `signum`: the signal (0 when another process got it);
+    `saved`: whether a checkpoint was written for it (else the latest saved one is where it resumes)."""
+
+    def __init__(self, message, signum, saved=False):
+        super().__init__(message)
+        self.signum, self.saved = signum, saved
+
+
+def is_user_error(error):
+    """True for errors whose message says everything (a configuration, a run's state, the data set,
+    pretrained weights): the command line prints them as one `error:` line, without a traceback."""
+    from datasets import DataError
+    from models.backbone import WeightsError
+
+    from .config import ConfigError
+
+    return isinstance(error, (ConfigError, RunError, DataError, WeightsError))

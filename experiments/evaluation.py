@@ -26,7 +26,7 @@ from .build import build_data, check_available, model_config
 from .config import DEFAULTS, ConfigError, Manifest, diff, merge, parse_override
 from .errors import RunError
 from .runs import CHECKPOINT, has_checkpoint, read_checkpoint
-from .training import progress, to_device
+from .training import ignore_stop_signals, progress, to_device
 
 
 def make_eval_loader(dataset, batch_size, num_workers, ctx, max_images=None):
@@ -35,7 +35,8 @@ def make_eval_loader(dataset, batch_size, num_workers, ctx, max_images=None):
     shard = list(range(n))[ctx.rank::ctx.world_size]
     return torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, shard), batch_size=batch_size, shuffle=False,
-        collate_fn=datasets.collate, num_workers=num_workers, pin_memory=ctx.device.type == "cuda")
+        collate_fn=datasets.collate, num_workers=num_workers, pin_memory=ctx.device.type == "cuda",
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None)
 
 
 

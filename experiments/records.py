@@ -34,8 +34,8 @@ import json
 import os
 import shlex
 import socket
+import secrets
 import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -51,19 +51,15 @@ def run_dir(manifest, row, results=RESULTS):
     return Path(results) / "runs" / manifest / row
 
 
-# The process's umask, read once at import (reading it means setting it, which is not thread-safe).
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
 def atomic_write(path, data):
     """Writes text or bytes to `path` via a temporary file in the same folder, fsync and a rename.
     The file gets the permissions a plain open() would give (mkstemp's are 0600), as checkpoints do."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    # created like open() creates files (0666 less the umask; mkstemp's would be 0600)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()

@@ -68,7 +68,7 @@ def save_checkpoint(path, model, optimizer, scheduler, epoch, history, cfg, step
     finite, so a diverged run never replaces a good checkpoint."""
     path = Path(path)
     bad = nonfinite_weights(model)
-    if bad:
+    if bad:  # the caller checks on every process first (engine.check_weights); this is the last guard
         where = f"at epoch {epoch + 1}, iteration {step}" if step else f"after epoch {epoch}"
         raise RunError(f"the weights {where} are not finite ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); "
                        f"not saved: {path} keeps the last finite state")
@@ -122,6 +122,16 @@ def read_checkpoint(path, fallback=True):
         raise RunError(f"{problem}; the previous checkpoint cannot be used either: {e}") from None
     print(f"warning: {problem}; using the previous checkpoint {previous} instead", file=sys.stderr, flush=True)
     return state, previous
+
+
+def set_damaged_aside(path):
+    """Renames a damaged checkpoint to <name>.damaged-<time> (kept for inspection), so that the next
+    save does not rotate it over the previous checkpoint that the run resumed from."""
+    path = Path(path)
+    if path.is_file():
+        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(path, aside)
+        print(f"warning: the damaged {path.name} was renamed to {aside}", file=sys.stderr, flush=True)
 
 
 def has_checkpoint(directory):

@@ -19,6 +19,7 @@ import math
 import signal
 import sys
 import threading
+import time
 from contextlib import nullcontext
 
 import numpy as np
@@ -30,7 +31,7 @@ import datasets
 from models import model_targets
 
 from . import distributed
-from .errors import RunError
+from .errors import RunError, Stopped
 
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.SyncBatchNorm)
 
@@ -170,16 +171,6 @@ LOGGED_LOSSES = ("loss", "loss_attn1", "loss_attn2", "loss_attn3", "loss_class",
 PREDICTIONS = ("pred_logits", "pred_boxes")
 
 
-class Stopped(KeyboardInterrupt):
-    """Training stopped by a signal (SIGTERM, SIGINT). Like Ctrl-C it is an interruption, not a
-    failure: the record stays resumable. `signum`: the signal; `saved`: whether a checkpoint of the
-    current step was written for it (else the last checkpoint is the latest saved one)."""
-
-    def __init__(self, message, signum, saved=False):
-        super().__init__(message)
-        self.signum, self.saved = signum, saved
-
-
 class StopRequest:
     """SIGTERM (what SLURM sends at a time limit or preemption, before SIGKILL) and SIGINT while a
     row trains. During the training steps the first signal is noted and the loop writes a checkpoint
@@ -190,11 +181,15 @@ class StopRequest:
     SIGTERM only triggers that checkpoint: the launcher decides when the job ends."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    # The same signal again within this time is one signal delivered twice (to the process group
+    # and forwarded by a launcher, experiments/distributed.spawn), not a second request.
+    DUPLICATE_S = 2.0
 
     def __init__(self):
-        self.signum = None  # the signal waiting for the end of the current step
+        self.signum = None  # the signal waiting for the end of the current step (negative: checkpoint only)
         self.in_steps = False
         self._previous = {}
+        self._first = None  # (signal, time) of the first signal
 
     def install(self):
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
@@ -213,6 +208,10 @@ class StopRequest:
         return callable(previous) and previous is not signal.default_int_handler
 
     def _handle(self, signum, frame):
+        now = time.monotonic()
+        if self._first and self._first[0] == signum and now - self._first[1] < self.DUPLICATE_S:
+            return
+        self._first = (signum, now)
         if self._launcher_handles(signum):
             self._previous[signum](signum, frame)
             if self.in_steps and self.signum is None:
@@ -225,9 +224,14 @@ class StopRequest:
             raise KeyboardInterrupt
         raise Stopped(f"stopped by {signal.Signals(signum).name}", signum)
 
+    @property
+    def name(self):
+        """The name of the signal that stops the run ('a signal' when another process got it)."""
+        return signal.Signals(self.signum).name if self.signum and self.signum > 0 else "a signal"
+
     def poll(self, ctx):
-        """After an optimizer step, on every process together: None, "checkpoint" (write one and go
-        on) or "stop" (write one and stop). Returns the signal for "stop" as well."""
+        """After an optimizer step (or an epoch's checkpoint), on every process together: None,
+        "checkpoint" (write one and go on) or "stop" (write one and stop)."""
         mine = self.signum or 0
         flags = torch.tensor([float(mine > 0), float(mine < 0)], dtype=torch.float64, device=ctx.device)
         if ctx.distributed:
@@ -286,6 +290,11 @@ def _check_finite(problem, ctx, where):
                        f"gradients (train.clip_max_norm)")
 
 
+def _names(names, first=5):
+    """'a, b, c, ...': the first names of a list, for messages."""
+    return ", ".join(names[:first]) + (", ..." if len(names) > first else "")
+
+
 def _nonfinite_grads(named_params):
     return [n for n, p in named_params if p.grad is not None and not torch.isfinite(p.grad).all()]
 
@@ -339,7 +348,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, clip_max_norm, 
                     outputs = model(images, mask, targets)
                     bad, problem = nonfinite_outputs(outputs), None
                     if bad:  # the matcher cannot match NaN boxes: stop before it
-                        problem = f"non-finite predictions {', '.join(bad[:6])}{', ...' if len(bad) > 6 else ''}"
+                        problem = f"non-finite predictions {_names(bad, 6)}"
                     else:
                         losses = criterion(outputs, targets)
                         if not math.isfinite(losses["loss"].item()):
@@ -356,10 +365,9 @@ def train_one_epoch(model, criterion, loader, optimizer, device, clip_max_norm, 
                 norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             if not math.isfinite(norm.item()):
                 bad = _nonfinite_grads(named_params)
-                raise RunError(f"training diverged at {where}: the gradient norm is {norm.item()} (non-finite "
-                               f"gradients of {', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); the step was "
-                               f"not taken. Lower train.lr / train.lr_backbone, or clip the gradients "
-                               f"(train.clip_max_norm)")
+                what = (f"non-finite gradients of {_names(bad)}" if bad else
+                        "every gradient is finite, their norm overflows")
+                _check_finite(f"the gradient norm is {norm.item()} ({what}); the step was not taken", ctx, where)
             optimizer.step()
             for k, v in step_losses.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -374,9 +382,8 @@ def train_one_epoch(model, criterion, loader, optimizer, device, clip_max_norm, 
                 if on_stop is not None:
                     on_stop(step + 1, sums, count)
                 if request == "stop":
-                    raise Stopped(f"stopped by {signal.Signals(stop.signum).name if stop.signum else 'a signal'} "
-                                  f"after iteration {step + 1} of {steps} of epoch {epoch}", stop.signum or 0,
-                                  saved=True)
+                    raise Stopped(f"stopped by {stop.name} after iteration {step + 1} of {steps} of epoch {epoch}",
+                                  max(stop.signum or 0, 0), saved=on_stop is not None)
     finally:
         if stop is not None:
             stop.in_steps = in_steps

@@ -75,7 +75,7 @@ def test_evaluate_hands_back_detections_that_reproduce_the_metrics(trained, tmp_
             assert d["category_id"] in category_ids and d["image_id"] in image_ids
             assert len(d["bbox"]) == 4 and all(type(v) is float for v in d["bbox"] + [d["score"]])
         recomputed = coco_metrics(val_set.coco, path, image_ids)
-        assert recomputed == pytest.approx(metrics[branch], abs=1e-3, nan_ok=True), branch
+        assert recomputed == pytest.approx(metrics[branch], abs=1e-6, nan_ok=True), branch
     assert any(v > 0 for m in metrics.values() for v in m.values())  # not only zeros compared
 
     # the student's boxes are [x, y, w, h] in original-image pixels, labels mapped to category ids
@@ -120,7 +120,7 @@ def test_eval_command_writes_its_detection_files_and_never_overwrites(trained, m
     for record in (one, two):
         for branch, name in record["detections"].items():
             recomputed = coco_metrics(coco_gt, directory / name, coco_gt.getImgIds())
-            assert recomputed == pytest.approx(record["metrics"][branch], abs=1e-3, nan_ok=True), (name, branch)
+            assert recomputed == pytest.approx(record["metrics"][branch], abs=1e-6, nan_ok=True), (name, branch)
     assert json.loads((directory / one["detections"]["attn1"]).read_text()) == \
         json.loads((directory / two["detections"]["attn1"]).read_text())  # the same weights, the same detections
     for name, data in before.items():  # eval.json, DONE, log... untouched
@@ -142,6 +142,14 @@ def test_eval_into_a_folder_that_cannot_be_written_prints_the_metrics(trained, t
     assert path is None and list(metrics) == ["attn1"] and set(metrics["attn1"]) == set(records.METRICS)
     assert blocker.read_text().startswith("a file")  # nothing written, nothing replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not_a_folder"]
+
+    from experiments.__main__ import main
+
+    main(["--results", str(blocker / "results"), "eval", "demo", "--row", ROW, "--checkpoint",
+          str(records.run_dir("demo", ROW, results) / "checkpoint.pth"), f"data.root={data_root}"])
+    printed = capsys.readouterr()
+    assert "cannot write to" in printed.err and "not saved: see the note above" in printed.out
+    assert f"{100 * metrics['attn1']['AP50']:.1f}" in printed.out  # the table is printed
 
     assert evaluation.unwritable(tmp_path / "new" / "deeper") is None  # would be created: fine
     assert evaluation.unwritable(tmp_path) is None and sorted(p.name for p in tmp_path.iterdir()) == ["not_a_folder"]

@@ -2,6 +2,7 @@
 damaged checkpoints, record permissions, and contradictory command lines."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -91,6 +92,21 @@ def test_a_non_finite_gradient_is_never_stepped(clip):
     assert model.w.item() == 1.0
 
 
+def test_an_overflowing_gradient_norm_of_finite_gradients_is_named_as_such():
+    model = Toy()
+    model.v = nn.Parameter(torch.ones(3))
+
+    def criterion(outputs, targets):  # three gradients of 1e20 (finite); their squares overflow float32
+        return {"loss": outputs["pred_boxes"].sum() * 0 + (model.v * 1e20).sum()}
+
+    criterion.train = lambda: None
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    with pytest.raises(RunError, match=r"iteration 1 of 3: the gradient norm is inf \(every gradient is finite, "
+                                       r"their norm overflows\); the step was not taken"):
+        train_one_epoch(model, criterion, toy_loader(), opt, "cpu", 0.0, "1/1")
+    assert model.v.tolist() == [1.0, 1.0, 1.0]
+
+
 def test_a_diverging_run_fails_naming_the_step_and_keeps_a_finite_checkpoint(tmp_path, data_root):
     args = overrides(data_root, *ONE_EPOCH, "train.lr=1e6", "train.lr_backbone=1e6", "train.clip_max_norm=0",
                      "train.checkpoint_every_iters=1", "train.max_iters_per_epoch=4")
@@ -102,9 +118,12 @@ def test_a_diverging_run_fails_naming_the_step_and_keeps_a_finite_checkpoint(tmp
     directory = records.run_dir("demo", "def_r18", tmp_path)
     assert records.status(directory) == "failed"
     assert str(e.value) in (directory / "FAILED").read_text()
-    if (directory / "checkpoint.pth").exists():  # whatever was saved is finite
-        state = torch.load(directory / "checkpoint.pth", weights_only=False)
-        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    # every step before the failing one was saved (a checkpoint per step), and only those
+    failed_at = int(re.search(r"iteration (\d)", str(e.value)).group(1))
+    assert failed_at >= 2, "the first step starts from finite weights"
+    state = torch.load(directory / "checkpoint.pth", weights_only=False)
+    assert (state["epoch"], state["step"]) == (0, failed_at - 1)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
 def test_weights_that_are_not_finite_never_replace_a_checkpoint(tmp_path):
@@ -202,10 +221,14 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, data_root
     state, used = runs.read_checkpoint(latest)
     assert used == previous and (state["epoch"], state["step"]) == (1, 1)
     capsys.readouterr()
+    damaged = latest.read_bytes()
     train_row("demo", "def_r18", args, resume=True, results=tmp_path)
     err = capsys.readouterr().err
     assert f"{latest} cannot be read" in err and f"using the previous checkpoint {previous}" in err
     assert records.status(directory) == "done"
+    # the damaged file was set aside, not rotated over the checkpoint the run resumed from
+    aside = list(directory.glob("checkpoint.pth.damaged-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == damaged and "was renamed to" in err
 
     previous.write_bytes(b"not a checkpoint")
     latest.write_bytes(b"")
@@ -237,15 +260,16 @@ def test_a_failed_checkpoint_write_leaves_no_temporary_file(tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"] and path.read_bytes() == good
 
 
-def test_record_files_are_readable_like_checkpoints(tmp_path):
-    old = os.umask(0o022)
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_record_files_get_the_permissions_of_a_plain_file(tmp_path, umask, mode):
+    old = os.umask(umask)
     try:
         records.write_json(tmp_path / "eval.json", {})
         with open(tmp_path / "plain", "w"):
             pass
     finally:
         os.umask(old)
-    assert (tmp_path / "eval.json").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "eval.json").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 == mode
 
 
 # ------------------------------------------------------------------------------------------------
@@ -258,7 +282,11 @@ def test_a_signal_during_the_steps_waits_for_the_end_of_the_step():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.1)
         assert stop.signum == signal.SIGTERM  # noted, nothing raised yet
-        with pytest.raises(Stopped, match="SIGTERM"):  # a second one stops at once
+        os.kill(os.getpid(), signal.SIGTERM)  # the same signal again at once: delivered twice, one request
+        time.sleep(0.1)
+        assert stop.signum == signal.SIGTERM
+        stop._first = (signal.SIGTERM, time.monotonic() - StopRequest.DUPLICATE_S - 1)
+        with pytest.raises(Stopped, match="SIGTERM"):  # a second one later stops at once
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(1)
         stop.in_steps, stop.signum = False, None
@@ -268,6 +296,37 @@ def test_a_signal_during_the_steps_waits_for_the_end_of_the_step():
     finally:
         stop.restore()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_a_signal_during_an_evaluation_waits_for_the_epochs_checkpoint(tmp_path, data_root, monkeypatch):
+    real_evaluate = engine.evaluate
+
+    def evaluate_signalled(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(engine, "evaluate", evaluate_signalled)
+    with pytest.raises(Stopped, match="stopped by SIGTERM after epoch 1") as e:
+        train_row("demo", "def_r18", overrides(data_root), results=tmp_path)
+    assert e.value.signum == signal.SIGTERM and e.value.saved
+    directory = records.run_dir("demo", "def_r18", tmp_path)
+    state = torch.load(directory / "checkpoint.pth", weights_only=False)
+    assert (state["epoch"], state["step"]) == (1, 0) and "eval" in state["history"][0]
+    assert records.status(directory) == "interrupted"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handlers are restored
+
+
+def _handlers_in_a_worker(_):
+    return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+
+def test_loader_workers_leave_the_signals_to_the_training_process():
+    from experiments.training import ignore_stop_signals
+
+    loader = torch.utils.data.DataLoader([0], batch_size=None, num_workers=1, collate_fn=_handlers_in_a_worker,
+                                         worker_init_fn=ignore_stop_signals)
+    assert next(iter(loader)) == (signal.SIG_IGN, signal.SIG_IGN)
 
 
 def test_a_launcher_that_handles_sigterm_gets_a_checkpoint_and_decides(monkeypatch):
@@ -286,9 +345,22 @@ def test_a_launcher_that_handles_sigterm_gets_a_checkpoint_and_decides(monkeypat
         signal.signal(signal.SIGTERM, previous)
 
 
-def _start(tmp_path, data_root, *extra, resume=False):
+def assert_checkpoint_of_the_stop(out, directory, name):
+    """The message names where the run stopped (after an optimizer step, or after an epoch's
+    checkpoint when the signal came between epochs) and checkpoint.pth holds exactly that state."""
+    stop = re.search(rf"def_r18: stopped by {name} after (?:iteration (\d+) of \d+ of epoch (\d+)/\d+|epoch (\d+))"
+                     rf"; the record keeps a checkpoint of where it stopped", out)
+    assert stop, out
+    state = torch.load(directory / "checkpoint.pth", weights_only=False)
+    if stop.group(1):
+        assert (state["epoch"], state["step"]) == (int(stop.group(2)) - 1, int(stop.group(1)))
+    else:
+        assert (state["epoch"], state["step"]) == (int(stop.group(3)), 0)
+
+
+def _start(tmp_path, data_root, *extra, resume=False, options=()):
     cmd = [sys.executable, "-m", "experiments", "--results", str(tmp_path), "run", "demo", "--row", "def_r18",
-           *(["--resume"] if resume else []), *overrides(data_root, *extra)]
+           *(["--resume"] if resume else []), *options, *overrides(data_root, *extra)]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -315,12 +387,10 @@ def test_a_signalled_run_checkpoints_its_step_and_resumes_exactly(tmp_path, data
     directory = records.run_dir("demo", "def_r18", tmp_path / "stopped")
     proc = _start(tmp_path / "stopped", data_root, *LONG)
     out, err = _signal_while_training(proc, directory, sig)
-    name = signal.Signals(sig).name
     assert proc.returncode == code, (out, err)
-    assert f"def_r18: stopped by {name} after iteration" in out and "Traceback" not in err, (out, err)
+    assert "Traceback" not in err, err
     assert records.status(directory) == "interrupted" and not (directory / "FAILED").exists()
-    state = torch.load(directory / "checkpoint.pth", weights_only=False)
-    assert state["step"] > 0 or state["epoch"] > 0
+    assert_checkpoint_of_the_stop(out, directory, signal.Signals(sig).name)
     if sig == signal.SIGINT:
         return
     # the resumed run ends where an uninterrupted one does
@@ -334,3 +404,15 @@ def test_a_signalled_run_checkpoints_its_step_and_resumes_exactly(tmp_path, data
         torch.testing.assert_close(a["model"][k], v, rtol=0, atol=0, msg=k)
     assert json.loads((directory / "eval.json").read_text()) == json.loads(
         (records.run_dir("demo", "def_r18", tmp_path / "whole") / "eval.json").read_text())
+
+
+def test_sigterm_to_a_multi_process_launch_checkpoints_every_process_step(tmp_path, data_root):
+    """`run --nproc 2`: the launcher forwards the signal; both processes stop after the same step and
+    rank 0 writes its checkpoint; the launcher exits 143 like a single process."""
+    directory = records.run_dir("demo", "def_r18", tmp_path)
+    proc = _start(tmp_path, data_root, *LONG, "train.batch_size=1", options=("--nproc", "2"))
+    out, err = _signal_while_training(proc, directory, signal.SIGTERM)
+    assert proc.returncode == 143, (out, err)
+    assert "Traceback" not in err, err
+    assert_checkpoint_of_the_stop(out, directory, "SIGTERM")
+    assert records.status(directory) == "interrupted" and not (directory / "FAILED").exists()
