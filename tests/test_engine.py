@@ -56,9 +56,9 @@ def test_demo_row_trains_evaluates_and_records(tmp_path, data_root, row, branche
     assert (directory / "DONE").read_text() == done
 
 
-def interrupt_during_second_evaluation(monkeypatch, row, data_root, results):
-    """Trains `row` for 2 epochs and lets the job die during the second epoch's evaluation; the
-    real evaluate() is back in place afterwards."""
+def interrupt_during_second_evaluation(monkeypatch, row, data_root, results, *extra):
+    """Trains `row` for 2 epochs (with the `extra` overrides) and lets the job die during the second
+    epoch's evaluation; the real evaluate() is back in place afterwards."""
     real_evaluate = engine.evaluate
     calls = []
 
@@ -70,7 +70,7 @@ def interrupt_during_second_evaluation(monkeypatch, row, data_root, results):
 
     monkeypatch.setattr(engine, "evaluate", evaluate_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        train_row("demo", row, overrides(data_root), results=results)
+        train_row("demo", row, overrides(data_root, *extra), results=results)
     monkeypatch.setattr(engine, "evaluate", real_evaluate)
 
 

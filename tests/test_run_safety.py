@@ -17,7 +17,7 @@ from experiments.__main__ import main
 from experiments.engine import train_row
 from experiments.errors import RunError
 from experiments.training import Stopped, StopRequest, train_one_epoch
-from tests.test_engine import TINY_RUN
+from tests.test_engine import TINY_RUN, interrupt_during_second_evaluation
 
 REPO = records.REPO
 
@@ -126,12 +126,18 @@ def test_a_diverging_run_fails_naming_the_step_and_keeps_a_finite_checkpoint(tmp
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-def test_weights_that_are_not_finite_never_replace_a_checkpoint(tmp_path):
+def saved_linear(path):
+    """A small model, optimizer and scheduler, with a checkpoint of them after epoch 1 at `path`."""
     model = nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1])
-    path = tmp_path / "checkpoint.pth"
     runs.save_checkpoint(path, model, opt, sched, 1, [], {})
+    return model, opt, sched
+
+
+def test_weights_that_are_not_finite_never_replace_a_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    model, opt, sched = saved_linear(path)
     good = path.read_bytes()
     with torch.no_grad():
         model.weight[0, 0] = float("inf")
@@ -158,8 +164,6 @@ def test_a_finished_row_rerun_with_another_configuration_is_refused(tmp_path, da
 
 
 def test_resume_refuses_a_checkpoint_saved_with_another_configuration(tmp_path, data_root, monkeypatch):
-    from tests.test_engine import interrupt_during_second_evaluation
-
     interrupt_during_second_evaluation(monkeypatch, "def_r18", data_root, tmp_path)
     directory = records.run_dir("demo", "def_r18", tmp_path)
     state = torch.load(directory / "checkpoint.pth", weights_only=False)
@@ -201,18 +205,7 @@ def test_contradictory_or_malformed_command_lines_are_one_line_errors(tmp_path, 
 
 def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, data_root, monkeypatch, capsys):
     args = overrides(data_root, "train.checkpoint_every_iters=1")
-    real_evaluate, calls = engine.evaluate, []
-
-    def evaluate_then_stop(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_evaluate(*a, **k)
-
-    monkeypatch.setattr(engine, "evaluate", evaluate_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        train_row("demo", "def_r18", args, results=tmp_path)
-    monkeypatch.setattr(engine, "evaluate", real_evaluate)
+    interrupt_during_second_evaluation(monkeypatch, "def_r18", data_root, tmp_path, "train.checkpoint_every_iters=1")
     directory = records.run_dir("demo", "def_r18", tmp_path)
     latest, previous = directory / "checkpoint.pth", directory / "checkpoint.prev.pth"
     assert torch.load(latest, weights_only=False)["step"] == 2
@@ -242,11 +235,8 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, data_root
 def test_a_failed_checkpoint_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     import errno
 
-    model = nn.Linear(2, 2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1])
     path = tmp_path / "checkpoint.pth"
-    runs.save_checkpoint(path, model, opt, sched, 1, [], {})
+    model, opt, sched = saved_linear(path)
     good = path.read_bytes()
     real_save = torch.save
 
