@@ -406,3 +406,52 @@ def test_sigterm_to_a_multi_process_launch_checkpoints_every_process_step(tmp_pa
     assert "Traceback" not in err, err
     assert_checkpoint_of_the_stop(out, directory, "SIGTERM")
     assert records.status(directory) == "interrupted" and not (directory / "FAILED").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# start-up errors on the command line, data sets as people have them
+
+def test_start_up_errors_are_one_line_and_leave_no_record(tmp_path, data_root, capsys):
+    run = ["--results", str(tmp_path / "results"), "run", "demo", "--row", "def_r18", *overrides(data_root)]
+    missing = tmp_path / "nowhere.pth"
+    with pytest.raises(SystemExit, match=f"^error: synthetic-pretrained weights for backbone 'resnet18' not found: "
+                                         f"no file {missing}"):
+        main(run + [f"model.backbone.weights_path={missing}"])
+    with pytest.raises(SystemExit, match=f"^error: COCO data not found: image folder {data_root / 'val2017'} does "
+                                         f"not exist \\(data.val_split = 'val2017'"):
+        main(run + ["data.dataset=coco", "data.train_split=train", "data.val_split=val2017"])
+    assert records.status(records.run_dir("demo", "def_r18", tmp_path / "results")) == "not started"
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match=f"^error: def_r18: cannot write the run record in {blocker}/runs/demo/def_r18"):
+        main(["--results", str(blocker)] + run[2:] + list(ONE_EPOCH))
+    with pytest.raises(FileNotFoundError):  # --traceback: the error itself
+        main(["--traceback"] + run + [f"model.backbone.weights_path={missing}"])
+
+
+def test_explicit_image_and_annotation_paths_train_a_row(tmp_path, data_root):
+    """A COCO-format set given as image folders and annotation files of any name (here the synthetic
+    set's, the annotations copied under other names) trains like the same set given by its root."""
+    import shutil
+
+    train_row("demo", "def_r18", overrides(data_root, *ONE_EPOCH), results=tmp_path / "a")  # makes the set
+    for split in ("train", "val"):
+        shutil.copy(data_root / "annotations" / f"instances_{split}.json", tmp_path / f"my {split} labels.json")
+    explicit = [f"data.train_images={data_root / 'train'}", f"data.train_annotations={tmp_path / 'my train labels.json'}",
+                f"data.val_images={data_root / 'val'}", f"data.val_annotations={tmp_path / 'my val labels.json'}"]
+    directory = train_row("demo", "def_r18", overrides(tmp_path / "no_root", *ONE_EPOCH, "data.dataset=coco",
+                                                       *explicit), results=tmp_path / "b")
+    a = json.loads((tmp_path / "a" / "runs" / "demo" / "def_r18" / "eval.json").read_text())
+    assert json.loads((directory / "eval.json").read_text()) == a  # the same data, the same run
+
+
+def test_a_finished_row_under_another_manifest_file_of_the_same_name_is_refused(tmp_path, data_root):
+    args = overrides(data_root, *ONE_EPOCH)
+    train_row("demo", "def_r18", args, results=tmp_path)
+    other = tmp_path / "elsewhere" / "demo.yaml"
+    other.parent.mkdir()
+    text = (REPO / "experiments" / "demo.yaml").read_text()
+    assert "    lr: 4.0e-4\n" in text
+    other.write_text(text.replace("    lr: 4.0e-4\n", "    lr: 3.0e-4\n"))
+    with pytest.raises(RunError, match=r"this row is done .* with another configuration: train.lr: 0.0004 -> 0.0003"):
+        train_row(str(other), "def_r18", args, results=tmp_path)
