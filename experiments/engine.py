@@ -5,6 +5,7 @@
 process or several (DDP, experiments/distributed.py): every process trains on its shard of each
 batch; only rank 0 writes records, checkpoints and the heartbeat.
 """
+import errno
 import os
 import time
 
@@ -71,7 +72,10 @@ def train_row(manifest_name, row, overrides=(), resume=False, force=False, devic
             except TimeoutError as e:  # the row's lock
                 decision = ("error", RunError(f"{row}: {e}"))
             except OSError as e:  # a results folder that cannot be written
-                decision = ("error", RunError(f"{row}: cannot write the run record in {directory}: {e}"))
+                decision = ("error", RunError(f"{row}: cannot write the run record in {directory}: {e}"
+                                              if isinstance(e, (PermissionError, NotADirectoryError)) or e.errno in
+                                              (errno.EROFS, errno.ENOSPC, errno.EDQUOT) else
+                                              f"{row}: the run record in {directory} cannot be used: {e}"))
             except Exception as e:  # noqa: BLE001 - handed to the other ranks, then raised everywhere
                 decision = ("error", e)
         decision = ctx.broadcast(decision)
@@ -191,7 +195,7 @@ def _start_records(manifest, row, cfg, overrides, directory, resume, force, ctx)
         state, resuming = read_checkpoint(directory / CHECKPOINT)
         if resuming.name != CHECKPOINT:  # the previous one: keep the damaged latest out of its way
             set_damaged_aside(directory / CHECKPOINT)
-        changed = _changes(state.get("config") or {}, cfg)
+        changed = _changes(state["config"], cfg) if state.get("config") else []
         if changed:
             raise RunError(f"{row}: the checkpoint {resuming} was saved with another configuration "
                            f"({'; '.join(changed)}); resume with the configuration it was trained with, or "
