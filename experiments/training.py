@@ -173,9 +173,10 @@ PREDICTIONS = ("pred_logits", "pred_boxes")
 
 class StopRequest:
     """SIGTERM (what SLURM sends at a time limit or preemption, before SIGKILL) and SIGINT while a
-    row trains. During the training steps the first signal is noted and the loop writes a checkpoint
-    after the current optimizer step and raises Stopped; outside them (evaluation, start-up), or on
-    a second signal, Stopped (SIGTERM) or KeyboardInterrupt (SIGINT) is raised at once.
+    row trains. While `in_steps` (the epochs, including their evaluations) the first signal is noted:
+    the loop writes a checkpoint after the current optimizer step (or after the evaluation and the
+    epoch's checkpoint) and raises Stopped. Outside (start-up, the final records), or on a second
+    signal, Stopped (SIGTERM) or KeyboardInterrupt (SIGINT) is raised at once.
 
     Where the launcher handles SIGTERM itself (submitit ignores it and requeues on its own signal),
     SIGTERM only triggers that checkpoint: the launcher decides when the job ends."""
