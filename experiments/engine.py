@@ -21,7 +21,7 @@ from .build import build_data, check_available, model_config
 from .config import Manifest, diff, flatten, new_default_keys
 from .evaluation import evaluate, make_eval_loader, write_detections
 from .errors import RunError, Stopped
-from .runs import (CHECKPOINT, environment, has_checkpoint, nonfinite_weights, prepare_run_dir, read_checkpoint,
+from .runs import (CHECKPOINT, check_weights, environment, has_checkpoint, prepare_run_dir, read_checkpoint,
                    save_checkpoint, set_damaged_aside)
 from .training import (StopRequest, _reduce_means, batch_plan, build_optimizer, main_lr, make_train_loader,
                        optimizer_steps, seed_everything, train_one_epoch)
@@ -141,15 +141,6 @@ def _build(row, cfg, ctx, plan):
     torch.manual_seed(tc["seed"])  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model, criterion = build_model(model_config(cfg), train_set.num_classes)
     return train_set, val_set, model, criterion
-
-
-def check_weights(model, where):
-    """RunError when the weights hold NaN or inf, on every process alike (DDP keeps the weights
-    equal), so that a diverged state is never saved and no process waits for another."""
-    bad = nonfinite_weights(model)
-    if bad:
-        raise RunError(f"the weights {where} are not finite ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); "
-                       f"not saved: the checkpoint on disk keeps the last finite state")
 
 
 def check_steps(row, data, plan, world_size):
@@ -276,7 +267,7 @@ def _train(cfg, directory, resuming, ctx, plan, built, state=None, heartbeat=Non
 
         def save_mid_epoch(step, sums, count, epoch=epoch):
             means = _reduce_means(sums, count, ctx)
-            check_weights(model, f"at epoch {epoch}, iteration {step}")
+            check_weights(model, f"at epoch {epoch}, iteration {step}")  # on every process (DDP: equal weights)
             if ctx.is_main:
                 save_checkpoint(checkpoint, model, optimizer, scheduler, epoch - 1, history, cfg, step=step,
                                 partial={"means": means, "count": count}, total_batch=total)

@@ -20,6 +20,11 @@ class Stopped(KeyboardInterrupt):
         self.signum, self.saved = signum, saved
 
 
+def first_names(names, first=5):
+    """'a, b, c, ...': the first `first` names of a list, for messages."""
+    return ", ".join(names[:first]) + (", ..." if len(names) > first else "")
+
+
 def is_user_error(error):
     """True for errors whose message says everything (a configuration, a run's state, the data set,
     pretrained weights): the command line prints them as one `error:` line, without a traceback."""

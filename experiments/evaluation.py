@@ -210,12 +210,16 @@ def load_checkpoint(manifest_name, row, checkpoint=None, overrides=(), results=r
     manifest = Manifest(manifest_name)
     row_cfg = manifest.resolve(row)
     directory = records.run_dir(manifest.name, row, results)
-    path = Path(checkpoint) if checkpoint else directory / CHECKPOINT
-    if not path.is_file() and not (not checkpoint and has_checkpoint(directory)):
-        raise RunError(f"{row}: no checkpoint at {path}" + ("" if checkpoint else " (the row has not finished an "
-                                                             "epoch; pass --checkpoint PATH)"))
-    # the run's own checkpoint falls back to the previous one when damaged; a named file does not
-    state, path = read_checkpoint(path, fallback=not checkpoint)
+    if checkpoint:  # a named file: no fallback
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise RunError(f"{row}: no checkpoint at {path}")
+        state, path = read_checkpoint(path, fallback=False)
+    else:  # the run's own: the previous one when the latest is damaged or missing
+        path = directory / CHECKPOINT
+        if not has_checkpoint(directory):
+            raise RunError(f"{row}: no checkpoint at {path} (the row has not finished an epoch; pass --checkpoint PATH)")
+        state, path = read_checkpoint(path)
     cfg = merge(DEFAULTS, state["config"], f"{path}, config") if state.get("config") else row_cfg
     source = "the checkpoint" if state.get("config") else f"manifest {manifest.path}"
     for text in overrides:

@@ -21,7 +21,7 @@ import torchvision
 from models import is_teacher_parameter
 
 from . import records, slurm_jobs
-from .errors import RunError
+from .errors import RunError, first_names
 
 
 def environment(cfg, model, ctx, plan, resumed_after=None):
@@ -61,17 +61,23 @@ def nonfinite_weights(model):
     return [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
 
 
+def check_weights(model, where, kept="the checkpoint on disk"):
+    """RunError when the weights hold NaN or inf ("the weights <where> are not finite ...; not
+    saved: <kept> keeps the last finite state"), so that a diverged state is never saved."""
+    bad = nonfinite_weights(model)
+    if bad:
+        raise RunError(f"the weights {where} are not finite ({first_names(bad)}); not saved: {kept} keeps the last "
+                       f"finite state")
+
+
 def save_checkpoint(path, model, optimizer, scheduler, epoch, history, cfg, step=0, partial=None, total_batch=None):
     """Everything needed to resume after `epoch` completed epochs (and `step` optimizer steps of the
     next one, `partial` its mean losses so far). Written to a temporary file, fsynced and renamed;
     the checkpoint it replaces becomes checkpoint.prev.pth. Refuses (RunError) weights that are not
     finite, so a diverged run never replaces a good checkpoint."""
     path = Path(path)
-    bad = nonfinite_weights(model)
-    if bad:  # the caller checks on every process first (engine.check_weights); this is the last guard
-        where = f"at epoch {epoch + 1}, iteration {step}" if step else f"after epoch {epoch}"
-        raise RunError(f"the weights {where} are not finite ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); "
-                       f"not saved: {path} keeps the last finite state")
+    # the engine checks on every process first (DDP: all stop together); this is the last guard
+    check_weights(model, f"at epoch {epoch + 1}, iteration {step}" if step else f"after epoch {epoch}", path)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "partial": partial,
              "total_batch_size": total_batch, "history": history, "config": cfg}

@@ -31,7 +31,7 @@ import datasets
 from models import model_targets
 
 from . import distributed
-from .errors import RunError, Stopped
+from .errors import RunError, Stopped, first_names
 
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.SyncBatchNorm)
 
@@ -291,11 +291,6 @@ def _check_finite(problem, ctx, where):
                        f"gradients (train.clip_max_norm)")
 
 
-def _names(names, first=5):
-    """'a, b, c, ...': the first names of a list, for messages."""
-    return ", ".join(names[:first]) + (", ..." if len(names) > first else "")
-
-
 def _nonfinite_grads(named_params):
     return [n for n, p in named_params if p.grad is not None and not torch.isfinite(p.grad).all()]
 
@@ -349,7 +344,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, clip_max_norm, 
                     outputs = model(images, mask, targets)
                     bad, problem = nonfinite_outputs(outputs), None
                     if bad:  # the matcher cannot match NaN boxes: stop before it
-                        problem = f"non-finite predictions {_names(bad, 6)}"
+                        problem = f"non-finite predictions {first_names(bad, 6)}"
                     else:
                         losses = criterion(outputs, targets)
                         if not math.isfinite(losses["loss"].item()):
@@ -366,7 +361,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, clip_max_norm, 
                 norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             if not math.isfinite(norm.item()):
                 bad = _nonfinite_grads(named_params)
-                what = (f"non-finite gradients of {_names(bad)}" if bad else
+                what = (f"non-finite gradients of {first_names(bad)}" if bad else
                         "every gradient is finite, their norm overflows")
                 _check_finite(f"the gradient norm is {norm.item()} ({what}); the step was not taken", ctx, where)
             optimizer.step()
