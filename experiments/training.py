@@ -16,6 +16,8 @@ So a resumed run continues exactly as an uninterrupted one, at an epoch boundary
 `train.checkpoint_every_iters`) in the middle of an epoch.
 """
 import math
+import multiprocessing
+import multiprocessing.util
 import signal
 import sys
 import threading
@@ -107,9 +109,39 @@ class TrainSampler(torch.utils.data.Sampler):
 
 def ignore_stop_signals(_worker_id=None):
     """DataLoader worker_init_fn: SIGINT and SIGTERM are for the training process (StopRequest), which
-    stops its workers itself; a worker killed by the terminal's Ctrl-C would break the last step."""
+    stops its workers itself; a worker killed by the terminal's Ctrl-C would break the last step.
+    Such a worker is killed at exit by `stop_workers_at_exit`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+WORKER_EXIT_GRACE_S = 1.0
+
+
+def stop_workers_at_exit():
+    """At exit, multiprocessing stops the daemonic children still running (DataLoader workers) with
+    SIGTERM and then waits for them without a time limit. Workers that ignore SIGTERM
+    (ignore_stop_signals) would make that wait endless: this happens when an error (a data error in a
+    worker, say) ends the process while a loader iterator is still referenced by the traceback. So
+    do the same first, and SIGKILL those still alive after a grace period. Run by multiprocessing's
+    exit function before its own wait (below), at the exit of a main process and of a spawned one
+    (`run --nproc`), whose exit skips atexit."""
+    children = [p for p in multiprocessing.active_children() if p.daemon]
+    if children and threading.current_thread() is threading.main_thread():
+        # torch's SIGCHLD handler would raise "DataLoader worker ... is killed by signal" here
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in children:
+        p.terminate()
+    deadline = time.monotonic() + WORKER_EXIT_GRACE_S
+    for p in children:
+        p.join(max(deadline - time.monotonic(), 0.0))
+        if p.is_alive():
+            p.kill()
+            p.join(1.0)
+
+
+# exit finalizers (exitpriority >= 0) run before multiprocessing terminates and joins the children
+multiprocessing.util.Finalize(None, stop_workers_at_exit, exitpriority=100)
 
 
 def make_train_loader(dataset, batch_size, num_workers, seed, ctx):

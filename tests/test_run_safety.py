@@ -455,3 +455,49 @@ def test_a_finished_row_under_another_manifest_file_of_the_same_name_is_refused(
     other.write_text(text.replace("    lr: 4.0e-4\n", "    lr: 3.0e-4\n"))
     with pytest.raises(RunError, match=r"this row is done .* with another configuration: train.lr: 0.0004 -> 0.0003"):
         train_row(str(other), "def_r18", args, results=tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# data errors found by a loader worker in the middle of a run
+
+def _copy_with_truncated_image(data_root, tmp_path, split):
+    """A copy of the tiny synthetic set (made by a first run if needed) with one image of `split`
+    cut in half; returns (the copy's root, the damaged file)."""
+    import shutil
+
+    from datasets import ensure_synthetic
+
+    ensure_synthetic(data_root, 8, 4, 0, 96)  # the set TINY_RUN trains on
+    copy = tmp_path / "data"
+    shutil.copytree(data_root, copy)
+    bad = sorted((copy / split).glob("*.png"))[1]
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    return copy, bad
+
+
+@pytest.mark.parametrize("split,options", [("train", ()), ("val", ()), ("train", ("--nproc", "2"))])
+def test_an_unreadable_image_in_a_loader_worker_ends_the_run_at_once(tmp_path, data_root, split, options):
+    """The worker's DataError reaches the training process, which exits with its one error line
+    (every process of a --nproc launch too) instead of waiting forever for the worker at exit."""
+    root, bad = _copy_with_truncated_image(data_root, tmp_path, split)
+    extra = ("data.num_workers=1", "train.max_iters_per_epoch=null", *ONE_EPOCH) + (("train.batch_size=1",) if options else ())
+    cmd = [sys.executable, "-m", "experiments", "--results", str(tmp_path / "results"), "run", "demo", "--row",
+           "def_r18", *options, *TINY_RUN, f"data.root={root}", *extra]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=150)  # it hung without limit
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert elapsed < 90, f"the run took {elapsed:.0f} s to end after the data error"
+    message = f"image {bad} (image id {int(bad.stem)}) cannot be read: OSError: image file is truncated"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    if options:  # the process that read the image says so, the launcher names it
+        assert re.fullmatch(r"error \(rank [01]\): .*", errors[0]) and message in errors[0], proc.stderr
+        assert re.fullmatch(r"error: training process [01] exited with code 1 \(its error is printed above\)",
+                            errors[-1]), proc.stderr
+    else:
+        assert errors == [f"error: {message}"], proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    directory = records.run_dir("demo", "def_r18", tmp_path / "results")
+    assert records.status(directory) == "failed"
+    assert message in (directory / "FAILED").read_text()
