@@ -63,7 +63,7 @@ def _warn(message):
 def fig4(manifest, row, results=records.RESULTS):
     """AP against epoch for the row's baseline and the row's Attn1, Attn2 and Attn3 (paper Fig. 4)."""
     manifest.row(row)
-    run = load_run(manifest.name, row, results)
+    run = load_run(*manifest.record_of(row), results)
     if not run.log:
         raise AnalysisError(f"{manifest.name} / {row}: no finished epoch in {run.directory / 'log.jsonl'} "
                             f"({run.label})")
@@ -72,7 +72,7 @@ def fig4(manifest, row, results=records.RESULTS):
     if base is None:
         _warn(f"{manifest.name} / {row} has no baseline row in {manifest.path}; no Baseline curve")
     else:
-        base_run = load_run(manifest.name, base, results)
+        base_run = load_run(*manifest.record_of(base), results)
         points = ap_series(base_run.log, "attn1")
         if points[0]:
             lines.append(("Baseline" + STATE_MARK.get(base_run.state, ""), points, "k", "--"))
@@ -109,7 +109,7 @@ def curves(manifest, rows=None, results=records.RESULTS):
     runs = {}
     for row in rows:
         manifest.row(row)
-        run = load_run(manifest.name, row, results)
+        run = load_run(*manifest.record_of(row), results)
         if run.log:
             runs[row] = run
         else:

@@ -27,7 +27,7 @@ def learning_report(manifest_name, results=records.RESULTS):
     manifest = load_manifest(manifest_name)
     lines = []
     for name, row in manifest.rows.items():
-        run = load_run(manifest.name, name, results)
+        run = load_run(*manifest.record_of(name), results)
         setting = " ".join(str(row.get("note") or "").split())
         line = dict.fromkeys(COLUMNS, math.nan)
         line.update(manifest_row=name, setting=setting, status=run.label, epochs=run.last_epoch)

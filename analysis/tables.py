@@ -100,7 +100,7 @@ def paper_report(manifest, tables, results=records.RESULTS):
     """One line per paper row of each table (one per manifest row pointing at it, if several), then the
     manifest rows that point at no paper row. `manifest` may be None: the paper's table alone."""
     rows = manifest.rows if manifest else {}
-    runs = {n: load_run(manifest.name, n, results) for n in rows}
+    runs = {n: load_run(*manifest.record_of(n), results) for n in rows}
     repro = {n: percent(run.eval.get("attn1")) for n, run in runs.items() if run.state == "done"}
 
     def run_cells(name, paper):
@@ -152,7 +152,7 @@ def runs_report(manifest, results=records.RESULTS):
     """One line per manifest row (student, attn1) with the KS gain over its baseline row, for rows
     whose eval.json has teacher branches one line per teacher (evaluated with GT masks), and for rows
     evaluated with train.eval_moved one line for the student's detections moved to other images."""
-    runs = {n: load_run(manifest.name, n, results) for n in manifest.rows}
+    runs = {n: load_run(*manifest.record_of(n), results) for n in manifest.rows}
     lines = []
     for name, row in manifest.rows.items():
         run, base = runs[name], row.get("baseline")

@@ -27,6 +27,9 @@ Manifest format (experiments/<name>.yaml):
         baseline: dab_r50         # optional: the row this one is compared against (KS gain)
         paper: {table: 1, row: 6, source: rerun}   # required with `paper_table`, optional otherwise
         note: free text           # optional: what a reader should know (init differences, ...)
+        same_as: demo_seeds/def_r18_seed0          # optional: this row is that row of another
+                                  #   manifest (the same resolved configuration, checked): it is
+                                  #   trained once, into that row's records, which both read
         config: {model: {ks: {mode: triple}}}      # optional: the row's own settings
 
 `paper.row` is the 1-based row of results/paper/table<table>.csv; `source` says whether the paper's
@@ -36,7 +39,8 @@ process (one GPU); `train.total_batch_size` (when set) is the batch of one optim
 gradient accumulation when fewer processes run than it assumes (see experiments/training.py).
 
 `Manifest(name_or_path)`: `.rows` (ordered: name -> row dict, with the keys above), `.row(name)`,
-`.resolve(name, overrides)` (the full configuration). `variant_available(name)` says whether a
+`.resolve(name, overrides)` (the full configuration), `.record_of(name)` ((manifest, row) whose
+records the row uses: its own, or its `same_as`). `variant_available(name)` says whether a
 variant is built (models.VARIANTS, read at call time since variants are being added).
 """
 import copy
@@ -48,7 +52,7 @@ import yaml
 
 from models import VARIANTS
 from models.backbone import AUTOCAST_DTYPES, BACKBONE_NAMES, NORMS, STAGES, WEIGHTS
-from models.ks_encoder import KS_MODES, TEACHER_LAYERS
+from models.ks_encoder import KS_MODES, TEACHER_LAYERS, TEACHER_MASKS
 
 MANIFEST_DIR = Path(__file__).resolve().parent
 
@@ -71,7 +75,7 @@ DEFAULTS = {
         # autocast: null (float32) or bfloat16 (the backbone only; see models/backbone.py).
         "backbone": {"name": "resnet50", "weights": "imagenet", "weights_path": None, "freeze_at": 1,
                      "norm": "frozen_bn", "last_stage": "layer4", "drop_path": 0.0, "autocast": None},
-        "ks": {"mode": "none", "teacher_layers": "last"},
+        "ks": {"mode": "none", "teacher_layers": "last", "mask": "gt"},
         "dab": {"modulate_hw_attn": True, "random_anchor_xy": True, "freeze_anchor_xy": False},
         "dn": {"groups": 5, "label_noise": 0.2, "box_noise": 0.4},
         "deformable": {"num_levels": 4, "n_points": 4, "box_refine": False},
@@ -152,6 +156,7 @@ CHOICES = {
     "model.backbone.autocast": list(AUTOCAST_DTYPES),
     "model.ks.mode": list(KS_MODES),
     "model.ks.teacher_layers": list(TEACHER_LAYERS),
+    "model.ks.mask": list(TEACHER_MASKS),
     "data.dataset": ["coco", "synthetic"],
 }
 # Smallest allowed value of numeric keys.
@@ -169,7 +174,7 @@ MINIMUM = {
 ROW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
-ROW_KEYS = ("name", "family", "baseline", "paper", "note", "config")
+ROW_KEYS = ("name", "family", "baseline", "paper", "note", "same_as", "config")
 TOP_KEYS = ("description", "defaults_from", "paper_table", "defaults", "families", "rows")
 PAPER_SOURCES = ("rerun", "cited")
 PAPER_DIR = MANIFEST_DIR.parent / "results" / "paper"
@@ -412,10 +417,34 @@ class Manifest:
             self.rows[name] = row
             _check_consistency(self._merged(name), here)  # validates the row's config now
         for name, row in self.rows.items():
+            if "same_as" in row:
+                self._check_same_as(name, row["same_as"], _chain + (self.path,))
             if "baseline" in row and row["baseline"] not in self.rows:
                 raise ConfigError(f"{where}, row {name!r}: baseline {row['baseline']!r} is not a row of this manifest")
             if row.get("baseline") == name:
                 raise ConfigError(f"{where}, row {name!r}: a row cannot be its own baseline")
+
+    def _check_same_as(self, name, target, chain):
+        here = f"manifest {self.path}, row {name!r}"
+        if not isinstance(target, str) or target.count("/") != 1:
+            raise ConfigError(f"{here}: key 'same_as' must be 'manifest/row', got {target!r}")
+        other_name, other_row = target.split("/")
+        if manifest_path(other_name) in chain:
+            raise ConfigError(f"{here}: key 'same_as' points back at a manifest that refers to it ({target!r})")
+        other = Manifest(other_name, chain)
+        if "same_as" in other.row(other_row):
+            raise ConfigError(f"{here}: key 'same_as' points at {target!r}, which is itself 'same_as' "
+                              f"{other.row(other_row)['same_as']!r}; point at the row that holds the records")
+        mine, theirs = self._merged(name), other._merged(other_row)
+        changed = [k for k in diff(mine, theirs) if k not in new_default_keys(theirs, mine)]
+        if changed:
+            raise ConfigError(f"{here}: key 'same_as' is {target!r}, but the two configurations differ in "
+                              f"{', '.join(changed)}; the rows must be the same run")
+
+    def record_of(self, name):
+        """(manifest name, row name) whose run records row `name` uses: its `same_as`, else its own."""
+        target = self.row(name).get("same_as")
+        return tuple(target.split("/")) if target else (self.name, name)
 
     def row(self, name):
         if name not in self.rows:

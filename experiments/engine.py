@@ -49,6 +49,11 @@ def train_row(manifest_name, row, overrides=(), resume=False, force=False, devic
         raise RunError(f"{row}: --force (start over, moving the record aside) and --resume (continue it) "
                        f"contradict each other; give one")
     manifest = Manifest(manifest_name)
+    owner = manifest.record_of(row)
+    if owner != (manifest.name, row):  # `same_as`: one run, in the other row's records
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{row}: the same run as {'/'.join(owner)} (same_as); its records are used", flush=True)
+        return train_row(*owner, overrides, resume=resume, force=force, device=device, results=results)
     cfg = manifest.resolve(row, overrides)
     check_available(cfg, f"manifest {manifest.path}, row {row!r}")
     directory = records.run_dir(manifest.name, row, results)
@@ -294,9 +299,13 @@ def _train(cfg, directory, resuming, ctx, plan, built, state=None, heartbeat=Non
             if heartbeat:
                 heartbeat.update(phase="eval")
             # a signal during the evaluation waits for its end and the epoch's checkpoint (below)
+            distance = {} if teachers else None
             record["eval"] = evaluate(model, val_loader, val_set, device, teachers, cfg["model"]["eval_topk"],
                                       None, desc=f"epoch {label} eval", ctx=ctx, moved=tc["eval_moved"],
-                                      detections=detections if epoch == tc["epochs"] else None)
+                                      detections=detections if epoch == tc["epochs"] else None,
+                                      memory_distance=distance)
+            if distance:
+                record["memory_distance"] = distance
         record["time_s"] = round(time.time() - t0, 1)
         history.append(record)
         check_weights(model, f"after epoch {epoch}")

@@ -11,6 +11,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 
 import datasets
 from models import build_model
-from models.ks_encoder import STUDENT, TEACHER_BRANCHES
+from models.ks_encoder import STUDENT, TEACHER_BRANCHES, MemoryDistance
 from models.postprocess import postprocess
 
 from . import distributed, records
@@ -42,7 +43,7 @@ def make_eval_loader(dataset, batch_size, num_workers, ctx, max_images=None):
 
 @torch.no_grad()
 def evaluate(model, loader, dataset, device, teachers=(), topk=300, max_images=None, desc="eval", ctx=None,
-             moved=False, detections=None):
+             moved=False, detections=None, memory_distance=None):
     """COCO metrics of the student and, with `teachers` (branch names), of each teacher branch's
     last decoder layer with GT masks. Returns {branch: {AP, AP50, ...}} (on every process; each
     process evaluates the images of its `loader`, rank 0 computes the metrics). With `moved`, also
@@ -59,18 +60,25 @@ def evaluate(model, loader, dataset, device, teachers=(), topk=300, max_images=N
         dets = {}
         metrics = evaluate(..., detections=dets)
         write_detections(directory, "", dets)  # detections-attn1.json, ... beside eval.json
+
+    `memory_distance`: a dict filled (on every process) with {teacher branch: ||Z_t - Z_s|| /
+    ||Z_s||}, the relative distance of each teacher's encoder memory from the student's over the
+    evaluated images' tokens (models.ks_encoder.MemoryDistance); needs `teachers`.
     """
     ctx = ctx or distributed.Context(device=torch.device(device))
     model.eval()
     branches = (STUDENT,) + tuple(teachers)
     evaluators = {b: datasets.CocoEvaluator(dataset.coco, dataset.category_ids) for b in branches}
     seen = 0
+    distance = MemoryDistance(model)
     bar = progress(loader, desc=desc, leave=False, disable=not ctx.is_main)
+    hooked = distance if memory_distance is not None else nullcontext()
     for batch in bar:
         if max_images is not None and seen >= max_images:
             break
         images, mask, targets = to_device(batch, device)
-        outputs = model(images, mask, targets if teachers else None, with_teachers=bool(teachers) or None)
+        with hooked:
+            outputs = model(images, mask, targets if teachers else None, with_teachers=bool(teachers) or None)
         orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
         image_ids = [int(t["image_id"]) for t in targets]
         per_branch = {STUDENT: outputs}
@@ -81,6 +89,11 @@ def evaluate(model, loader, dataset, device, teachers=(), topk=300, max_images=N
                                  [d["labels"] for d in dets])
         seen += len(targets)
     bar.close()
+    if memory_distance is not None:
+        sums = distance.sums().to(ctx.device)
+        if ctx.distributed:
+            ctx.all_reduce_sum(sums)
+        memory_distance.update(distance.relative(sums.cpu()))
     if ctx.distributed:
         shards = ctx.gather({b: (e.detections, e.image_ids) for b, e in evaluators.items()})
         if ctx.is_main:

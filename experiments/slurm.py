@@ -102,7 +102,7 @@ def plan_rows(manifest, rows, overrides, results, force):
     """[(row, action, reason)]: action 'submit' or 'skip'."""
     out = []
     for row in rows:
-        directory = records.run_dir(manifest.name, row, results)
+        directory = records.run_dir(*manifest.record_of(row), results)
         state = records.status(directory)
         jobs = records.slurm_jobs(directory)
         active = {}
@@ -193,7 +193,7 @@ def submit(manifest, rows, overrides, opts, results=records.RESULTS, dry_run=Fal
 
     if force:
         for row in todo:
-            directory = records.run_dir(manifest.name, row, results)
+            directory = records.run_dir(*manifest.record_of(row), results)
             if directory.exists() and records.status(directory) == "done":  # unfinished rows resume
                 move_aside(directory, row)
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=opts.max_timeouts)
@@ -209,7 +209,7 @@ def submit(manifest, rows, overrides, opts, results=records.RESULTS, dry_run=Fal
         job_id = str(handle.job_id)
         ids[row] = job_id
         _, accumulation, total = batch_plan(cfgs[row]["train"], world)
-        records.add_slurm_job(records.run_dir(manifest.name, row, results), {
+        records.add_slurm_job(records.run_dir(*manifest.record_of(row), results), {
             "job_id": job_id, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "command": jobs[row].command(manifest.name), "overrides": list(overrides),
             "nodes": opts.nodes, "tasks_per_node": params["ntasks_per_node"], "gpus_per_node": opts.gpus_per_node,
@@ -224,7 +224,7 @@ def status_rows(manifest, results=records.RESULTS):
     """One dict per row: run status, last epoch, latest SLURM job, its state."""
     rows, latest = [], {}
     for name in manifest.rows:
-        jobs = records.slurm_jobs(records.run_dir(manifest.name, name, results))
+        jobs = records.slurm_jobs(records.run_dir(*manifest.record_of(name), results))
         if jobs:
             latest[name] = jobs[-1]["job_id"]
     queue = job_states(latest.values()) if latest else {}
@@ -233,7 +233,7 @@ def status_rows(manifest, results=records.RESULTS):
     if latest and (queue is None or missing):
         accounting = sacct_states(latest.values() if queue is None else missing)
     for name in manifest.rows:
-        directory = records.run_dir(manifest.name, name, results)
+        directory = records.run_dir(*manifest.record_of(name), results)
         job = latest.get(name)
         if job is None:
             state = "-"

@@ -199,7 +199,8 @@ def progress(iterable=None, disable=False, **kwargs):
 
 
 
-LOGGED_LOSSES = ("loss", "loss_attn1", "loss_attn2", "loss_attn3", "loss_class", "loss_bbox", "loss_giou")
+LOGGED_LOSSES = ("loss", "loss_attn1", "loss_attn2", "loss_attn3", "loss_class", "loss_bbox", "loss_giou",
+                 "loss_last_layer_attn1", "loss_last_layer_attn2", "loss_last_layer_attn3")
 PREDICTIONS = ("pred_logits", "pred_boxes")
 
 

@@ -122,6 +122,7 @@ class ConditionalDETR(nn.Module):
         d, nhead = cfg["hidden_dim"], cfg["nheads"]
         self.ks_mode = ks.check_ks_mode(cfg["ks"]["mode"])
         self.teacher_layers = cfg["ks"]["teacher_layers"]
+        self.teacher_mask = ks.check_teacher_mask(cfg["ks"]["mask"])
         self.backbone = build_backbone(cfg["backbone"], (cfg["backbone"]["last_stage"],))
         self.input_proj = nn.Conv2d(self.backbone.num_channels[-1], d, kernel_size=1)
         self.position = PositionEmbeddingSine(d // 2, temperature=cfg["pos_temperature"], normalize=True,
@@ -146,7 +147,8 @@ class ConditionalDETR(nn.Module):
         src = self.input_proj(feature)
         # float32 as the reference, float64 when the whole model runs in float64 (numerical checks)
         pos = self.position(mask, torch.promote_types(src.dtype, torch.float32)).flatten(2).transpose(1, 2)
-        fg = ks.token_fg_mask(targets, images.shape[-2:], src.shape[-2:], mask) if teachers else None
+        fg = ks.token_fg_mask(targets, images.shape[-2:], src.shape[-2:], mask,
+                                self.teacher_mask) if teachers else None
         mask = mask.flatten(1)
         memory, teacher_memories = self.encoder(src.flatten(2).transpose(1, 2), pos, mask, fg)
 

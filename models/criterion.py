@@ -75,26 +75,32 @@ class SetCriterion(nn.Module):
     def forward(self, outputs, targets):
         """Returns a dict: `loss` (the total to minimise), the unweighted components of every output
         (`loss_class`, `loss_class_0`, `loss_class_attn3`, ..., and `loss_class_dn`, ... for the DN
-        parts) and the weighted total per branch (`loss_attn1`, `loss_attn2`, `loss_attn3`, DN
-        losses included)."""
+        parts), the weighted total per branch (`loss_attn1`, `loss_attn2`, `loss_attn3`, DN
+        losses included) and, detached, the weighted loss of each branch's last decoder layer
+        (`loss_last_layer_attn1`, ...: the student's last layer and each teacher's kept last one)."""
         num_boxes = global_num_boxes(targets, outputs["pred_logits"].device)
         dn_meta = outputs.get("dn_meta")
         if dn_meta is not None:
             dn_idx = dn_indices(targets, dn_meta["groups"], dn_meta["single_pad"])
             dn_num_boxes = num_boxes * dn_meta["groups"]
-        result, branch_totals = {}, {}
+        result, branch_totals, last_layer = {}, {}, {}
         for suffix, branch, output in output_names(outputs):
             indices = self.matcher(output["pred_logits"], output["pred_boxes"], targets)
             losses = self.matched_losses(output, targets, indices, num_boxes)
             result.update({k + suffix: v for k, v in losses.items()})
-            branch_totals[branch] = branch_totals.get(branch, 0) + self.weighted(losses)
+            total = self.weighted(losses)
             if dn_meta is not None:
                 if "dn_pred_logits" not in output:
                     raise ValueError(f"output {suffix or '(last layer)'!r} has no DN part although dn_meta is set")
                 dn_out = {"pred_logits": output["dn_pred_logits"], "pred_boxes": output["dn_pred_boxes"]}
                 dn_losses = self.matched_losses(dn_out, targets, dn_idx, dn_num_boxes)
                 result.update({f"{k}_dn{suffix}": v for k, v in dn_losses.items()})
-                branch_totals[branch] = branch_totals[branch] + self.weighted(dn_losses)
+                total = total + self.weighted(dn_losses)
+            branch_totals[branch] = branch_totals.get(branch, 0) + total
+            if branch != STUDENT or not suffix:  # a teacher's layers come in order: its last one stays
+                last_layer[branch] = total
         result.update({f"loss_{b}": v for b, v in branch_totals.items()})
+        # the same terms for every branch, so the branches compare (the paper's Fig. 4 question)
+        result.update({f"loss_last_layer_{b}": v.detach() for b, v in last_layer.items()})
         result["loss"] = sum(branch_totals.values())
         return result

@@ -202,6 +202,7 @@ class DeformableDETR(nn.Module):
         n_levels, n_points, self.box_refine = dc["num_levels"], dc["n_points"], dc["box_refine"]
         self.ks_mode = ks.check_ks_mode(cfg["ks"]["mode"])
         self.teacher_layers = cfg["ks"]["teacher_layers"]
+        self.teacher_mask = ks.check_teacher_mask(cfg["ks"]["mask"])
         self.backbone = build_backbone(cfg["backbone"], backbone_stages(cfg["backbone"]["last_stage"], n_levels))
         self.input_proj = input_projections(self.backbone.num_channels, d, n_levels)
         self.position = PositionEmbeddingSine(d // 2, temperature=cfg["pos_temperature"], normalize=True,
@@ -284,7 +285,8 @@ class DeformableDETR(nn.Module):
         ratios = torch.stack([valid_ratios(m, sources[0].dtype) for m in masks], 1)
         x = torch.cat([s.flatten(2).transpose(1, 2) for s in sources], 1)
         mask = torch.cat([m.flatten(1) for m in masks], 1)
-        fg = ks.token_fg_mask_levels(targets, images.shape[-2:], shapes, masks) if teachers else None
+        fg = ks.token_fg_mask_levels(targets, images.shape[-2:], shapes, masks,
+                                       self.teacher_mask) if teachers else None
         memory, teacher_memories = self.encoder(x, pos, mask, encoder_reference_points(shapes, ratios),
                                                 spatial_shapes, level_start_index, fg)
         return Encoded(memory, teacher_memories, mask, spatial_shapes, level_start_index, ratios)

@@ -34,12 +34,22 @@ TEACHER_BRANCHES = {
 }
 KS_MODES = tuple(TEACHER_BRANCHES)
 TEACHER_LAYERS = ("last", "all")
+# What the teachers are told (`model.ks.mask`): `gt` the ground-truth Fg-Bg mask (the paper); `none`
+# an all-background mask, so X^t = X: the teachers keep their projections, decoder passes and losses
+# but get no ground-truth knowledge (a control for where a KS gain comes from).
+TEACHER_MASKS = ("gt", "none")
 
 
 def check_ks_mode(mode):
     if mode not in TEACHER_BRANCHES:
         raise ValueError(f"unknown KS mode {mode!r}; expected one of {list(KS_MODES)}")
     return mode
+
+
+def check_teacher_mask(mask):
+    if mask not in TEACHER_MASKS:
+        raise ValueError(f"unknown teacher mask {mask!r}; expected one of {list(TEACHER_MASKS)}")
+    return mask
 
 
 # --------------------------------------------------------------------------------------------------
@@ -311,6 +321,48 @@ def run_last_layer(layer, x, pos, key_padding_mask, fg, **layer_inputs):
     return layer(x, pos, key_padding_mask, **layer_inputs), {}
 
 
+class MemoryDistance:
+    """While active (`with MemoryDistance(model) as d:`), accumulates over every forward that runs
+    the teachers the squared distance of each teacher memory from the student memory and the
+    squared norm of the student memory, over the tokens that are not padding (a forward hook on
+    the model's KS layers). `sums()`: a float64 tensor [per teacher branch in `branches`..., the
+    student's], to be all-reduced across processes; `relative(sums)`: {branch: ||Z_t - Z_s|| /
+    ||Z_s||} (NaN before any teacher forward)."""
+
+    def __init__(self, model):
+        self.layers = [m for m in model.modules() if isinstance(m, KS_LAYERS)]
+        self.branches = self.layers[-1].branches if self.layers else ()
+        self._sums = torch.zeros(len(self.branches) + 1, dtype=torch.float64)
+        self._hooks = []
+
+    def __enter__(self):
+        self._hooks = [m.register_forward_hook(self._hook, with_kwargs=True) for m in self.layers]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def _hook(self, module, args, kwargs, output):
+        student, teachers = output
+        if not teachers:
+            return
+        padding = args[2] if len(args) > 2 else kwargs.get("key_padding_mask")
+        keep = torch.ones(student.shape[:2], dtype=torch.bool, device=student.device) if padding is None else ~padding
+        s = student.detach().double()[keep]
+        parts = [(teachers[b].detach().double()[keep] - s).square().sum() for b in self.branches]
+        self._sums += torch.stack(parts + [s.square().sum()]).cpu()
+
+    def sums(self):
+        return self._sums.clone()
+
+    def relative(self, sums=None):
+        sums = self._sums if sums is None else sums
+        norm = sums[-1].item()
+        return {b: (sums[i].item() / norm) ** 0.5 if norm > 0 else float("nan") for i, b in enumerate(self.branches)}
+
+
 def init_ks_parameters(module):
     """Re-applies the reference's KS init to every KS layer below `module` (after xavier loops)."""
     for m in module.modules():
@@ -331,24 +383,26 @@ def teachers_wanted(mode, training, with_teachers=None):
     return training if with_teachers is None else bool(with_teachers)
 
 
-def token_fg_mask(targets, batch_hw, feature_hw, padding_mask):
+def token_fg_mask(targets, batch_hw, feature_hw, padding_mask, source="gt"):
     """Flattened token mask (B, h*w) from model targets (their `boxes_xyxy`, absolute xyxy in
-    padded-batch pixels)."""
+    padded-batch pixels); all False for source 'none' (TEACHER_MASKS)."""
     if targets is None:
         raise ValueError("the teacher branches need ground-truth boxes: pass targets to the model")
     boxes = [t["boxes_xyxy"] for t in targets]
-    return fg_mask(boxes, batch_hw, feature_hw, padding_mask).flatten(1)
+    mask = fg_mask(boxes, batch_hw, feature_hw, padding_mask).flatten(1)
+    return mask if check_teacher_mask(source) == "gt" else torch.zeros_like(mask)
 
 
-def token_fg_mask_levels(targets, batch_hw, level_hws, padding_masks):
+def token_fg_mask_levels(targets, batch_hw, level_hws, padding_masks, source="gt"):
     """Multi-scale token mask (B, sum_l h_l * w_l) from model targets: each level resized from the
     one full-resolution canvas (fg_mask_levels), flattened row-major and concatenated in level
     order, which is the token order of the flattened multi-scale features. padding_masks: per level
-    (B, h_l, w_l), True at padding (never foreground)."""
+    (B, h_l, w_l), True at padding (never foreground). All False for source 'none'."""
     if targets is None:
         raise ValueError("the teacher branches need ground-truth boxes: pass targets to the model")
     boxes = [t["boxes_xyxy"] for t in targets]
-    return torch.cat([m.flatten(1) for m in fg_mask_levels(boxes, batch_hw, level_hws, padding_masks)], 1)
+    mask = torch.cat([m.flatten(1) for m in fg_mask_levels(boxes, batch_hw, level_hws, padding_masks)], 1)
+    return mask if check_teacher_mask(source) == "gt" else torch.zeros_like(mask)
 
 
 def decode_branches(decode, student_memory, teacher_memories, training):
