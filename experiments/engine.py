@@ -176,7 +176,7 @@ def _start_records(manifest, row, cfg, overrides, directory, resume, force, ctx)
     resume from, False for a fresh start or None when the row is done; the checkpoint's state)."""
     resuming = prepare_run_dir(directory, row, resume, force)
     if resuming is None:
-        changed = _changes(yaml.safe_load((directory / "config.yaml").read_text()) or {}, cfg)
+        changed = _changes(records.read_config(directory / "config.yaml"), cfg)
         if changed:
             raise RunError(f"{row}: this row is done ({directory}) with another configuration: "
                            f"{'; '.join(changed)}. Pass --force to train it again with this one (the finished "
@@ -184,7 +184,7 @@ def _start_records(manifest, row, cfg, overrides, directory, resume, force, ctx)
         return None, None
     state = None
     if resuming:
-        changed = _changes(yaml.safe_load((directory / "config.yaml").read_text()) or {}, cfg)
+        changed = _changes(records.read_config(directory / "config.yaml"), cfg)
         if changed:
             raise RunError(f"{row}: the configuration differs from the recorded one in {directory}/config.yaml "
                            f"({'; '.join(changed)}); resume with the same overrides, or --force to start over")

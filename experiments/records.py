@@ -42,6 +42,8 @@ from pathlib import Path
 
 import yaml
 
+from .errors import RunError
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "results"
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -83,11 +85,66 @@ def write_log(path, records):
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
-def read_log(path):
+class DamagedLog(RunError):
+    """A log.jsonl line that is not an epoch record; the message names the file and the line."""
+
+
+def scan_log(path):
+    """(the epoch records of a log.jsonl, None) when every line is an epoch record, else (the records
+    before the first bad line, a message naming the file, the line and what is wrong); ([], None)
+    when the file is missing."""
     path = Path(path)
     if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [], None
+    text = path.read_text()
+    lines = text.splitlines()
+    out = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as e:
+            # an append cut short (a crash, a full disk) leaves a last line without its newline
+            cut = " (the last line, cut short)" if number == len(lines) and not text.endswith("\n") else ""
+            return out, f"{path}, line {number}{cut}: not valid JSON ({e.msg}, column {e.colno})"
+        if not isinstance(entry, dict) or not isinstance(entry.get("epoch"), int) or isinstance(entry["epoch"], bool):
+            return out, (f"{path}, line {number}: expected an object with an integer 'epoch', "
+                         f"got {line.strip()[:80]!r}")
+        out.append(entry)
+    return out, None
+
+
+def read_log(path):
+    """The epoch records of a log.jsonl ([] when the file is missing); DamagedLog (a RunError)
+    naming the file and the line when one is not an epoch record."""
+    entries, problem = scan_log(path)
+    if problem:
+        raise DamagedLog(f"{problem}; the run record is damaged (`run ... --resume` of an unfinished run rewrites "
+                         f"the log from its checkpoint)")
+    return entries
+
+
+def read_config(path):
+    """The configuration recorded in a run's config.yaml (a dict); a RunError naming the file when it
+    is missing, not YAML or not a mapping."""
+    path = Path(path)
+    damaged = "the run record is damaged; --force starts the row over (moving the record aside)"
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RunError(f"{path} is missing; {damaged}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RunError(f"{path} cannot be read ({getattr(e, 'strerror', None) or e}); {damaged}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RunError(f"{path} is not valid YAML ({problem}{where}); {damaged}") from None
+    if not isinstance(cfg, dict):
+        got = "nothing" if cfg is None else f"a {type(cfg).__name__}"
+        raise RunError(f"{path}: expected a mapping of configuration keys, got {got}; {damaged}")
+    return cfg
 
 
 def run_command(manifest, row, overrides=(), resume=False, options=()):
@@ -165,13 +222,28 @@ def heartbeat_holder(directory, now=None):
     return beat
 
 
+_deciding = threading.local()  # .notes: the messages held back while row_lock() is held
+
+
+def print_when_decided(message):
+    """Prints `message` (about how a row starts) once the launch has decided: when the row_lock()
+    around the decision is released without an error; at once outside a row_lock(). So a note such
+    as "already done" never comes before an error that refuses the launch after all."""
+    notes = getattr(_deciding, "notes", None)
+    if notes is None:
+        print(message, flush=True)
+    else:
+        notes.append(message)
+
+
 @contextlib.contextmanager
 def row_lock(directory, timeout_s=LOCK_TIMEOUT_S):
     """Holds an exclusive lock for one run directory (a `.<row>.lock` file beside it, which --force
     never moves), so that two launches of the same row on this machine, or on machines sharing a file
     system with coherent locks, decide how it starts one after the other: the first claims it
     (heartbeat) inside the lock and the second then sees that claim. Where the file cannot be
-    locked, a note says so and only the heartbeat guards the row."""
+    locked, a note says so and only the heartbeat guards the row. Messages of print_when_decided()
+    are printed when the lock is released, unless the block raised."""
     directory = Path(directory)
     path = directory.parent / f".{directory.name}.lock"
     f, locked = None, False
@@ -202,13 +274,18 @@ def row_lock(directory, timeout_s=LOCK_TIMEOUT_S):
             f = None
         print(f"note: cannot lock {path} ({e.strerror or e}); only the heartbeat guards against a second "
               f"launch of this row", flush=True)
+    outer, _deciding.notes = getattr(_deciding, "notes", None), []
     try:
         yield
+        notes = _deciding.notes
     finally:
+        _deciding.notes = outer  # an error drops the held notes
         if f is not None:
             if locked:
                 fcntl.flock(f, fcntl.LOCK_UN)
             f.close()
+    for message in notes:
+        print_when_decided(message)
 
 
 class Heartbeat:
