@@ -94,8 +94,11 @@ def fig4(manifest, row, results=records.RESULTS):
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.set_ylabel("AP")
-    ax.set_title(f"{model_name(manifest, row)} ({manifest.name} / {row})\n"
-                 "Attn2, Attn3: teachers evaluated with GT Fg-Bg masks", fontsize=9)
+    teachers = [label.split(" ")[0] for label in series if label.startswith(("Attn2", "Attn3"))]
+    title = f"{model_name(manifest, row)} ({manifest.name} / {row})"
+    if teachers:
+        title += f"\n{', '.join(teachers)}: teacher{'s' if len(teachers) > 1 else ''} evaluated with GT Fg-Bg masks"
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     if series:
         ax.legend()

@@ -180,9 +180,10 @@ def runs_report(manifest, results=records.RESULTS):
 SEED_SUFFIX = re.compile(r"_seed\d+$")
 
 
-def seed_groups(manifest):
-    """{group name: [rows]} for rows whose configurations differ only in train.seed (groups of two or
-    more rows); a group is named after its rows without their `_seed<N>` suffix when they share one."""
+def seed_groups(manifest, smallest=2):
+    """{group name: [rows]} for rows whose configurations differ only in train.seed (groups of at
+    least `smallest` rows); a group is named after its rows without their `_seed<N>` suffix when they
+    share one."""
     groups = {}
     for name in manifest.rows:
         cfg = manifest.resolve(name)
@@ -190,7 +191,7 @@ def seed_groups(manifest):
         groups.setdefault(json.dumps(cfg, sort_keys=True, default=str), []).append(name)
     out = {}
     for rows in groups.values():
-        if len(rows) > 1:
+        if len(rows) >= smallest:
             stems = {SEED_SUFFIX.sub("", r) for r in rows}
             out[stems.pop() if len(stems) == 1 else f"{rows[0]} (+{len(rows) - 1} seeds)"] = rows
     return out
@@ -238,6 +239,137 @@ def seeds_markdown(sdf):
     return ("## Over training seeds\n\n" + table + "\n\nMean ± sample standard deviation over the finished "
             "rows of each group (rows whose configurations differ only in train.seed); KS gain: each row minus "
             "its baseline row, then mean ± standard deviation of those differences.\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# the paper's shape for manifests with families (the synthetic tables): one block per variant
+
+KS_METHODS = {"none": ("baseline", False, False), "dual_share_v": ("dual attention", True, False),
+              "dual_share_a": ("dual attention", False, True), "triple": ("triple attention", True, True)}
+LAST_LAYER = "loss_last_layer_"
+
+
+def _last_epoch_values(run, section, prefix=""):
+    """{branch: value} of the run's last logged epoch: its `section` (e.g. 'memory_distance', or
+    'train' with keys `prefix` + branch)."""
+    entry = run.log[-1].get(section) if run.log else None
+    if not isinstance(entry, dict):
+        return {}
+    return {k[len(prefix):]: number(v) for k, v in entry.items() if k.startswith(prefix)}
+
+
+def blocks_report(manifest, df, results=records.RESULTS):
+    """One line per group of seed rows (groups of one row too), in manifest order, blocks by family:
+    the student's metrics as mean and sample standard deviation over the finished rows, the KS gain in
+    AP as mean ± sd of the paired per-seed differences (each row minus its `baseline` row) and the
+    number of seeds where it is positive; the teachers' AP (GT mask) and, from each row's last epoch,
+    each branch's last-decoder-layer training loss and the teachers' memory distance, as means."""
+    lines = []
+    for group, rows in seed_groups(manifest, smallest=1).items():
+        cfg = manifest.resolve(rows[0])
+        mode, mask = cfg["model"]["ks"]["mode"], cfg["model"]["ks"]["mask"]
+        method, shares_v, shares_a = KS_METHODS[mode]
+        family = manifest.rows[rows[0]].get("family") or cfg["model"]["variant"]
+        sel = df[df["manifest_row"].isin(rows) & (df["status"] == "done")]
+        student = sel[sel["branch"] == "attn1"]
+        line = {"family": family, "variant": VARIANT_NAMES.get(cfg["model"]["variant"], cfg["model"]["variant"]),
+                "group": group, "method": method + ("" if mask == "gt" or mode == "none" else ", no mask"),
+                "shares_v": shares_v, "shares_a": shares_a, "teacher_mask": None if mode == "none" else mask,
+                "rows": " ".join(rows), "done": len(student), "of": len(rows)}
+        for m in METRICS:
+            line[f"{m}_mean"], line[f"{m}_sd"] = _mean_sd(student[m].tolist())
+        gains = [g for g in student["gain_AP"].tolist() if not math.isnan(g)]
+        line["gain_AP_mean"], line["gain_AP_sd"] = _mean_sd(gains)
+        line["AP50_moved_mean"] = _mean_sd(sel.loc[sel["branch"] == MOVED, "AP50"].tolist())[0]
+        line["gain_AP_positive"], line["gain_AP_n"] = sum(g > 0 for g in gains), len(gains)
+        line["gains_AP"] = " ".join(f"{g:+.1f}" for g in gains)
+        done = [load_run(*manifest.record_of(r), results) for r in student["manifest_row"]]
+        for branch in BRANCHES:
+            if branch != "attn1":
+                line[f"AP_{branch}_mean"] = _mean_sd(sel.loc[sel["branch"] == branch, "AP"].tolist())[0]
+                line[f"distance_{branch}_mean"] = _mean_sd(
+                    [_last_epoch_values(run, "memory_distance").get(branch, math.nan) for run in done])[0]
+            line[f"last_layer_loss_{branch}_mean"] = _mean_sd(
+                [_last_epoch_values(run, "train", LAST_LAYER).get(branch, math.nan) for run in done])[0]
+        lines.append(line)
+    return pd.DataFrame(lines)
+
+
+def _gain_cells(r):
+    if math.isnan(r["gain_AP_mean"]):
+        return ["", ""]
+    return [f"{r['gain_AP_mean']:+.1f}" + ("" if math.isnan(r["gain_AP_sd"]) else f" ± {r['gain_AP_sd']:.1f}"),
+            f"{r['gain_AP_positive']}/{r['gain_AP_n']}"]
+
+
+def _blocks(bdf):
+    """(header, [(variant, cells)]) of the paper-shaped table, and the same for the teacher table."""
+    header = ["Method", "Sharing V", "Sharing A", "Done", *METRICS, "AP50 on other images", "KS gain AP",
+              "gain > 0"]
+    teacher_header = ["Method", "Done", "AP Attn1", "AP Attn3", "AP Attn2", "last-layer loss Attn1 / Attn3 / Attn2",
+                      "memory distance Attn3 / Attn2"]
+    main, teachers = [], []
+    repeated = bdf.groupby(["variant", "method"])["group"].transform("count") > 1 if len(bdf) else []
+    for (_, r), named in zip(bdf.iterrows(), repeated):
+        name = f"{r['method']} ({r['group']})" if named else r["method"]  # the group tells same methods apart
+        done = f"{r['done']}/{r['of']}"
+        main.append((r["variant"], [name, "✓" if r["shares_v"] else "", "✓" if r["shares_a"] else "", done,
+                                    *[_pm(r[f"{m}_mean"], r[f"{m}_sd"]) for m in METRICS],
+                                    "" if math.isnan(r["AP50_moved_mean"]) else _value(r["AP50_moved_mean"]),
+                                    *_gain_cells(r)]))
+        if r["teacher_mask"] is not None and r["done"]:
+            losses = " / ".join(_text(f"{r[f'last_layer_loss_{b}_mean']:.3f}")
+                                if not math.isnan(r[f"last_layer_loss_{b}_mean"]) else "-"
+                                for b in ("attn1", "attn3", "attn2"))
+            dists = " / ".join(f"{r[f'distance_{b}_mean']:.3f}" if not math.isnan(r[f"distance_{b}_mean"]) else "-"
+                               for b in ("attn3", "attn2"))
+            teachers.append((r["variant"], [name, done, _value(r["AP_mean"]), _value(r["AP_attn3_mean"]),
+                                            _value(r["AP_attn2_mean"]), losses, dists]))
+    return (header, main), (teacher_header, teachers)
+
+
+def _markdown_blocks(header, lines, right_from):
+    parts = []
+    for variant in dict.fromkeys(v for v, _ in lines):
+        rows = [header, ["---" if i < right_from else "---:" for i in range(len(header))]]
+        rows += [cells for v, cells in lines if v == variant]
+        parts.append(f"### {variant}\n\n" + "\n".join("| " + " | ".join(rows_cells) + " |" for rows_cells in rows))
+    return "\n\n".join(parts)
+
+
+def blocks_markdown(bdf):
+    (header, main), (theader, teachers) = _blocks(bdf)
+    out = ["## By variant, over training seeds", _markdown_blocks(header, main, 3),
+           "COCO box AP in percent of the student (Attn1), mean ± sample standard deviation over the finished "
+           "seed rows; KS gain: each seed's KS row minus its baseline row, mean ± standard deviation of these "
+           "paired differences, and in how many seeds it is positive. AP50 on other images: the student's "
+           "detections scored on the next validation image (train.eval_moved), the level of a detector that "
+           "ignores its input. Sharing V: the teacher attention "
+           "Attn3 (Q^t, K^t, V); Sharing A: the teacher values Attn2 (Q, K, V^t); \"no mask\": the teachers "
+           "are given an all-background mask (model.ks.mask: none)."]
+    if teachers:
+        out += ["## Teachers against the student", _markdown_blocks(theader, teachers, 1),
+                "Means over the finished seed rows. AP: the student and each teacher evaluated with the GT "
+                "Fg-Bg mask (the teachers' last decoder layer). Last-layer loss: each branch's weighted "
+                "training loss of its last decoder layer (the same terms for every branch) in the last epoch. "
+                "Memory distance: ||Z_t - Z_s|| / ||Z_s|| of each teacher's encoder memory from the student's "
+                "over the validation images' tokens at the last evaluation."]
+    return "\n\n".join(out) + "\n"
+
+
+def blocks_latex(name, bdf):
+    (header, main), _ = _blocks(bdf)
+    spec = "lccc" + "r" * (len(header) - 4)
+    out = [f"% python -m analysis tables --manifest {name}", rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
+           " & ".join(_tex(h) for h in header) + r" \\"]
+    for variant in dict.fromkeys(v for v, _ in main):
+        out += [r"\midrule", rf"\multicolumn{{{len(header)}}}{{l}}{{\emph{{{_tex(variant)}}}}} \\"]
+        for v, cells in main:
+            if v == variant:
+                out.append(" & ".join(_tex(c).replace("✓", r"\checkmark").replace("±", r"$\pm$") for c in cells)
+                           + r" \\")
+    out += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(out) + "\n"
 
 
 def open_manifest(name_or_path):
@@ -362,14 +494,23 @@ def write_tables(name_or_path, results=records.RESULTS):
     name, kind, df = report(name_or_path, results)
     folder = Path(results) / "tables"
     markdown = to_markdown(name, kind, df)
+    latex = to_latex(name, kind, df)
     if kind == "runs":
-        sdf = seeds_report(open_manifest(name_or_path), df)
-        if len(sdf):
-            markdown += "\n" + seeds_markdown(sdf)
-            records.atomic_write(folder / f"{name}_seeds.csv", sdf.to_csv(index=False))
+        manifest = open_manifest(name_or_path)
+        if manifest.families:  # the paper's shape first, the row-by-row table after it
+            bdf = blocks_report(manifest, df, results)
+            markdown = f"# {name}: results\n\n" + blocks_markdown(bdf) + "\n## Row by row\n\n" + \
+                markdown.split("\n\n", 1)[1]
+            records.atomic_write(folder / f"{name}_blocks.csv", bdf.to_csv(index=False))
+            latex = blocks_latex(name, bdf)
+        else:
+            sdf = seeds_report(manifest, df)
+            if len(sdf):
+                markdown += "\n" + seeds_markdown(sdf)
+                records.atomic_write(folder / f"{name}_seeds.csv", sdf.to_csv(index=False))
     records.atomic_write(folder / f"{name}.md", markdown)
     records.atomic_write(folder / f"{name}.csv", df.to_csv(index=False))
-    records.atomic_write(folder / f"{name}.tex", to_latex(name, kind, df))
+    records.atomic_write(folder / f"{name}.tex", latex)
     return markdown
 
 

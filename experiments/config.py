@@ -19,6 +19,8 @@ Manifest format (experiments/<name>.yaml):
     paper_table: 1                              # optional: every row must then say which row of
                                                 #   results/paper/table1.csv it reproduces
     defaults: {model: {...}, data: {...}, train: {...}}        # optional, for every row
+    families_from: synthetic_table1             # optional: also take another manifest's `families`
+                                                #   (their trees, applied on this manifest's defaults)
     families:                                   # optional: named configuration trees
       dab_detr: {model: {variant: dab_detr, pos_temperature: 20, ...}}
     rows:                                       # required, non-empty
@@ -175,7 +177,7 @@ ROW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
 ROW_KEYS = ("name", "family", "baseline", "paper", "note", "same_as", "config")
-TOP_KEYS = ("description", "defaults_from", "paper_table", "defaults", "families", "rows")
+TOP_KEYS = ("description", "defaults_from", "paper_table", "defaults", "families_from", "families", "rows")
 PAPER_SOURCES = ("rerun", "cited")
 PAPER_DIR = MANIFEST_DIR.parent / "results" / "paper"
 
@@ -378,6 +380,20 @@ class Manifest:
         if families is not None and (not isinstance(families, dict) or not families):
             raise ConfigError(f"{where}: key 'families' must be a non-empty mapping of name -> configuration, "
                               f"got {families!r}")
+        source = doc.get("families_from")
+        if source is not None:
+            if not isinstance(source, str):
+                raise ConfigError(f"{where}: key 'families_from' must be a manifest name, got {source!r}")
+            chain = _chain + (self.path,)
+            if manifest_path(source) in chain:
+                raise ConfigError(f"{where}: key 'families_from' makes a cycle with {manifest_path(source)}")
+            inherited = Manifest(source, chain).family_trees
+            both = set(inherited) & set(families or {})
+            if both:
+                raise ConfigError(f"{where}: families {sorted(both)} are defined here and in 'families_from' "
+                                  f"{source!r}; define each once")
+            families = {**inherited, **(families or {})}
+        self.family_trees = dict(families or {})  # as written, for families_from
         self.families = {}
         for fam, tree in (families or {}).items():
             if not isinstance(fam, str) or not ROW_NAME.match(fam):
@@ -429,9 +445,13 @@ class Manifest:
         if not isinstance(target, str) or target.count("/") != 1:
             raise ConfigError(f"{here}: key 'same_as' must be 'manifest/row', got {target!r}")
         other_name, other_row = target.split("/")
-        if manifest_path(other_name) in chain:
-            raise ConfigError(f"{here}: key 'same_as' points back at a manifest that refers to it ({target!r})")
-        other = Manifest(other_name, chain)
+        try:
+            if manifest_path(other_name) in chain:
+                raise ConfigError(f"it points back at a manifest that refers to it")
+            other = Manifest(other_name, chain)
+            other.row(other_row)
+        except ConfigError as e:
+            raise ConfigError(f"{here}: key 'same_as' is {target!r}: {e}") from None
         if "same_as" in other.row(other_row):
             raise ConfigError(f"{here}: key 'same_as' points at {target!r}, which is itself 'same_as' "
                               f"{other.row(other_row)['same_as']!r}; point at the row that holds the records")

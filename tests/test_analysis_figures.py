@@ -62,6 +62,7 @@ def test_fig4_data_equal_records(toy):
     assert [t.get_text() for t in ax.get_legend().get_texts()] == list(expected)
     assert ax.get_xlabel() == "epoch" and ax.get_ylabel() == "AP"
     assert "KS-DAB-DETR-R50" in ax.get_title()
+    assert ax.get_title().endswith("Attn2, Attn3: teachers evaluated with GT Fg-Bg masks")
 
 
 def test_fig4_without_baseline_warns(toy, capsys):
@@ -69,6 +70,8 @@ def test_fig4_without_baseline_warns(toy, capsys):
     fig, series = fig4(manifest, "base", results)
     assert list(series) == ["Attn1"]
     assert "no baseline" in capsys.readouterr().err
+    # a baseline row has no teachers: the title does not speak of them
+    assert fig.axes[0].get_title() == "DAB-DETR-R50 (toy / base)"
 
 
 def test_fig4_cli_writes_png_and_pdf(toy, capsys):

@@ -301,3 +301,58 @@ def test_seed_rows_get_mean_and_spread(tmp_path):
     assert teacher["AP_mean"] == pytest.approx(50.0) and math.isnan(teacher["gain_AP_mean"])
     assert "| ks | attn1 | 2/3 | 33.5 ± 0.7 | 53.5 ± 0.7 |" in markdown
     assert "| +2.5 ± 0.7 | +3.0 +2.0 |" in markdown
+
+
+def test_a_manifest_with_families_gets_blocks_in_the_papers_shape(tmp_path):
+    """One block per variant; per seed group the student's mean ± sd, the paired KS gain with the
+    count of positive seeds, the teachers' AP, last-layer losses and memory distances; LaTeX too."""
+    families = {"dab": {"model": {"variant": "dab_detr"}},
+                "def": {"model": {"variant": "deformable_detr", "deformable": {"num_levels": 2}}}}
+    rows = []
+    for fam in families:
+        for seed in (0, 1, 2):
+            rows.append({"name": f"{fam}_seed{seed}", "family": fam, "config": {"train": {"seed": seed}}})
+            for mode in ("triple", "dual_share_a"):
+                rows.append({"name": f"{fam}_{mode}_seed{seed}", "family": fam, "baseline": f"{fam}_seed{seed}",
+                             "config": {"model": {"ks": {"mode": mode}}, "train": {"seed": seed}}})
+        rows.append({"name": f"{fam}_no_mask_seed0", "family": fam, "baseline": f"{fam}_seed0",
+                     "config": {"model": {"ks": {"mode": "triple", "mask": "none"}}, "train": {"seed": 0}}})
+    path = tmp_path / "fam.yaml"
+    path.write_text(yaml.safe_dump({"families": families, "rows": rows}, sort_keys=False))
+    results = tmp_path / "results"
+    base, triple = (0.30, 0.32, 0.31), (0.33, 0.31, 0.35)  # gains +3, -1, +4
+    for fam in families:
+        for seed in (0, 1, 2):
+            b = {"attn1": metrics(base[seed]), "attn1_moved": metrics(0.001)}
+            write_run(results, "fam", f"{fam}_seed{seed}", "done", [(1, b)], b)
+            k = {"attn1": metrics(triple[seed]), "attn3": metrics(0.40), "attn2": metrics(0.36)}
+            write_run(results, "fam", f"{fam}_triple_seed{seed}", "done", [(1, k)], k)
+            log = records.run_dir("fam", f"{fam}_triple_seed{seed}", results) / "log.jsonl"
+            entries = records.read_log(log)
+            entries[-1]["train"].update(loss_last_layer_attn1=2.0 + seed, loss_last_layer_attn3=1.0,
+                                        loss_last_layer_attn2=1.5)
+            entries[-1]["memory_distance"] = {"attn3": 0.1 * (seed + 1), "attn2": 0.5}
+            records.write_log(log, entries)
+    markdown = write_tables(str(path), results)
+    bdf = pd.read_csv(results / "tables" / "fam_blocks.csv")
+    assert bdf["group"].tolist() == ["dab", "dab_triple", "dab_dual_share_a", "dab_no_mask",
+                                     "def", "def_triple", "def_dual_share_a", "def_no_mask"]
+    dab, triple_line, share_a, no_mask = (bdf.iloc[i] for i in range(4))
+    assert dab["variant"] == "DAB-DETR" and dab["method"] == "baseline" and (dab["done"], dab["of"]) == (3, 3)
+    assert dab["AP_mean"] == pytest.approx(31.0) and dab["AP_sd"] == pytest.approx(1.0)
+    assert dab["AP50_moved_mean"] == pytest.approx(20.1)
+    assert triple_line["gain_AP_mean"] == pytest.approx(2.0) and triple_line["gain_AP_sd"] == pytest.approx(2.6458, abs=1e-4)
+    assert (triple_line["gain_AP_positive"], triple_line["gain_AP_n"], triple_line["gains_AP"]) == (2, 3, "+3.0 -1.0 +4.0")
+    assert (triple_line["shares_v"], triple_line["shares_a"]) == (True, True)
+    assert (share_a["method"], share_a["shares_v"], share_a["shares_a"], share_a["done"]) == ("dual attention", False,
+                                                                                              True, 0)
+    assert no_mask["method"] == "triple attention, no mask" and no_mask["teacher_mask"] == "none"
+    assert triple_line["AP_attn3_mean"] == pytest.approx(40.0) and triple_line["AP_attn2_mean"] == pytest.approx(36.0)
+    assert triple_line["last_layer_loss_attn1_mean"] == pytest.approx(3.0)
+    assert triple_line["distance_attn3_mean"] == pytest.approx(0.2)
+    assert "### DAB-DETR" in markdown and "### Deformable-DETR" in markdown and "## Row by row" in markdown
+    assert ("| triple attention | ✓ | ✓ | 3/3 | 33.0 ± 2.0 | 53.0 ± 2.0 |" in markdown
+            and "| +2.0 ± 2.6 | 2/3 |" in markdown)
+    assert "| triple attention | 3/3 | 33.0 | 40.0 | 36.0 | 3.000 / 1.000 / 1.500 | 0.200 / 0.500 |" in markdown
+    tex = (results / "tables" / "fam.tex").read_text()
+    assert r"\emph{DAB-DETR}" in tex and r"\checkmark & \checkmark" in tex and r"$\pm$" in tex
