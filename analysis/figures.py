@@ -106,6 +106,76 @@ def fig4(manifest, row, results=records.RESULTS):
     return fig, series
 
 
+def _seed_band(runs, branch):
+    """(epochs, mean, min, max) of one branch's AP over the runs, at the epochs every run evaluated."""
+    per_run = [dict(zip(*ap_series(run.log, branch))) for run in runs]
+    per_run = [points for points in per_run if points]
+    if not per_run:
+        return None
+    epochs = sorted(set.intersection(*(set(points) for points in per_run)))
+    values = [[points[e] for points in per_run] for e in epochs]
+    return (epochs, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values])
+
+
+def fig4_seeds(manifest, results=records.RESULTS):
+    """Fig. 4 over training seeds: one panel per group of KS seed rows (rows that differ only in
+    train.seed) with teachers, in manifest order: AP against epoch of the student Attn1, the teachers
+    Attn2/Attn3 (GT masks) and the rows' baselines: the mean over the seeds with the range (min to
+    max) shaded, at the epochs that every run of the group has evaluated (an unfinished run shortens
+    the curves of its group)."""
+    from .tables import seed_groups
+
+    panels = []
+    for group, rows in seed_groups(manifest, smallest=1).items():
+        cfg = manifest.resolve(rows[0])
+        if cfg["model"]["ks"]["mode"] == "none":
+            continue
+        runs = [load_run(*manifest.record_of(r), results) for r in rows]
+        bases = [manifest.rows[r].get("baseline") for r in rows]
+        base_runs = [load_run(*manifest.record_of(b), results) for b in bases if b]
+        panels.append((group, rows, runs, base_runs))
+    if not panels:
+        raise AnalysisError(f"{manifest.path}: no KS rows to draw")
+    cols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.6 * nrows), squeeze=False)
+    series = {}
+    for ax, (group, rows, runs, base_runs) in zip(axes.flat, panels):
+        lines = [("Baseline", _seed_band(base_runs, "attn1"), "k", "--")]
+        lines += [(f"Attn{b[-1]}", _seed_band(runs, b), c, "-")
+                  for b, c in (("attn1", "tab:blue"), ("attn2", "tab:orange"), ("attn3", "tab:green"))]
+        for label, band, color, style in lines:
+            if band is None:
+                continue
+            xs, mean, lo, hi = band
+            ax.plot(xs, mean, style, color=color, marker="o", markersize=2.5, label=label)
+            ax.fill_between(xs, lo, hi, color=color, alpha=0.15, linewidth=0)
+            series[f"{group} / {label}"] = band
+        done = sum(run.state == "done" for run in runs)
+        ax.set_title(f"{model_name(manifest, rows[0])} ({group})\n{done}/{len(runs)} seeds done", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("AP")
+        ax.grid(alpha=0.3)
+        if ax.get_lines():
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{manifest.name}: mean over training seeds, range shaded; Attn2, Attn3: teachers evaluated "
+                 f"with GT Fg-Bg masks", fontsize=10)
+    fig.tight_layout()
+    return fig, series
+
+
+def write_fig4_seeds(name_or_path, results=records.RESULTS):
+    """results/figures/<manifest>_fig4.{png,pdf}: fig4_seeds of the manifest."""
+    manifest = load_manifest(name_or_path)
+    fig, _ = fig4_seeds(manifest, results)
+    paths = save_figure(fig, Path(results) / "figures" / f"{manifest.name}_fig4")
+    plt.close(fig)
+    return paths
+
+
 def curves(manifest, rows=None, results=records.RESULTS):
     """Training losses (total and per branch) against epoch, one subplot per row that has a log."""
     rows = list(manifest.rows) if rows is None else rows

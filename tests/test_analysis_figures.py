@@ -123,3 +123,34 @@ def test_malformed_log_line_in_figure(toy, capsys):
     assert main(["fig4", "--manifest", str(manifest.path), "--row", "ks", "--results", str(results)]) == 2
     err = capsys.readouterr().err
     assert f"{log}, line 4" in err and "Traceback" not in err
+
+
+def test_fig4_over_seeds_draws_the_mean_and_range_of_each_ks_group(tmp_path):
+    from analysis.figures import fig4_seeds
+
+    rows = []
+    for seed in (0, 1):
+        rows += [{"name": f"base_seed{seed}", "family": "dab", "config": {"train": {"seed": seed}}},
+                 {"name": f"ks_seed{seed}", "family": "dab", "baseline": f"base_seed{seed}",
+                  "config": {"model": {"ks": {"mode": "triple"}}, "train": {"seed": seed}}}]
+    path = tmp_path / "seeds.yaml"
+    path.write_text(yaml.safe_dump({"families": {"dab": {}}, "rows": rows}))
+    results = tmp_path / "results"
+    aps = {0: (0.10, 0.20, 0.30, 0.25), 1: (0.14, 0.22, 0.40, 0.35)}  # base, attn1, attn2, attn3 at epoch 2
+    for seed, (base, s, a2, a3) in aps.items():
+        records.write_log(records.run_dir("seeds", f"base_seed{seed}", results) / "log.jsonl",
+                          [entry(1, {"loss": 1.0}, {"attn1": base / 2}), entry(2, {"loss": 1.0}, {"attn1": base})])
+        ks = [entry(1, {"loss": 1.0}, {"attn1": s / 2, "attn2": a2 / 2, "attn3": a3 / 2})]
+        if seed == 0:  # seed 1 stopped after epoch 1: the KS curves end there
+            ks.append(entry(2, {"loss": 1.0}, {"attn1": s, "attn2": a2, "attn3": a3}))
+        records.write_log(records.run_dir("seeds", f"ks_seed{seed}", results) / "log.jsonl", ks)
+    fig, series = fig4_seeds(Manifest(path), results)
+    assert list(series) == ["ks / Baseline", "ks / Attn1", "ks / Attn2", "ks / Attn3"]
+    epochs, mean, lo, hi = series["ks / Baseline"]
+    assert epochs == [1, 2] and mean == pytest.approx([6.0, 12.0]) and (lo, hi) == (pytest.approx([5.0, 10.0]),
+                                                                                   pytest.approx([7.0, 14.0]))
+    epochs, mean, lo, hi = series["ks / Attn2"]
+    assert epochs == [1] and mean == pytest.approx([17.5]) and lo == pytest.approx([15.0]) and hi == pytest.approx([20.0])
+    ax = fig.axes[0]
+    assert [ln.get_label() for ln in ax.get_lines()] == ["Baseline", "Attn1", "Attn2", "Attn3"]
+    assert "0/2 seeds done" in ax.get_title()
