@@ -7,6 +7,7 @@ Resuming: checkpoint.pth (written atomically by rank 0 after each epoch's evalua
 configuration. A SLURM timeout or preemption in the middle of an epoch resumes from the last
 checkpoint: the steps since then are trained again (at most one epoch, or checkpoint_every_iters steps).
 """
+import errno
 import os
 import platform
 import shutil
@@ -74,7 +75,8 @@ def save_checkpoint(path, model, optimizer, scheduler, epoch, history, cfg, step
     """Everything needed to resume after `epoch` completed epochs (and `step` optimizer steps of the
     next one, `partial` its mean losses so far). Written to a temporary file, fsynced and renamed;
     the checkpoint it replaces becomes checkpoint.prev.pth. Refuses (RunError) weights that are not
-    finite, so a diverged run never replaces a good checkpoint."""
+    finite, so a diverged run never replaces a good checkpoint. A full disk is a DiskFull naming the
+    file and the space it needs; no temporary file is left behind."""
     path = Path(path)
     # the engine checks on every process first (DDP: all stop together); this is the last guard
     check_weights(model, f"at epoch {epoch + 1}, iteration {step}" if step else f"after epoch {epoch}", path)
@@ -90,9 +92,63 @@ def save_checkpoint(path, model, optimizer, scheduler, epoch, history, cfg, step
         if path.is_file():
             os.replace(path, path.with_name(PREVIOUS_CHECKPOINT))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)  # e.g. a full disk: leave no half-written file behind
-        raise
+        full = _disk_full(e)
+        if full is None:
+            raise
+        # the tensors are nearly all of a checkpoint; the one it replaces is about as large
+        needed = max(_state_bytes(state), path.stat().st_size if path.is_file() else 0)
+        error = DiskFull(f"the disk is full ({full.strerror or 'no space left'}): the checkpoint {path} cannot be "
+                         f"written; it needs about {_size(needed)}, and {_free(path.parent)} are free there. The "
+                         f"checkpoints already on disk are kept: free some space, then continue with "
+                         f"`run ... --resume`")
+        error.errno = full.errno
+        raise error from None
+
+
+class DiskFull(RunError, OSError):
+    """A checkpoint that a full disk (or an exceeded quota) kept from being written: a RunError whose
+    message says so, which file and how much space it needs; also an OSError (its errno ENOSPC or
+    EDQUOT), for callers that catch those."""
+
+
+def _disk_full(error):
+    """The OSError of a full disk or an exceeded quota behind `error` (torch.save reports a failed write
+    as a RuntimeError of its zip writer, with the OSError as its context), or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _state_bytes(obj):
+    """Bytes of the tensors in a (nested) checkpoint state: about the size of its file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_state_bytes(v) for v in obj)
+    return 0
+
+
+def _size(n):
+    """'1.2 GB', '340.5 MB', '2.0 kB' or '12 bytes'."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _free(folder):
+    try:
+        return _size(shutil.disk_usage(folder).free)
+    except OSError:
+        return "an unknown amount"
 
 
 def _read(path):
@@ -187,7 +243,12 @@ def check_not_running(directory, row):
 
 def prepare_run_dir(directory, row, resume, force):
     """Decides how a row starts. Returns True when it resumes from a checkpoint, False for a fresh
-    start, None when it is already done. Never deletes a record: --force moves the old one aside."""
+    start, None when it is already done. Never deletes a record: --force moves the old one aside.
+
+    An unfinished record is refused (RunError saying what to pass) unless it is resumed from its
+    checkpoint, or it failed with nothing to keep (no finished epoch, no checkpoint: a rerun after
+    fixing what failed replaces it, saying so). A damaged log.jsonl does not stop --resume, which
+    rewrites it from the checkpoint's history; otherwise it is a DamagedLog naming the line."""
     directory = Path(directory)
     check_not_running(directory, row)
     state = records.status(directory)
@@ -195,23 +256,53 @@ def prepare_run_dir(directory, row, resume, force):
         move_aside(directory, row)
         return False
     if state == "done":
-        print(f"{row}: already done ({directory}); pass --force to run it again")
+        # printed only when the launch goes no further (not before the error of another configuration)
+        records.print_when_decided(f"{row}: already done ({directory}); pass --force to run it again")
         return None
     # "running" gets here only when the heartbeat is our own requeued SLURM job's or its job is gone
     # (check_not_running): that record is as unfinished as an interrupted one
     if state in ("interrupted", "failed", "running"):
         resumable = has_checkpoint(directory)
-        last = records.read_log(directory / "log.jsonl")
+        log = directory / "log.jsonl"
+        last, damaged = records.scan_log(log)
         if resumable and resume:
+            if damaged:
+                print(f"warning: {damaged}; the log is rewritten from the checkpoint's history", file=sys.stderr,
+                      flush=True)
             return True
+        if damaged:
+            raise records.DamagedLog(f"{row}: {damaged}; " + (
+                "pass --resume to continue the run from its checkpoint, which rewrites the log from the "
+                "checkpoint's history" if resumable else
+                "without a checkpoint the run cannot be resumed: repair or remove the line, or pass --force to "
+                "start over (the old record is then moved aside)"))
+        failure = _failure(directory) if state == "failed" else None
+        if failure is not None and not resumable and not last:
+            # nothing to keep (no finished epoch, no checkpoint): a rerun after fixing what failed, e.g.
+            # an image that a loader worker could not read, replaces the record
+            records.print_when_decided(f"{row}: note: replacing the failed record in {directory} (no epoch "
+                                       f"finished, no checkpoint; it failed with {failure})")
+            return False
         if not resume or last:
             # never start over silently: that would overwrite the log and checkpoint of finished epochs
             why = ("pass --resume to continue it from its checkpoint" if resumable else
                    "its checkpoint is missing, so it cannot be resumed")
+            if failure is not None and resumable:
+                why = f"fix what failed, then {why}"
             raise RunError(
-                f"{row}: {directory} holds an unfinished run ({state}, last finished epoch "
-                f"{last[-1]['epoch'] if last else 'none'}); {why}, or pass --force to start over (the old record "
-                f"is then moved aside)")
+                f"{row}: {directory} holds an unfinished run ({state}" + (f": {failure};" if failure else ",")
+                + f" last finished epoch {last[-1]['epoch'] if last else 'none'}); {why}, or pass --force to start "
+                f"over (the old record is then moved aside)")
         print(f"{row}: --resume: no checkpoint in {directory} (no epoch finished); starting from epoch 0")
     return False
+
+
+def _failure(directory, limit=300):
+    """The first line of a run's FAILED (shortened to `limit` characters), or None without one."""
+    try:
+        text = (Path(directory) / "FAILED").read_text(errors="replace").strip()
+    except OSError:
+        return None
+    line = text.splitlines()[0] if text else "no message"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
