@@ -192,6 +192,19 @@ def _worker(local_rank, nprocs, port, launch_option, fn, args, kwargs):
         raise
 
 
+def exit_message(index, code):
+    """Why training process `index` ended with exit code `code`: its own error (printed by it), or,
+    for a negative code, the signal that killed it (which leaves the process no time to print)."""
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (often the out-of-memory killer)" if -code == signal.SIGKILL else ""
+        return f"training process {index} was killed by {name}{hint}"
+    return f"training process {index} exited with code {code} (its error is printed above)"
+
+
 def spawn(nprocs, fn, *args, launch_option=None, **kwargs):
     """Runs fn(*args, **kwargs) in `nprocs` new processes that form one process group (ranks
     0..nprocs-1 on 127.0.0.1). `launch_option` (e.g. '--gpus 8') is how the command line asked for
@@ -231,8 +244,7 @@ def spawn(nprocs, fn, *args, launch_option=None, **kwargs):
             except mp.ProcessExitedException as e:
                 if received:
                     raise Stopped(f"stopped by {signal.Signals(received[0]).name}", received[0]) from None
-                raise WorkerFailed(f"training process {e.error_index} exited with code {e.exit_code} "
-                                   f"(its error is printed above)") from None
+                raise WorkerFailed(exit_message(e.error_index, e.exit_code)) from None
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
