@@ -31,25 +31,12 @@ def load_manifest(name_or_path):
 
 
 def read_log(path):
-    """The epoch records of a log.jsonl ([] when the file is missing).
-
-    Unlike records.read_log, a malformed line is an AnalysisError naming the file and the line."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    out = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise AnalysisError(f"{path}, line {number}: not valid JSON ({e.msg}, column {e.colno})") from None
-        if not isinstance(entry, dict) or not isinstance(entry.get("epoch"), int):
-            raise AnalysisError(f"{path}, line {number}: expected an object with an integer 'epoch', "
-                                f"got {line.strip()[:80]!r}")
-        out.append(entry)
-    return out
+    """The epoch records of a log.jsonl ([] when the file is missing); a line that is not an epoch
+    record is an AnalysisError naming the file and the line (records.scan_log reads it)."""
+    entries, problem = records.scan_log(path)
+    if problem:
+        raise AnalysisError(problem)
+    return entries
 
 
 def read_json(path):

@@ -9,7 +9,9 @@
     python -m analysis attention --manifest demo --row ks_def_r18 # the KS layer's attention, student vs teacher
 """
 import argparse
+import errno
 import sys
+from pathlib import Path
 
 from experiments import records
 
@@ -151,10 +153,21 @@ def main(argv=None):
     from experiments.config import ConfigError
     from experiments.errors import RunError
 
+    results = Path(args.results)
+    if results.exists() and not results.is_dir():
+        print(f"error: --results {results} is a file; expected the results folder holding runs/<manifest>/<row>/",
+              file=sys.stderr)
+        return 2
     try:
         args.func(args)
     except (AnalysisError, ConfigError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an output folder that cannot be written (a file in the way, permissions, full disk)
+        if not (isinstance(e, (NotADirectoryError, IsADirectoryError, PermissionError))
+                or e.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT)):
+            raise
+        print(f"error: cannot use {e.filename or results}: {e.strerror or e} (--results {results})", file=sys.stderr)
         return 2
     return 0
 
