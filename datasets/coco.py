@@ -7,8 +7,12 @@ Works on the COCO 2017 layout (``root/train2017``, ``root/val2017``,
 
 Bad data gives a DataError (datasets/errors.py) when the data set is built: an annotation file that
 is not JSON or not a COCO detection file, images listed but missing on disk, unknown category ids,
-malformed boxes. Boxes of zero or negative size are reported once on stderr. An image file that
-cannot be decoded gives a DataError naming it when it is loaded.
+malformed boxes. What training changes without stopping is counted in one note on stderr when the
+set is built: boxes of zero or negative size (dropped), boxes partly outside their image (clamped)
+or wholly outside it (dropped), annotations of unlisted images, and images with an EXIF orientation
+(used as stored, never rotated: COCO-format boxes are in the stored pixel frame, as pycocotools and
+COCO's own tools read them). An image file that cannot be decoded gives a DataError naming it when it
+is loaded; 16-bit images are scaled to 8 bits.
 """
 import contextlib
 import io
@@ -20,6 +24,7 @@ import sys
 from numbers import Real
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from pycocotools.coco import COCO
@@ -40,13 +45,15 @@ class CocoDetection(torch.utils.data.Dataset):
     scaled to [0, 1] when transforms is None) and target a dict with
     ``boxes`` (n, 4) float32 absolute xyxy pixels in the frame of the returned image,
     ``labels`` (n,) int64 contiguous 0..K-1, ``image_id`` int, ``orig_size`` and ``size`` int64 (h, w).
-    Crowd annotations are dropped; boxes are clamped to the image and empty ones removed.
+    Crowd annotations are dropped; boxes are clamped to the image and empty ones removed. Images are
+    used in their stored pixel frame (an EXIF orientation is not applied; see _check_orientations).
 
     The annotation file is checked when the data set is built (DataError naming the file and the
     annotation or image id): valid JSON with 'images', 'annotations' and 'categories' lists, every
     listed image present in img_dir, every category_id among the categories, every bbox four finite
-    numbers. Boxes of zero or negative width or height are counted in one note on stderr; they are
-    dropped from the targets and stay in ``self.coco`` for evaluation, as pycocotools does.
+    numbers. Boxes of zero or negative width or height, boxes partly or wholly outside their image
+    and images with an EXIF orientation are counted in one note on stderr; such boxes are dropped
+    (or clamped) in the targets and stay in ``self.coco`` for evaluation, as pycocotools does.
     """
 
     def __init__(self, img_dir, ann_file, transforms=None):
@@ -54,8 +61,11 @@ class CocoDetection(torch.utils.data.Dataset):
         self.ann_file = Path(ann_file)
         self.transforms = transforms
         data = _load_annotation_file(self.ann_file)
-        _check_coco(data, self.ann_file)
+        notes = _check_coco(data, self.ann_file)
         _check_images_present(data["images"], self.img_dir, self.ann_file)
+        notes += _check_orientations(data["images"], self.img_dir)
+        if notes:  # one note per data set, when it is built
+            print(f"note: {self.ann_file}: " + "; ".join(notes), file=sys.stderr)
         self.coco = COCO()  # silent without a file; the JSON is read once, above
         self.coco.dataset = data
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
@@ -112,15 +122,38 @@ def _read_rgb(path, image_id):
 
     PIL decodes lazily, so a truncated or corrupt file is only noticed by load(); with
     ImageFile.LOAD_TRUNCATED_IMAGES False (PIL's default, never changed here) load() raises for it.
+    16-bit images are scaled to 8 bits (see _wide_to_rgb); the pixels are used as stored (no EXIF
+    rotation).
     """
     try:
         with Image.open(path) as pil:
             pil.load()
+            if pil.mode in ("I", "F") or pil.mode.startswith("I;16"):
+                return _wide_to_rgb(pil, path, image_id)
             return pil.convert("RGB")
+    except DataError:
+        raise
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         detail = str(e) or "no detail"
         raise DataError(f"image {path} (image id {image_id}) cannot be read: "
                         f"{type(e).__name__}: {detail}") from None
+
+
+def _wide_to_rgb(pil, path, image_id):
+    """An RGB image of a decoded single-channel image with more than 8 bits per pixel.
+
+    PIL's convert("RGB") clips such values at 255 (a 16-bit image becomes all white), so 16-bit values
+    (modes I;16*, and mode I, which PIL uses for 16-bit greyscale too) keep their high byte, as PIL
+    itself reads 16-bit colour PNGs; the grey channel is repeated. Values beyond 16 bits and
+    floating-point pixels (mode F) have no agreed 8-bit scale: a DataError naming the file.
+    """
+    values = np.asarray(pil)
+    if pil.mode == "F" or (values.size and (values.min() < 0 or values.max() > 65535)):
+        what = "floating-point pixels (PIL mode F)" if pil.mode == "F" else "pixel values beyond 16 bits"
+        raise DataError(f"image {path} (image id {image_id}) has {what}, which have no agreed 8-bit scale; "
+                        f"convert it to 8 or 16 bits per channel")
+    grey = (values.astype(np.uint32) >> 8).astype(np.uint8)
+    return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2))
 
 
 # ------------------------------------------------------------------ checks when the set is built
@@ -168,8 +201,10 @@ def _check_coco(data, ann_file):
     """Check that data (parsed from ann_file) is a usable COCO detection file; one pass, no images.
 
     Raises DataError for what would fail later (missing lists or fields, duplicate ids, unknown
-    category ids, malformed boxes); prints one note to stderr for boxes of zero or negative size and
-    one for annotations of images that are not listed.
+    category ids, malformed boxes). Returns the sentences of the data set's note: how many boxes are
+    of zero or negative size, partly or wholly outside their image (by the image's width and height
+    in the file; crowd boxes, which training drops anyway, are not counted) and how many annotations
+    belong to images that are not listed.
     """
     expected = "expected a COCO detection file: an object with 'images', 'annotations' and 'categories' lists"
     if not isinstance(data, dict):
@@ -198,7 +233,7 @@ def _check_coco(data, ann_file):
     if not category_ids:
         raise DataError(f"annotation file {ann_file} lists no categories; a detection set needs at least one")
 
-    image_ids = set()
+    sizes = {}  # image id -> (width, height)
     for i, img in enumerate(data["images"]):
         if not isinstance(img, dict) or not _is_int(img.get("id")):
             raise entry_error("image", i, img, "has no integer 'id'")
@@ -207,11 +242,11 @@ def _check_coco(data, ann_file):
         for key in ("width", "height"):
             if not _is_number(img.get(key)) or img[key] <= 0:
                 raise entry_error("image", i, img, f"has no positive {key!r} (got {img.get(key)!r})")
-        if img["id"] in image_ids:
+        if img["id"] in sizes:
             raise entry_error("image", i, img, f"repeats image id {img['id']}")
-        image_ids.add(img["id"])
+        sizes[img["id"]] = (img["width"], img["height"])
 
-    ann_ids, degenerate, orphans = set(), [], []
+    ann_ids, degenerate, orphans, partly_outside, outside = set(), [], [], [], []
     known = ", ".join(map(str, sorted(category_ids)[:20]))
     known += f", ... ({len(category_ids)} in all)" if len(category_ids) > 20 else ""
     def annotation_error(i, ann):
@@ -249,22 +284,79 @@ def _check_coco(data, ann_file):
         if not good:
             raise annotation_error(i, ann)
         ann_ids.add(ann_id)
+        size = sizes.get(image_id)
+        if size is None:
+            orphans.append(ann)
         if bbox[2] <= 0 or bbox[3] <= 0:
             degenerate.append(ann)
-        if image_id not in image_ids:
-            orphans.append(ann)
+        elif size is not None and not ann.get("iscrowd", 0):
+            x, y, x2, y2 = bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1] + bbox[3]
+            if x >= size[0] or y >= size[1] or x2 <= 0 or y2 <= 0:
+                outside.append(ann)
+            elif x < 0 or y < 0 or x2 > size[0] or y2 > size[1]:
+                partly_outside.append(ann)
 
     n = len(data["annotations"])
+
+    def first(anns):
+        return f"first: annotation id {anns[0]['id']}, image {anns[0]['image_id']}"
+
+    notes = []
     if degenerate:
-        first = degenerate[0]
-        print(f"note: {ann_file}: {len(degenerate)} of {n} annotations have a box of zero or negative width or "
-              f"height (first: annotation id {first['id']}, image {first['image_id']}); they are dropped in "
-              f"training and stay in evaluation, as pycocotools does", file=sys.stderr)
+        notes.append(f"{len(degenerate)} of {n} annotations have a box of zero or negative width or height "
+                     f"({first(degenerate)}); they are dropped in training and stay in evaluation, as pycocotools "
+                     f"does")
+    if partly_outside:
+        notes.append(f"{len(partly_outside)} of {n} annotations have a box partly outside its image "
+                     f"({first(partly_outside)}); training clamps them to the image, evaluation uses them as they are")
+    if outside:
+        notes.append(f"{len(outside)} of {n} annotations have a box wholly outside its image ({first(outside)}); "
+                     f"they are dropped in training and stay in evaluation")
     if orphans:
-        first = orphans[0]
-        print(f"note: {ann_file}: {len(orphans)} of {n} annotations belong to image ids that are not in "
-              f"'images' (first: annotation id {first['id']}, image {first['image_id']}); they are not used",
-              file=sys.stderr)
+        notes.append(f"{len(orphans)} of {n} annotations belong to image ids that are not in 'images' "
+                     f"({first(orphans)}); they are not used")
+    return notes
+
+
+EXIF_ORIENTATION = 0x0112  # the EXIF tag; 1 is upright, 2-8 mirror and/or rotate
+
+
+def _exif_orientation(pil):
+    """The EXIF orientation of an opened image from its header, without decoding the pixels (None
+    without one). PNG: only an eXIf chunk before the pixel data (PIL decodes the image to look further)."""
+    if pil.format == "PNG":
+        raw = pil.info.get("exif")
+        if not raw:
+            return None
+        exif = Image.Exif()
+        exif.load(raw)
+    else:
+        exif = pil.getexif()
+    return exif.get(EXIF_ORIENTATION)
+
+
+def _check_orientations(images, img_dir):
+    """The sentence of the data set's note counting images with an EXIF orientation other than
+    upright, or none. They are used as stored and not rotated: COCO-format annotations (and the
+    width and height of 'images') are in the stored pixel frame, as pycocotools and COCO's tools
+    read them, so rotating the pixels would misplace every box. One header read per image (a few
+    seconds for COCO train2017 on a local disk); a file whose header cannot be read is left to the
+    image loader, which names it."""
+    turned = []
+    for img in images:
+        try:
+            with Image.open(img_dir / img["file_name"]) as pil:
+                orientation = _exif_orientation(pil)
+        except Exception:  # noqa: BLE001 - unreadable headers and EXIF: the loader reports the image
+            continue
+        if orientation not in (None, 1):
+            turned.append((img, orientation))
+    if not turned:
+        return []
+    img, orientation = turned[0]
+    return [f"{len(turned)} of {len(images)} images have an EXIF orientation other than upright (first: "
+            f"{img['file_name']} (image id {img['id']}), orientation {orientation}); they are used as stored, "
+            f"not rotated, since COCO-format boxes are in the stored pixel frame"]
 
 
 def _check_images_present(images, img_dir, ann_file):
