@@ -253,3 +253,45 @@ def test_ensure_synthetic_unfinished_own_folder_may_be_deleted(tmp_path):
     (root / "annotations" / "instances_val.json").unlink()
     with pytest.raises(DataError, match="unfinished synthetic data set.*delete it"):
         ensure_synthetic(root, 2, 1, seed=0, size=48)
+
+
+def test_boxes_outside_their_image_are_counted_in_the_one_note(tmp_path, capsys):
+    """TINY_ANNOTATIONS has one box sticking out of its 40x30 image (clamped in training) and one
+    wholly outside it (dropped); the crowd box is not counted (training drops it anyway)."""
+    img_dir, ann_file = tiny(tmp_path, annotations=TINY_ANNOTATIONS + [
+        {"image_id": 2, "category_id": 5, "bbox": [-3.0, 40.0, 10.0, 10.0]},  # 20x50: out on the left and bottom
+        {"image_id": 2, "category_id": 5, "bbox": [0.0, -12.0, 5.0, 12.0]}])  # above the image, touching it
+    ds = CocoDetection(img_dir, ann_file)
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1, err
+    assert (f"; 2 of 8 annotations have a box partly outside its image (first: annotation id 5, image 1); training "
+            f"clamps them to the image, evaluation uses them as they are; 2 of 8 annotations have a box wholly "
+            f"outside its image (first: annotation id 6, image 1); they are dropped in training") in err, err
+    assert ds[1][1]["boxes"].tolist() == [[0.0, 40.0, 7.0, 50.0]]
+
+
+def test_an_exif_orientation_is_noted_and_not_applied(tmp_path, capsys):
+    """COCO-format boxes are in the stored pixel frame: an image with an EXIF orientation (here 6,
+    'rotate 90 degrees to view') is read as stored, and the note counts it."""
+    img_dir, ann_file = tiny(tmp_path, annotations=TINY_ANNOTATIONS[:2])
+    stored = np.zeros((30, 40, 3), np.uint8)  # image 1 is 40 wide, 30 high
+    stored[:, :20] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(img_dir / "000001.jpg", exif=exif, quality=95)
+    Image.fromarray(stored).save(img_dir / "000002.png", exif=exif)  # an eXIf chunk (image 2 is listed 20x50)
+    edit_json(ann_file, lambda data: data["images"][0].update(file_name="000001.jpg"))
+    ds = CocoDetection(img_dir, ann_file)
+    err = capsys.readouterr().err
+    assert err == (f"note: {ann_file}: 2 of 2 images have an EXIF orientation other than upright (first: 000001.jpg "
+                   f"(image id 1), orientation 6); they are used as stored, not rotated, since COCO-format boxes "
+                   f"are in the stored pixel frame\n")
+    image, target = ds[0]
+    assert image.shape == (3, 30, 40) and target["orig_size"].tolist() == [30, 40]
+    assert image[:, :, :18].mean() > 0.95 and image[:, :, 22:].mean() < 0.05  # the left half is white, as stored
+    assert target["boxes"].tolist() == [[2.0, 3.0, 12.0, 11.0], [20.0, 10.0, 25.5, 16.0]]
+    Image.fromarray(stored).save(img_dir / "000002.png")
+    exif[0x0112] = 1  # upright: nothing to say
+    Image.fromarray(stored).save(img_dir / "000001.jpg", exif=exif)
+    CocoDetection(img_dir, ann_file)
+    assert capsys.readouterr().err == ""

@@ -117,3 +117,36 @@ def test_collate_pads_bottom_right(tiny):
         assert not mask[i, :h, :w].any() and mask[i].sum() == 50 * 40 - h * w
         assert (images[i][:, mask[i]] == 0).all()
     assert [t["image_id"] for t in batch["targets"]] == [1, 2]
+
+
+def test_16_bit_greyscale_png_is_scaled_to_8_bits(tiny):
+    """PIL's convert('RGB') clips 16-bit values at 255 (an all-white image): each value keeps its
+    high byte instead, as PIL reads 16-bit colour PNGs, repeated over the three channels."""
+    import numpy as np
+    from PIL import Image
+
+    values = np.random.default_rng(0).integers(0, 65536, (30, 40), dtype=np.uint16)  # image 1 is 40x30
+    values[0, :4] = [0, 255, 256, 65535]
+    path = tiny / "train" / "000001.png"
+    Image.fromarray(values).save(path)
+    with Image.open(path) as pil:
+        assert pil.mode == "I;16"  # a real 16-bit PNG
+    image, _ = CocoDetection(tiny / "train", tiny / "annotations" / "instances_train.json")[0]
+    expected = torch.from_numpy((values >> 8).astype(np.float32) / 255).expand(3, -1, -1)
+    torch.testing.assert_close(image, expected, rtol=0, atol=1e-6)
+    assert (image[:, 0, :4] * 255).round().tolist() == [[0, 0, 1, 255]] * 3
+
+
+def test_floating_point_pixels_are_a_data_error(tiny):
+    import numpy as np
+    from PIL import Image
+
+    path = tiny / "train" / "000001.tif"
+    Image.fromarray(np.full((30, 40), 0.5, np.float32)).save(path)
+    ann_file = tiny / "annotations" / "instances_train.json"
+    data = json.loads(ann_file.read_text())
+    data["images"][0]["file_name"] = path.name
+    ann_file.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=re.escape(f"image {path} (image id 1) has floating-point pixels (PIL mode "
+                                                  f"F), which have no agreed 8-bit scale")):
+        CocoDetection(tiny / "train", ann_file)[0]

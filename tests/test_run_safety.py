@@ -1,5 +1,7 @@
 """Runs that go wrong: divergence, reruns with another configuration, runs with no step, signals,
 damaged checkpoints, record permissions, and contradictory command lines."""
+import errno
+import io
 import json
 import os
 import re
@@ -501,3 +503,154 @@ def test_an_unreadable_image_in_a_loader_worker_ends_the_run_at_once(tmp_path, d
     directory = records.run_dir("demo", "def_r18", tmp_path / "results")
     assert records.status(directory) == "failed"
     assert message in (directory / "FAILED").read_text()
+
+
+# ------------------------------------------------------------------------------------------------
+# damaged records, a full disk, a killed process, a rerun after a data error
+
+def test_resume_with_a_log_cut_short_rewrites_it_from_the_checkpoint_exactly(tmp_path, data_root, monkeypatch,
+                                                                              capsys):
+    interrupt_during_second_evaluation(monkeypatch, "def_r18", data_root, tmp_path / "cut")
+    directory = records.run_dir("demo", "def_r18", tmp_path / "cut")
+    log = directory / "log.jsonl"
+    log.write_text(log.read_text() + '{"epoch": 2, "lr": 4e-05, "tra')  # a crash during the append
+    with pytest.raises(RunError, match=re.escape(f"def_r18: {log}, line 2 (the last line, cut short): not valid "
+                                                 f"JSON (") + r".*pass --resume to continue the run from its "
+                                                              r"checkpoint, which rewrites the log"):
+        train_row("demo", "def_r18", overrides(data_root), results=tmp_path / "cut")
+    capsys.readouterr()
+    train_row("demo", "def_r18", overrides(data_root), resume=True, results=tmp_path / "cut")
+    err = capsys.readouterr().err
+    assert f"warning: {log}, line 2 (the last line, cut short): not valid JSON" in err
+    assert "the log is rewritten from the checkpoint's history" in err
+    whole = train_row("demo", "def_r18", overrides(data_root), results=tmp_path / "whole")
+    a = torch.load(directory / "checkpoint.pth", weights_only=False)
+    b = torch.load(whole / "checkpoint.pth", weights_only=False)
+    for k, v in b["model"].items():
+        torch.testing.assert_close(a["model"][k], v, rtol=0, atol=0, msg=k)
+    without_time = [{k: v for k, v in r.items() if k != "time_s"} for r in records.read_log(whole / "log.jsonl")]
+    assert [{k: v for k, v in r.items() if k != "time_s"} for r in records.read_log(log)] == without_time
+    assert json.loads((directory / "eval.json").read_text()) == json.loads((whole / "eval.json").read_text())
+
+
+def _done_row(results, data_root, change=None):
+    """A finished record of demo/def_r18 (DONE and the resolved config.yaml, no training), with
+    `change` applied to the recorded configuration."""
+    from experiments.config import Manifest
+
+    directory = records.run_dir("demo", "def_r18", results)
+    cfg = Manifest("demo").resolve("def_r18", overrides(data_root, *ONE_EPOCH))
+    if change:
+        change(cfg)
+    records.write_yaml(directory / "config.yaml", cfg)
+    records.write_json(directory / "DONE", {})
+    return directory
+
+
+def test_a_done_row_rerun_prints_only_the_error_of_another_configuration(tmp_path, data_root, capsys):
+    run = ["--results", str(tmp_path), "run", "demo", "--row", "def_r18", *overrides(data_root, *ONE_EPOCH)]
+    directory = _done_row(tmp_path, data_root, lambda cfg: cfg["train"].update(lr=1e-3))
+    with pytest.raises(SystemExit, match=r"^error: def_r18: this row is done .* with another configuration: "
+                                         r"train.lr: 0.001 -> 0.0004"):
+        main(run)
+    assert "already done" not in capsys.readouterr().out
+    _done_row(tmp_path, data_root)  # the same configuration: skipped, saying so
+    main(run)
+    assert f"def_r18: already done ({directory}); pass --force" in capsys.readouterr().out
+
+
+def test_a_damaged_config_of_a_done_row_is_one_error_line(tmp_path, data_root, capsys):
+    directory = _done_row(tmp_path, data_root)
+    (directory / "config.yaml").write_text("model: {variant: deformable_detr\ntrain: [")
+    with pytest.raises(SystemExit) as e:
+        main(["--results", str(tmp_path), "run", "demo", "--row", "def_r18", *overrides(data_root, *ONE_EPOCH)])
+    assert re.fullmatch(re.escape(f"error: {directory / 'config.yaml'} is not valid YAML (") + r".* at line 2, "
+                        r"column \d+\); the run record is damaged; --force starts the row over \(moving the record "
+                        r"aside\)", str(e.value.code)), e.value.code
+    out, err = capsys.readouterr()
+    assert "already done" not in out and "Traceback" not in err
+
+
+class _DiskFullAfter(io.FileIO):
+    """A file whose disk is full after `limit` bytes (torch.save then raises its zip writer's RuntimeError)."""
+    limit = 1000
+
+    def write(self, data):
+        room = self.limit - self.tell()
+        if len(data) > room:
+            super().write(bytes(data)[:max(room, 0)])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(data)
+
+
+@pytest.mark.parametrize("limit", [1000, 0])
+def test_a_full_disk_during_a_checkpoint_save_is_one_error_naming_the_file_and_space(tmp_path, monkeypatch, limit):
+    path, previous = tmp_path / "checkpoint.pth", tmp_path / runs.PREVIOUS_CHECKPOINT
+    model, opt, sched = saved_linear(path)
+    runs.save_checkpoint(path, model, opt, sched, 2, [], {})  # now checkpoint.pth and checkpoint.prev.pth
+    before = {p: p.read_bytes() for p in (path, previous)}
+    monkeypatch.setattr(_DiskFullAfter, "limit", limit)
+    monkeypatch.setattr(runs, "open", lambda file, mode: _DiskFullAfter(file, mode.replace("b", "")), raising=False)
+    with pytest.raises(RunError) as e:
+        runs.save_checkpoint(path, model, opt, sched, 3, [], {})
+    assert isinstance(e.value, OSError) and e.value.errno == errno.ENOSPC
+    message = str(e.value)
+    needed = runs._size(len(before[path]))  # the checkpoint it replaces: more than its tensors' bytes
+    assert re.fullmatch(re.escape(f"the disk is full (No space left on device): the checkpoint {path} cannot be "
+                                  f"written; it needs about {needed}, and ") + r"[\d.]+ (bytes|kB|MB|GB) are free "
+                        r"there\. The "
+                        r"checkpoints already on disk are kept: free some space, then continue with "
+                        r"`run \.\.\. --resume`", message), message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.prev.pth", "checkpoint.pth"]  # no temporary file
+    for p, data in before.items():
+        assert p.read_bytes() == data and torch.load(p, weights_only=False)["epoch"] == (2 if p == path else 1)
+
+
+def test_the_space_a_checkpoint_needs_is_the_size_of_its_tensors():
+    state = {"model": {"w": torch.zeros(1000, 250)}, "optimizer": {"state": [torch.zeros(10, dtype=torch.float64)]},
+             "epoch": 3}
+    assert runs._state_bytes(state) == 1000 * 250 * 4 + 10 * 8
+    assert [runs._size(n) for n in (12, 2048, 1_000_080, 3_500_000_000)] == ["12 bytes", "2.0 kB", "1.0 MB", "3.5 GB"]
+
+
+def test_a_training_process_killed_by_a_signal_is_named():
+    from experiments.distributed import WorkerFailed, spawn
+
+    with pytest.raises(WorkerFailed, match=r"^training process 0 was killed by SIGKILL \(often the out-of-memory "
+                                           r"killer\)$"):
+        spawn(1, signal.raise_signal, signal.SIGKILL)  # a process that prints nothing before it dies
+    from experiments.distributed import exit_message
+
+    assert exit_message(1, -signal.SIGSEGV) == "training process 1 was killed by SIGSEGV"
+    assert exit_message(1, 1) == "training process 1 exited with code 1 (its error is printed above)"
+
+
+def test_a_data_error_in_the_first_epoch_leaves_a_record_that_a_plain_rerun_replaces(tmp_path, data_root,
+                                                                                      monkeypatch, capsys):
+    from datasets import DataError
+
+    args = overrides(data_root, *ONE_EPOCH)
+    directory = records.run_dir("demo", "def_r18", tmp_path)
+    bad = "image /data/000000000007.png (image id 7) cannot be read: OSError: image file is truncated"
+
+    def unreadable(*a, **k):
+        raise DataError(bad)
+
+    monkeypatch.setattr(engine, "train_one_epoch", unreadable)
+    with pytest.raises(DataError):
+        train_row("demo", "def_r18", args, results=tmp_path)
+    assert (directory / "FAILED").read_text() == f"DataError: {bad}\n" and not runs.has_checkpoint(directory)
+    monkeypatch.undo()
+    capsys.readouterr()
+    train_row("demo", "def_r18", args, results=tmp_path)  # the image fixed: a plain rerun
+    assert (f"def_r18: note: replacing the failed record in {directory} (no epoch finished, no checkpoint; it failed "
+            f"with DataError: {bad})") in capsys.readouterr().out
+    assert records.status(directory) == "done" and not (directory / "FAILED").exists()
+
+    # with a checkpoint, the refusal says to resume after fixing the data
+    (directory / "DONE").unlink()
+    records.atomic_write(directory / "FAILED", f"DataError: {bad}\n")
+    with pytest.raises(RunError, match=re.escape(f"holds an unfinished run (failed: DataError: {bad}; last finished "
+                                                 f"epoch 1); fix what failed, then pass --resume to continue it")):
+        runs.prepare_run_dir(directory, "def_r18", resume=False, force=False)
+    assert runs.prepare_run_dir(directory, "def_r18", resume=True, force=False) is True
