@@ -46,14 +46,15 @@ class CocoDetection(torch.utils.data.Dataset):
     ``boxes`` (n, 4) float32 absolute xyxy pixels in the frame of the returned image,
     ``labels`` (n,) int64 contiguous 0..K-1, ``image_id`` int, ``orig_size`` and ``size`` int64 (h, w).
     Crowd annotations are dropped; boxes are clamped to the image and empty ones removed. Images are
-    used in their stored pixel frame (an EXIF orientation is not applied; see _check_orientations).
+    used in their stored pixel frame (an EXIF orientation is not applied; see _note_orientation).
 
     The annotation file is checked when the data set is built (DataError naming the file and the
     annotation or image id): valid JSON with 'images', 'annotations' and 'categories' lists, every
     listed image present in img_dir, every category_id among the categories, every bbox four finite
-    numbers. Boxes of zero or negative width or height, boxes partly or wholly outside their image
-    and images with an EXIF orientation are counted in one note on stderr; such boxes are dropped
-    (or clamped) in the targets and stay in ``self.coco`` for evaluation, as pycocotools does.
+    numbers. Boxes of zero or negative width or height and boxes partly or wholly outside their image
+    are counted in one note on stderr; such boxes are dropped (or clamped) in the targets and stay in
+    ``self.coco`` for evaluation, as pycocotools does. The first image read with an EXIF orientation
+    is noted (see _note_orientation).
     """
 
     def __init__(self, img_dir, ann_file, transforms=None):
@@ -63,7 +64,6 @@ class CocoDetection(torch.utils.data.Dataset):
         data = _load_annotation_file(self.ann_file)
         notes = _check_coco(data, self.ann_file)
         _check_images_present(data["images"], self.img_dir, self.ann_file)
-        notes += _check_orientations(data["images"], self.img_dir)
         if notes:  # one note per data set, when it is built
             print(f"note: {self.ann_file}: " + "; ".join(notes), file=sys.stderr)
         self.coco = COCO()  # silent without a file; the JSON is read once, above
@@ -128,6 +128,7 @@ def _read_rgb(path, image_id):
     try:
         with Image.open(path) as pil:
             pil.load()
+            _note_orientation(pil, path, image_id)
             if pil.mode in ("I", "F") or pil.mode.startswith("I;16"):
                 return _wide_to_rgb(pil, path, image_id)
             return pil.convert("RGB")
@@ -321,42 +322,24 @@ def _check_coco(data, ann_file):
 EXIF_ORIENTATION = 0x0112  # the EXIF tag; 1 is upright, 2-8 mirror and/or rotate
 
 
-def _exif_orientation(pil):
-    """The EXIF orientation of an opened image from its header, without decoding the pixels (None
-    without one). PNG: only an eXIf chunk before the pixel data (PIL decodes the image to look further)."""
-    if pil.format == "PNG":
-        raw = pil.info.get("exif")
-        if not raw:
-            return None
-        exif = Image.Exif()
-        exif.load(raw)
-    else:
-        exif = pil.getexif()
-    return exif.get(EXIF_ORIENTATION)
+_orientation_noted = False  # per process: the first image with an EXIF orientation is named once
 
 
-def _check_orientations(images, img_dir):
-    """The sentence of the data set's note counting images with an EXIF orientation other than
-    upright, or none. They are used as stored and not rotated: COCO-format annotations (and the
-    width and height of 'images') are in the stored pixel frame, as pycocotools and COCO's tools
-    read them, so rotating the pixels would misplace every box. One header read per image (a few
-    seconds for COCO train2017 on a local disk); a file whose header cannot be read is left to the
-    image loader, which names it."""
-    turned = []
-    for img in images:
-        try:
-            with Image.open(img_dir / img["file_name"]) as pil:
-                orientation = _exif_orientation(pil)
-        except Exception:  # noqa: BLE001 - unreadable headers and EXIF: the loader reports the image
-            continue
-        if orientation not in (None, 1):
-            turned.append((img, orientation))
-    if not turned:
-        return []
-    img, orientation = turned[0]
-    return [f"{len(turned)} of {len(images)} images have an EXIF orientation other than upright (first: "
-            f"{img['file_name']} (image id {img['id']}), orientation {orientation}); they are used as stored, "
-            f"not rotated, since COCO-format boxes are in the stored pixel frame"]
+def _note_orientation(pil, path, image_id):
+    """Notes (once per process) an image whose EXIF orientation is not upright. It is used as stored,
+    not rotated: COCO-format annotations (and the width and height of 'images') are in the stored
+    pixel frame, as pycocotools and COCO's tools read them, so rotating the pixels would misplace every
+    box. Checked when an image is read (its header is parsed then anyway), not when the set is built,
+    which would open every file of the set in every process."""
+    global _orientation_noted
+    if _orientation_noted:
+        return
+    orientation = pil.getexif().get(EXIF_ORIENTATION)
+    if orientation not in (None, 1):
+        _orientation_noted = True
+        print(f"note: image {path} (image id {image_id}) has the EXIF orientation {orientation}; it is used as "
+              f"stored, not rotated, since COCO-format boxes are in the stored pixel frame (other such images "
+              f"are not named)", file=sys.stderr, flush=True)
 
 
 def _check_images_present(images, img_dir, ann_file):

@@ -270,9 +270,12 @@ def test_boxes_outside_their_image_are_counted_in_the_one_note(tmp_path, capsys)
     assert ds[1][1]["boxes"].tolist() == [[0.0, 40.0, 7.0, 50.0]]
 
 
-def test_an_exif_orientation_is_noted_and_not_applied(tmp_path, capsys):
+def test_an_exif_orientation_is_noted_and_not_applied(tmp_path, capsys, monkeypatch):
     """COCO-format boxes are in the stored pixel frame: an image with an EXIF orientation (here 6,
-    'rotate 90 degrees to view') is read as stored, and the note counts it."""
+    'rotate 90 degrees to view') is read as stored, and the first one read is named once."""
+    import datasets.coco
+
+    monkeypatch.setattr(datasets.coco, "_orientation_noted", False)
     img_dir, ann_file = tiny(tmp_path, annotations=TINY_ANNOTATIONS[:2])
     stored = np.zeros((30, 40, 3), np.uint8)  # image 1 is 40 wide, 30 high
     stored[:, :20] = 255
@@ -282,16 +285,21 @@ def test_an_exif_orientation_is_noted_and_not_applied(tmp_path, capsys):
     Image.fromarray(stored).save(img_dir / "000002.png", exif=exif)  # an eXIf chunk (image 2 is listed 20x50)
     edit_json(ann_file, lambda data: data["images"][0].update(file_name="000001.jpg"))
     ds = CocoDetection(img_dir, ann_file)
-    err = capsys.readouterr().err
-    assert err == (f"note: {ann_file}: 2 of 2 images have an EXIF orientation other than upright (first: 000001.jpg "
-                   f"(image id 1), orientation 6); they are used as stored, not rotated, since COCO-format boxes "
-                   f"are in the stored pixel frame\n")
+    assert capsys.readouterr().err == ""  # building the set opens no image
     image, target = ds[0]
+    assert capsys.readouterr().err == (
+        f"note: image {img_dir / '000001.jpg'} (image id 1) has the EXIF orientation 6; it is used as stored, not "
+        f"rotated, since COCO-format boxes are in the stored pixel frame (other such images are not named)\n")
     assert image.shape == (3, 30, 40) and target["orig_size"].tolist() == [30, 40]
     assert image[:, :, :18].mean() > 0.95 and image[:, :, 22:].mean() < 0.05  # the left half is white, as stored
     assert target["boxes"].tolist() == [[2.0, 3.0, 12.0, 11.0], [20.0, 10.0, 25.5, 16.0]]
-    Image.fromarray(stored).save(img_dir / "000002.png")
+    ds[1]  # another turned image (a PNG with an eXIf chunk): not named again
+    ds[0]
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(datasets.coco, "_orientation_noted", False)
     exif[0x0112] = 1  # upright: nothing to say
     Image.fromarray(stored).save(img_dir / "000001.jpg", exif=exif)
-    CocoDetection(img_dir, ann_file)
+    ds[0]
     assert capsys.readouterr().err == ""
+    _, _ = ds[1]  # the PNG still has orientation 6
+    assert "000002.png (image id 2) has the EXIF orientation 6" in capsys.readouterr().err
