@@ -3,6 +3,7 @@
     python -m analysis tables                          # table1, table2 and every manifest with runs
     python -m analysis tables --manifest demo
     python -m analysis fig4 --manifest demo --row ks_def_r18
+    python -m analysis fig4 --manifest synthetic_table1          # every KS family, mean over seeds
     python -m analysis curves --manifest demo
     python -m analysis learning --manifest demo_ladder   # AP50 vs. on other images, class loss, minutes
     python -m analysis show --manifest demo --row ks_def_r18      # detections of the student and teachers
@@ -27,9 +28,11 @@ def cmd_tables(args):
 
 
 def cmd_fig4(args):
-    from .figures import write_fig4
+    from .figures import write_fig4, write_fig4_seeds
 
-    for path in write_fig4(args.manifest, args.row, args.results):
+    paths = (write_fig4(args.manifest, args.row, args.results) if args.row else
+             write_fig4_seeds(args.manifest, args.results))
+    for path in paths:
         print(f"wrote {path}")
 
 
@@ -91,9 +94,11 @@ def main(argv=None):
     p = sub.add_parser("fig4", help="AP per epoch of baseline, Attn1, Attn2, Attn3 (paper Fig. 4)",
                        description="Draws AP (percent) against epoch for the row's baseline (its `baseline` row) "
                                    "and the row's student Attn1 and teachers Attn2/Attn3 from log.jsonl; writes "
-                                   "results/figures/<manifest>_<row>_fig4.{png,pdf}.")
+                                   "results/figures/<manifest>_<row>_fig4.{png,pdf}. Without --row: one panel "
+                                   "per group of KS seed rows (rows that differ only in train.seed), the mean "
+                                   "over the seeds with their range shaded, in <manifest>_fig4.{png,pdf}.")
     p.add_argument("--manifest", required=True, help=manifest_help)
-    p.add_argument("--row", required=True, help="the (KS) row to draw")
+    p.add_argument("--row", help="the (KS) row to draw (default: every KS seed group, over seeds)")
     p.add_argument("--results", default=str(records.RESULTS), help=results_help)
     p.set_defaults(func=cmd_fig4)
 

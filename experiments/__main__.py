@@ -54,7 +54,7 @@ def cmd_list(args):
         cfg = cfgs[name] = manifest.resolve(name)
         m = cfg["model"]
         missing = _unavailable(cfg)
-        directory = records.run_dir(manifest.name, name, args.results)
+        directory = records.run_dir(*manifest.record_of(name), args.results)
         paper = row.get("paper")
         rows.append({"row": name, "variant": m["variant"], "ks": m["ks"]["mode"], "backbone": m["backbone"]["name"],
                      "epochs": cfg["train"]["epochs"], "status": records.status(directory),
@@ -132,7 +132,7 @@ def cmd_run(args):
                                "let the launcher start the processes")
             distributed.spawn(nprocs, train_row, str(manifest.path), row, list(args.overrides),
                               launch_option=f"--gpus {nprocs}" if args.gpus else f"--nproc {nprocs}", **kwargs)
-            directory = records.run_dir(manifest.name, row, args.results)
+            directory = records.run_dir(*manifest.record_of(row), args.results)
         else:
             directory = train_row(str(manifest.path), row, args.overrides, **kwargs)
         print(f"== {row}: record in {directory}", flush=True)

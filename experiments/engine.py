@@ -10,7 +10,6 @@ import os
 import time
 
 import torch
-import yaml
 from torch import nn
 
 from models import build_model
@@ -98,14 +97,14 @@ def train_row(manifest_name, row, overrides=(), resume=False, force=False, devic
             if e.saved:
                 kept = f"a checkpoint of where it stopped, {directory / CHECKPOINT}"
             else:
-                last = records.last_epoch(directory)
+                last = _last_epoch_or_none(directory)
                 kept = f"epochs up to {last or 'none'}" + (f" ({directory / CHECKPOINT})"
                                                              if has_checkpoint(directory) else "")
             print(f"{row}: {e}; the record keeps {kept}; continue with `run ... --resume`", flush=True)
         raise
     except (KeyboardInterrupt, SystemExit):
         if prepared and ctx.is_main:
-            last = records.last_epoch(directory)
+            last = _last_epoch_or_none(directory)
             print(f"{row}: interrupted; the record keeps epochs up to {last or 'none'} and resumes from "
                   f"{directory / CHECKPOINT} (`run ... --resume`)", flush=True)
         raise
@@ -118,6 +117,15 @@ def train_row(manifest_name, row, overrides=(), resume=False, force=False, devic
         if heartbeat:
             heartbeat.stop()
         ctx.close()
+
+
+def _last_epoch_or_none(directory):
+    """The last logged epoch for a message on the way out; None when the log cannot be read (a
+    damaged log is rewritten from the checkpoint when the run resumes)."""
+    try:
+        return records.last_epoch(directory)
+    except RunError:
+        return None
 
 
 def _agreed(step, ctx, what):

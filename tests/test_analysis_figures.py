@@ -154,3 +154,5 @@ def test_fig4_over_seeds_draws_the_mean_and_range_of_each_ks_group(tmp_path):
     ax = fig.axes[0]
     assert [ln.get_label() for ln in ax.get_lines()] == ["Baseline", "Attn1", "Attn2", "Attn3"]
     assert "0/2 seeds done" in ax.get_title()
+    assert main(["fig4", "--manifest", str(path), "--results", str(results)]) in (None, 0)
+    assert (results / "figures" / "seeds_fig4.png").is_file() and (results / "figures" / "seeds_fig4.pdf").is_file()

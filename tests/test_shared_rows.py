@@ -95,3 +95,20 @@ def test_the_synthetic_manifests_share_their_families_and_runs():
     assert controls.record_of("dn_ks_no_mask_seed2") == ("synthetic_controls", "dn_ks_no_mask_seed2")
     assert controls.resolve("dn_ks_no_mask_seed2")["model"]["ks"] == {"mode": "triple", "teacher_layers": "last",
                                                                      "mask": "none"}
+
+
+def test_list_shows_the_status_of_the_shared_records(tmp_path, capsys):
+    from experiments.__main__ import main
+
+    path = write_manifest(tmp_path, [
+        {"name": "base", "same_as": "demo/def_r18", "config": {"model": {"ks": {"mode": "none"}}}},
+        {"name": "own", "config": {"model": {"ks": {"mode": "triple"}}}}])
+    results = tmp_path / "results"
+    directory = records.run_dir("demo", "def_r18", results)
+    directory.mkdir(parents=True)
+    (directory / "config.yaml").write_text("{}\n")  # started, not finished
+    main(["--results", str(results), "list", str(path), "--json"])
+    import json
+
+    rows = {r["row"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["base"]["status"] == "interrupted" and rows["own"]["status"] == "not started"
