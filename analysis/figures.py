@@ -97,7 +97,9 @@ def fig4(manifest, row, results=records.RESULTS):
     teachers = [label.split(" ")[0] for label in series if label.startswith(("Attn2", "Attn3"))]
     title = f"{model_name(manifest, row)} ({manifest.name} / {row})"
     if teachers:
-        title += f"\n{', '.join(teachers)}: teacher{'s' if len(teachers) > 1 else ''} evaluated with GT Fg-Bg masks"
+        mask = ("GT Fg-Bg masks" if manifest.resolve(row)["model"]["ks"]["mask"] == "gt" else
+                "all-background masks (model.ks.mask: none)")
+        title += f"\n{', '.join(teachers)}: teacher{'s' if len(teachers) > 1 else ''} evaluated with {mask}"
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     if series:
@@ -152,7 +154,8 @@ def fig4_seeds(manifest, results=records.RESULTS):
             ax.fill_between(xs, lo, hi, color=color, alpha=0.15, linewidth=0)
             series[f"{group} / {label}"] = band
         done = sum(run.state == "done" for run in runs)
-        ax.set_title(f"{model_name(manifest, rows[0])} ({group})\n{done}/{len(runs)} seeds done", fontsize=9)
+        told = "" if manifest.resolve(rows[0])["model"]["ks"]["mask"] == "gt" else ", teachers without mask"
+        ax.set_title(f"{model_name(manifest, rows[0])} ({group})\n{done}/{len(runs)} seeds done{told}", fontsize=9)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("AP")
@@ -162,7 +165,7 @@ def fig4_seeds(manifest, results=records.RESULTS):
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.suptitle(f"{manifest.name}: mean over training seeds, range shaded; Attn2, Attn3: teachers evaluated "
-                 f"with GT Fg-Bg masks", fontsize=10)
+                 f"with the mask they were trained with (GT Fg-Bg unless the panel says otherwise)", fontsize=10)
     fig.tight_layout()
     return fig, series
 

@@ -168,8 +168,9 @@ def runs_report(manifest, results=records.RESULTS):
                 line.update({f"gain_{m}": minus(student[m], baseline[m]) for m in METRICS})
             teachers = [b for b in BRANCHES[1:] if b in run.eval]
         lines.append(line)
+        mask = "GT mask" if manifest.resolve(name)["model"]["ks"]["mask"] == "gt" else "no mask"
         for branch in teachers:
-            lines.append({**common, "branch": branch, "label": f"{name} / {branch} (teacher, GT mask)",
+            lines.append({**common, "branch": branch, "label": f"{name} / {branch} (teacher, {mask})",
                           "baseline_row": None, "baseline_status": None, **percent(run.eval[branch])})
         if run.state == "done" and MOVED in run.eval:
             lines.append({**common, "branch": MOVED, "label": f"{name} / attn1 on other images",
@@ -305,7 +306,7 @@ def _gain_cells(r):
 def _blocks(bdf):
     """(header, [(variant, cells)]) of the paper-shaped table, and the same for the teacher table."""
     header = ["Method", "Sharing V", "Sharing A", "Done", *METRICS, "AP50 on other images", "KS gain AP",
-              "gain > 0"]
+              "positive gains"]
     teacher_header = ["Method", "Done", "AP Attn1", "AP Attn3", "AP Attn2", "last-layer loss Attn1 / Attn3 / Attn2",
                       "memory distance Attn3 / Attn2"]
     main, teachers = [], []
@@ -350,7 +351,8 @@ def blocks_markdown(bdf):
     if teachers:
         out += ["## Teachers against the student", _markdown_blocks(theader, teachers, 1),
                 "Means over the finished seed rows. AP: the student and each teacher evaluated with the GT "
-                "Fg-Bg mask (the teachers' last decoder layer). Last-layer loss: each branch's weighted "
+                "Fg-Bg mask (the teachers' last decoder layer; for \"no mask\" rows with the all-background "
+                "mask they were trained with). Last-layer loss: each branch's weighted "
                 "training loss of its last decoder layer (the same terms for every branch) in the last epoch. "
                 "Memory distance: ||Z_t - Z_s|| / ||Z_s|| of each teacher's encoder memory from the student's "
                 "over the validation images' tokens at the last evaluation."]

@@ -432,9 +432,14 @@ class Manifest:
             _check_paper(row.get("paper"), here, self.paper_table)
             self.rows[name] = row
             _check_consistency(self._merged(name), here)  # validates the row's config now
+        shared = {}
         for name, row in self.rows.items():
             if "same_as" in row:
                 self._check_same_as(name, row["same_as"], _chain + (self.path,))
+                if row["same_as"] in shared:
+                    raise ConfigError(f"{where}, row {name!r}: key 'same_as' is {row['same_as']!r}, as for row "
+                                      f"{shared[row['same_as']]!r}; two rows cannot be one run")
+                shared[row["same_as"]] = name
             if "baseline" in row and row["baseline"] not in self.rows:
                 raise ConfigError(f"{where}, row {name!r}: baseline {row['baseline']!r} is not a row of this manifest")
             if row.get("baseline") == name:

@@ -7,6 +7,7 @@ batch; only rank 0 writes records, checkpoints and the heartbeat.
 """
 import errno
 import os
+import sys
 import time
 
 import torch
@@ -50,7 +51,11 @@ def train_row(manifest_name, row, overrides=(), resume=False, force=False, devic
     manifest = Manifest(manifest_name)
     owner = manifest.record_of(row)
     if owner != (manifest.name, row):  # `same_as`: one run, in the other row's records
-        if os.environ.get("RANK", "0") == "0":
+        if force:  # its record belongs to the other manifest's table too
+            raise RunError(f"{row}: this row is the same run as {'/'.join(owner)} (same_as in {manifest.path}); "
+                           f"--force would replace that manifest's record: run it there "
+                           f"(`run {owner[0]} --row {owner[1]} --force`)")
+        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
             print(f"{row}: the same run as {'/'.join(owner)} (same_as); its records are used", flush=True)
         return train_row(*owner, overrides, resume=resume, force=force, device=device, results=results)
     cfg = manifest.resolve(row, overrides)
@@ -110,7 +115,10 @@ def train_row(manifest_name, row, overrides=(), resume=False, force=False, devic
         raise
     except BaseException as e:
         if prepared and ctx.is_main:
-            records.atomic_write(directory / "FAILED", f"{type(e).__name__}: {e}\n")
+            try:
+                records.atomic_write(directory / "FAILED", f"{type(e).__name__}: {e}\n")
+            except OSError as failed:  # e.g. the full disk that stopped the run: its message comes first
+                print(f"{row}: the FAILED record could not be written ({failed})", file=sys.stderr, flush=True)
         raise
     finally:
         stop.restore()

@@ -222,7 +222,7 @@ def load_checkpoint(manifest_name, row, checkpoint=None, overrides=(), results=r
     naming the file when it is missing or not a checkpoint of this project."""
     manifest = Manifest(manifest_name)
     row_cfg = manifest.resolve(row)
-    directory = records.run_dir(manifest.name, row, results)
+    directory = records.run_dir(*manifest.record_of(row), results)
     if checkpoint:  # a named file: no fallback
         path = Path(checkpoint)
         if not path.is_file():
@@ -259,7 +259,7 @@ def evaluate_row(manifest_name, row, checkpoint=None, teachers=False, overrides=
     `not_saved` set: the metrics are for printing only."""
     ck = load_checkpoint(manifest_name, row, checkpoint, overrides, results)
     cfg = ck.cfg
-    directory = records.run_dir(ck.manifest.name, row, results)
+    directory = records.run_dir(*ck.manifest.record_of(row), results)
     mode = cfg["model"]["ks"]["mode"]
     branches = TEACHER_BRANCHES[mode] if teachers else ()
     ctx = distributed.setup(device)

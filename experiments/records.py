@@ -96,7 +96,7 @@ def scan_log(path):
     path = Path(path)
     if not path.is_file():
         return [], None
-    text = path.read_text()
+    text = path.read_text(errors="replace")  # garbage bytes: a line that is not JSON, named below
     lines = text.splitlines()
     out = []
     for number, line in enumerate(lines, 1):

@@ -131,6 +131,11 @@ def submit(manifest, rows, overrides, opts, results=records.RESULTS, dry_run=Fal
     from .training import batch_plan
 
     out = out or sys.stdout
+    shared = [row for row in rows if manifest.record_of(row) != (manifest.name, row)]
+    if force and shared:  # their records belong to the other manifests' tables too
+        raise RunError(f"not submitting anything: --force would replace the records of rows that are the same runs "
+                       f"as rows of other manifests (same_as): {', '.join(shared)}; force those in their own "
+                       f"manifests, and select this manifest's own rows with --rows")
     results = Path(results).resolve()  # the jobs run in the repository, not in the caller's folder
     world = opts.nodes * (opts.tasks_per_node or max(opts.gpus_per_node, 1))
     cfgs, unavailable = {}, {}

@@ -141,7 +141,8 @@ def stop_workers_at_exit():
 
 
 # exit finalizers (exitpriority >= 0) run before multiprocessing terminates and joins the children
-multiprocessing.util.Finalize(None, stop_workers_at_exit, exitpriority=100)
+# (after those of higher priority, such as multiprocessing.Pool's own, which stops its workers)
+multiprocessing.util.Finalize(None, stop_workers_at_exit, exitpriority=1)
 
 
 def make_train_loader(dataset, batch_size, num_workers, seed, ctx):

@@ -7,6 +7,7 @@ from analysis.tables import runs_report
 from experiments import records
 from experiments.config import ConfigError, Manifest
 from experiments.engine import train_row
+from experiments.errors import RunError
 from tests.test_engine import TINY_RUN
 
 
@@ -22,6 +23,27 @@ def test_same_as_points_at_the_row_that_holds_the_records(tmp_path):
         {"name": "own", "config": {"model": {"ks": {"mode": "triple"}}}}]))
     assert m.record_of("base") == ("demo", "def_r18")
     assert m.record_of("own") == ("shared", "own")
+
+
+def test_two_rows_cannot_be_the_same_run(tmp_path):
+    path = write_manifest(tmp_path, [
+        {"name": "a", "same_as": "demo/def_r18", "config": {"model": {"ks": {"mode": "none"}}}},
+        {"name": "b", "same_as": "demo/def_r18", "config": {"model": {"ks": {"mode": "none"}}}}])
+    with pytest.raises(ConfigError, match=r"row 'b': key 'same_as' is 'demo/def_r18', as for row 'a'"):
+        Manifest(path)
+
+
+def test_submit_force_of_shared_rows_is_refused_before_anything(tmp_path):
+    from types import SimpleNamespace
+
+    from experiments.slurm import submit
+
+    path = write_manifest(tmp_path, [
+        {"name": "base", "same_as": "demo/def_r18", "config": {"model": {"ks": {"mode": "none"}}}},
+        {"name": "own", "config": {"model": {"ks": {"mode": "triple"}}}}])
+    opts = SimpleNamespace(nodes=1, tasks_per_node=None, gpus_per_node=0)
+    with pytest.raises(RunError, match=r"not submitting anything: --force .*same_as\): base;"):
+        submit(Manifest(path), ["base", "own"], [], opts, results=tmp_path / "results", dry_run=True, force=True)
 
 
 @pytest.mark.parametrize("same_as,message", [
@@ -59,10 +81,18 @@ def test_a_shared_row_trains_once_into_the_other_rows_records(tmp_path):
     stamp = (directory / "DONE").read_text()
     assert train_row("demo", "def_r18", TINY_RUN + data, results=results) == directory
     assert (directory / "DONE").read_text() == stamp
-    # the tables of the sharing manifest read the shared records
+    # the tables of the sharing manifest read the shared records, and so do eval and the pictures
     df = runs_report(Manifest(path), results)
     student = df[df["branch"] == "attn1"].set_index("manifest_row")
     assert student.loc["base", "status"] == "done" and student.loc["ks", "status"] == "not run"
+    from experiments.evaluation import load_checkpoint
+
+    assert load_checkpoint(str(path), "base", results=results).path == directory / "checkpoint.pth"
+    # --force would replace the other manifest's record: refused, pointing at it
+    with pytest.raises(RunError, match=r"base: this row is the same run as demo/def_r18 .*`run demo --row "
+                                       r"def_r18 --force`"):
+        train_row(str(path), "base", TINY_RUN + data, force=True, results=results)
+    assert (directory / "DONE").read_text() == stamp
 
 
 def test_families_from_takes_another_manifests_families_once(tmp_path):
