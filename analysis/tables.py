@@ -274,7 +274,8 @@ def blocks_report(manifest, df, results=records.RESULTS):
         sel = df[df["manifest_row"].isin(rows) & (df["status"] == "done")]
         student = sel[sel["branch"] == "attn1"]
         line = {"family": family, "variant": VARIANT_NAMES.get(cfg["model"]["variant"], cfg["model"]["variant"]),
-                "group": group, "method": method + ("" if mask == "gt" or mode == "none" else ", no mask"),
+                "group": group, "ks_mode": mode,
+                "method": method + ("" if mask == "gt" or mode == "none" else ", no mask"),
                 "shares_v": shares_v, "shares_a": shares_a, "teacher_mask": None if mode == "none" else mask,
                 "rows": " ".join(rows), "done": len(student), "of": len(rows)}
         for m in METRICS:
@@ -318,7 +319,7 @@ def _blocks(bdf):
                                     *[_pm(r[f"{m}_mean"], r[f"{m}_sd"]) for m in METRICS],
                                     "" if math.isnan(r["AP50_moved_mean"]) else _value(r["AP50_moved_mean"]),
                                     *_gain_cells(r)]))
-        if r["teacher_mask"] is not None and r["done"]:
+        if r["ks_mode"] != "none" and r["done"]:
             losses = " / ".join(_text(f"{r[f'last_layer_loss_{b}_mean']:.3f}")
                                 if not math.isnan(r[f"last_layer_loss_{b}_mean"]) else "-"
                                 for b in ("attn1", "attn3", "attn2"))

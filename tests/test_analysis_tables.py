@@ -354,5 +354,7 @@ def test_a_manifest_with_families_gets_blocks_in_the_papers_shape(tmp_path):
     assert ("| triple attention | ✓ | ✓ | 3/3 | 33.0 ± 2.0 | 53.0 ± 2.0 |" in markdown
             and "| +2.0 ± 2.6 | 2/3 |" in markdown)
     assert "| triple attention | 3/3 | 33.0 | 40.0 | 36.0 | 3.000 / 1.000 / 1.500 | 0.200 / 0.500 |" in markdown
+    teachers = markdown.split("## Teachers against the student")[1].split("## Row by row")[0]
+    assert "| baseline |" not in teachers  # a baseline has no teachers
     tex = (results / "tables" / "fam.tex").read_text()
     assert r"\emph{DAB-DETR}" in tex and r"\checkmark & \checkmark" in tex and r"$\pm$" in tex
