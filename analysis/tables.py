@@ -519,16 +519,23 @@ def write_tables(name_or_path, results=records.RESULTS):
 
 def default_manifests(results=records.RESULTS):
     """table1, table2 (from the paper alone while their manifests do not exist), then every other
-    manifest with records under results/runs/ (run folders without a manifest are skipped, with a warning)."""
+    manifest with records under results/runs/, its own or those of its `same_as` rows (run folders
+    without a manifest are skipped, with a warning)."""
     from experiments.config import MANIFEST_DIR
 
     names = list(PAPER_MANIFESTS)
     runs = Path(results) / "runs"
-    for folder in sorted(p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []:
-        if folder.name in names:
+    folders = {p.name for p in runs.iterdir() if p.is_dir()} if runs.is_dir() else set()
+    for name in sorted(folders):
+        if name not in names and not (MANIFEST_DIR / f"{name}.yaml").is_file():
+            print(f"warning: {runs / name} has no manifest experiments/{name}.yaml; skipped", file=sys.stderr)
+    for path in sorted(MANIFEST_DIR.glob("*.yaml")):
+        if path.stem in names:
             continue
-        if (MANIFEST_DIR / f"{folder.name}.yaml").is_file():
-            names.append(folder.name)
-        else:
-            print(f"warning: {folder} has no manifest experiments/{folder.name}.yaml; skipped", file=sys.stderr)
+        if path.stem in folders:
+            names.append(path.stem)
+            continue
+        manifest = load_manifest(path.stem)
+        if any(records.run_dir(*manifest.record_of(row), results).is_dir() for row in manifest.rows):
+            names.append(path.stem)
     return names

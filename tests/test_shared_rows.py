@@ -142,3 +142,13 @@ def test_list_shows_the_status_of_the_shared_records(tmp_path, capsys):
 
     rows = {r["row"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["base"]["status"] == "interrupted" and rows["own"]["status"] == "not started"
+
+
+def test_the_tables_of_every_manifest_with_shared_records_are_made_by_default(tmp_path):
+    from analysis.tables import default_manifests
+
+    records.run_dir("demo_seeds", "def_r18_seed0", tmp_path).mkdir(parents=True)
+    names = default_manifests(tmp_path)
+    assert names[:3] == ["table1", "table2", "demo_seeds"]
+    assert {"synthetic_table1", "synthetic_table2", "synthetic_controls"} <= set(names)
+    assert "synthetic_teachers" not in names and "demo_ladder" not in names  # none of their records exist
