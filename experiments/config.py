@@ -365,33 +365,22 @@ class Manifest:
         if self.paper_table is not None and self.paper_table not in (1, 2):
             raise ConfigError(f"{where}: key 'paper_table' must be 1 or 2, got {self.paper_table!r}")
         base = DEFAULTS
-        parent = doc.get("defaults_from")
+        parent = self._referenced(doc, "defaults_from", where, _chain)
         if parent is not None:
-            if not isinstance(parent, str):
-                raise ConfigError(f"{where}: key 'defaults_from' must be a manifest name, got {parent!r}")
-            chain = _chain + (self.path,)
-            if manifest_path(parent) in chain:
-                raise ConfigError(f"{where}: key 'defaults_from' makes a cycle: "
-                                  f"{' -> '.join(str(p) for p in chain + (manifest_path(parent),))}")
-            base = Manifest(parent, chain).defaults
+            base = parent.defaults
         self.defaults = merge(base, doc.get("defaults") or {}, f"{where}, defaults")
 
         families = doc.get("families")
         if families is not None and (not isinstance(families, dict) or not families):
             raise ConfigError(f"{where}: key 'families' must be a non-empty mapping of name -> configuration, "
                               f"got {families!r}")
-        source = doc.get("families_from")
+        source = self._referenced(doc, "families_from", where, _chain)
         if source is not None:
-            if not isinstance(source, str):
-                raise ConfigError(f"{where}: key 'families_from' must be a manifest name, got {source!r}")
-            chain = _chain + (self.path,)
-            if manifest_path(source) in chain:
-                raise ConfigError(f"{where}: key 'families_from' makes a cycle with {manifest_path(source)}")
-            inherited = Manifest(source, chain).family_trees
+            inherited = source.family_trees
             both = set(inherited) & set(families or {})
             if both:
                 raise ConfigError(f"{where}: families {sorted(both)} are defined here and in 'families_from' "
-                                  f"{source!r}; define each once")
+                                  f"{source.name!r}; define each once")
             families = {**inherited, **(families or {})}
         self.family_trees = dict(families or {})  # as written, for families_from
         self.families = {}
@@ -444,6 +433,20 @@ class Manifest:
                 raise ConfigError(f"{where}, row {name!r}: baseline {row['baseline']!r} is not a row of this manifest")
             if row.get("baseline") == name:
                 raise ConfigError(f"{where}, row {name!r}: a row cannot be its own baseline")
+
+    def _referenced(self, doc, key, where, chain):
+        """The manifest that `key` (defaults_from, families_from) names, or None; ConfigError for a
+        value that is not a name or a reference back to a manifest of `chain`."""
+        name = doc.get(key)
+        if name is None:
+            return None
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}: key {key!r} must be a manifest name, got {name!r}")
+        chain = chain + (self.path,)
+        if manifest_path(name) in chain:
+            raise ConfigError(f"{where}: key {key!r} makes a cycle: "
+                              f"{' -> '.join(str(p) for p in chain + (manifest_path(name),))}")
+        return Manifest(name, chain)
 
     def _check_same_as(self, name, target, chain):
         here = f"manifest {self.path}, row {name!r}"
