@@ -304,6 +304,12 @@ def _gain_cells(r):
             f"{r['gain_AP_positive']}/{r['gain_AP_n']}"]
 
 
+def _per_branch(r, key, branches):
+    """'a / b / c': the line's `<key>_<branch>_mean` values to 3 decimals, '-' where missing."""
+    values = (r[f"{key}_{b}_mean"] for b in branches)
+    return " / ".join("-" if math.isnan(v) else f"{v:.3f}" for v in values)
+
+
 def _blocks(bdf):
     """(header, [(variant, cells)]) of the paper-shaped table, and the same for the teacher table."""
     header = ["Method", "Sharing V", "Sharing A", "Done", *METRICS, "AP50 on other images", "KS gain AP",
@@ -320,13 +326,10 @@ def _blocks(bdf):
                                     "" if math.isnan(r["AP50_moved_mean"]) else _value(r["AP50_moved_mean"]),
                                     *_gain_cells(r)]))
         if r["ks_mode"] != "none" and r["done"]:
-            losses = " / ".join(_text(f"{r[f'last_layer_loss_{b}_mean']:.3f}")
-                                if not math.isnan(r[f"last_layer_loss_{b}_mean"]) else "-"
-                                for b in ("attn1", "attn3", "attn2"))
-            dists = " / ".join(f"{r[f'distance_{b}_mean']:.3f}" if not math.isnan(r[f"distance_{b}_mean"]) else "-"
-                               for b in ("attn3", "attn2"))
             teachers.append((r["variant"], [name, done, _value(r["AP_mean"]), _value(r["AP_attn3_mean"]),
-                                            _value(r["AP_attn2_mean"]), losses, dists]))
+                                            _value(r["AP_attn2_mean"]),
+                                            _per_branch(r, "last_layer_loss", ("attn1", "attn3", "attn2")),
+                                            _per_branch(r, "distance", ("attn3", "attn2"))]))
     return (header, main), (teacher_header, teachers)
 
 

@@ -72,27 +72,24 @@ def evaluate(model, loader, dataset, device, teachers=(), topk=300, max_images=N
     seen = 0
     distance = MemoryDistance(model)
     bar = progress(loader, desc=desc, leave=False, disable=not ctx.is_main)
-    hooked = distance if memory_distance is not None else nullcontext()
-    for batch in bar:
-        if max_images is not None and seen >= max_images:
-            break
-        images, mask, targets = to_device(batch, device)
-        with hooked:
+    with distance if memory_distance is not None else nullcontext():  # its hooks, for the whole pass
+        for batch in bar:
+            if max_images is not None and seen >= max_images:
+                break
+            images, mask, targets = to_device(batch, device)
             outputs = model(images, mask, targets if teachers else None, with_teachers=bool(teachers) or None)
-        orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
-        image_ids = [int(t["image_id"]) for t in targets]
-        per_branch = {STUDENT: outputs}
-        per_branch.update({b: outputs["teacher_outputs"][b][-1] for b in teachers})
-        for b, out in per_branch.items():
-            dets = postprocess(out["pred_logits"], out["pred_boxes"], orig_sizes, topk)
-            evaluators[b].update(image_ids, [d["boxes"] for d in dets], [d["scores"] for d in dets],
-                                 [d["labels"] for d in dets])
-        seen += len(targets)
+            orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
+            image_ids = [int(t["image_id"]) for t in targets]
+            per_branch = {STUDENT: outputs}
+            per_branch.update({b: outputs["teacher_outputs"][b][-1] for b in teachers})
+            for b, out in per_branch.items():
+                dets = postprocess(out["pred_logits"], out["pred_boxes"], orig_sizes, topk)
+                evaluators[b].update(image_ids, [d["boxes"] for d in dets], [d["scores"] for d in dets],
+                                     [d["labels"] for d in dets])
+            seen += len(targets)
     bar.close()
     if memory_distance is not None:
-        sums = distance.sums().to(ctx.device)
-        if ctx.distributed:
-            ctx.all_reduce_sum(sums)
+        sums = ctx.all_reduce_sum(distance.sums().to(ctx.device))  # every process's tokens
         memory_distance.update(distance.relative(sums.cpu()))
     if ctx.distributed:
         shards = ctx.gather({b: (e.detections, e.image_ids) for b, e in evaluators.items()})
