@@ -50,10 +50,10 @@ def cmd_learning(args):
 
 
 def cmd_show(args):
-    from .pictures import write_detections
+    from .pictures import write_detections_figure
 
     branches = args.branches.split(",") if args.branches else None
-    for path in write_detections(args.manifest, args.row, args.checkpoint, args.images, args.image_ids, args.score,
+    for path in write_detections_figure(args.manifest, args.row, args.checkpoint, args.images, args.image_ids, args.score,
                                  branches, args.results):
         print(f"wrote {path}")
 
@@ -67,9 +67,9 @@ def _point(text):
 
 
 def cmd_attention(args):
-    from .pictures import write_attention
+    from .pictures import write_attention_figure
 
-    for path in write_attention(args.manifest, args.row, args.checkpoint, args.image_id, args.points, args.per_head,
+    for path in write_attention_figure(args.manifest, args.row, args.checkpoint, args.image_id, args.points, args.per_head,
                                 args.results):
         print(f"wrote {path}")
 

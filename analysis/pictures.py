@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from matplotlib import patches
 
+from datasets.drawing import draw_detections
 from experiments import records
 
 from . import AnalysisError
@@ -149,9 +150,9 @@ def detections_figure(trained, image_ids, branches=None, score=0.3):
     branches = _branches(trained, branches)
     dets = detections(trained, image_ids, branches, score)
     names = class_names(trained.dataset)
-    colours = plt.get_cmap("tab10")
+    # constrained layout keeps the suptitle clear of the column titles (tight_layout ignores suptitles)
     fig, axes = plt.subplots(len(image_ids), len(branches), figsize=(3.2 * len(branches), 3.0 * len(image_ids)),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
     for r, image_id in enumerate(image_ids):
         image = original_image(trained.dataset, image_id)
         for c, branch in enumerate(branches):
@@ -159,12 +160,7 @@ def detections_figure(trained, image_ids, branches=None, score=0.3):
             ax.imshow(image)
             draw_ground_truth(ax, trained.dataset, image_id)
             d = dets[(image_id, branch)]
-            for (x0, y0, x1, y1), s, label in zip(d["boxes"].tolist(), d["scores"].tolist(), d["labels"].tolist()):
-                colour = colours(label % 10)
-                ax.add_patch(patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour,
-                                               linewidth=1.5, gid="detection"))
-                ax.text(x0, y0, f"{names[label]} {s:.2f}", fontsize=6, color="white", va="bottom",
-                        bbox=dict(facecolor=colour, edgecolor="none", pad=0.5, alpha=0.8))
+            draw_detections(ax, d["boxes"], d["scores"], d["labels"], names)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
@@ -172,7 +168,6 @@ def detections_figure(trained, image_ids, branches=None, score=0.3):
             if c == 0:
                 ax.set_ylabel(f"image {image_id}", fontsize=8)
     fig.suptitle(f"{trained.name}: detections with score >= {score} (white dashed: ground truth)", fontsize=9)
-    fig.tight_layout()
     return fig, dets
 
 
@@ -182,7 +177,7 @@ def default_image_ids(dataset, n):
     return list(dataset.ids[:n])
 
 
-def write_detections(manifest, row, checkpoint=None, images=8, image_ids=None, score=0.3, branches=None,
+def write_detections_figure(manifest, row, checkpoint=None, images=8, image_ids=None, score=0.3, branches=None,
                      results=records.RESULTS):
     trained = load_trained(manifest, row, checkpoint, results)
     ids = list(image_ids) if image_ids else default_image_ids(trained.dataset, images)
@@ -495,7 +490,7 @@ def default_image_id(dataset):
     return dataset.ids[0]
 
 
-def write_attention(manifest, row, checkpoint=None, image_id=None, points=None, per_head=False,
+def write_attention_figure(manifest, row, checkpoint=None, image_id=None, points=None, per_head=False,
                     results=records.RESULTS):
     trained = load_trained(manifest, row, checkpoint, results)
     image_id = default_image_id(trained.dataset) if image_id is None else image_id

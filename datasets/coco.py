@@ -24,14 +24,13 @@ import sys
 from numbers import Real
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from .errors import DataError, DataNotFoundError
+from .images import read_rgb
 from .transforms import make_transforms
 
 REQUIRED_LISTS = ("images", "annotations", "categories")
@@ -46,7 +45,7 @@ class CocoDetection(torch.utils.data.Dataset):
     ``boxes`` (n, 4) float32 absolute xyxy pixels in the frame of the returned image,
     ``labels`` (n,) int64 contiguous 0..K-1, ``image_id`` int, ``orig_size`` and ``size`` int64 (h, w).
     Crowd annotations are dropped; boxes are clamped to the image and empty ones removed. Images are
-    used in their stored pixel frame (an EXIF orientation is not applied; see _note_orientation).
+    used in their stored pixel frame (an EXIF orientation is not applied; see datasets.images.read_rgb).
 
     The annotation file is checked when the data set is built (DataError naming the file and the
     annotation or image id): valid JSON with 'images', 'annotations' and 'categories' lists, every
@@ -54,7 +53,7 @@ class CocoDetection(torch.utils.data.Dataset):
     numbers. Boxes of zero or negative width or height and boxes partly or wholly outside their image
     are counted in one note on stderr; such boxes are dropped (or clamped) in the targets and stay in
     ``self.coco`` for evaluation, as pycocotools does. The first image read with an EXIF orientation
-    is noted (see _note_orientation).
+    is noted (see datasets.images.read_rgb).
     """
 
     def __init__(self, img_dir, ann_file, transforms=None):
@@ -78,6 +77,10 @@ class CocoDetection(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.ids)
 
+    def classes(self):
+        """[{"id": the data set's category id, "name"}] in the order of the contiguous labels 0..K-1."""
+        return [{"id": c, "name": self.coco.cats[c]["name"]} for c in self.category_ids]
+
     def label_to_category_id(self, labels):
         """Map contiguous labels (int, list or tensor) back to COCO category ids (int or list)."""
         if isinstance(labels, torch.Tensor):
@@ -89,7 +92,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def __getitem__(self, index):
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
-        image = tv_tensors.Image(F.pil_to_tensor(_read_rgb(self.img_dir / info["file_name"], image_id)))
+        image = tv_tensors.Image(F.pil_to_tensor(read_rgb(self.img_dir / info["file_name"], f"image id {image_id}")))
         height, width = image.shape[-2:]
 
         anns = [a for a in self.coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
@@ -115,46 +118,6 @@ class CocoDetection(torch.utils.data.Dataset):
             "orig_size": torch.tensor([height, width], dtype=torch.int64),
             "size": torch.tensor(image.shape[-2:], dtype=torch.int64),
         }
-
-
-def _read_rgb(path, image_id):
-    """The image at path as an RGB PIL image, fully decoded; DataError naming it when it cannot be.
-
-    PIL decodes lazily, so a truncated or corrupt file is only noticed by load(); with
-    ImageFile.LOAD_TRUNCATED_IMAGES False (PIL's default, never changed here) load() raises for it.
-    16-bit images are scaled to 8 bits (see _wide_to_rgb); the pixels are used as stored (no EXIF
-    rotation).
-    """
-    try:
-        with Image.open(path) as pil:
-            pil.load()
-            _note_orientation(pil, path, image_id)
-            if pil.mode in ("I", "F") or pil.mode.startswith("I;16"):
-                return _wide_to_rgb(pil, path, image_id)
-            return pil.convert("RGB")
-    except DataError:
-        raise
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        detail = str(e) or "no detail"
-        raise DataError(f"image {path} (image id {image_id}) cannot be read: "
-                        f"{type(e).__name__}: {detail}") from None
-
-
-def _wide_to_rgb(pil, path, image_id):
-    """An RGB image of a decoded single-channel image with more than 8 bits per pixel.
-
-    PIL's convert("RGB") clips such values at 255 (a 16-bit image becomes all white), so 16-bit values
-    (modes I;16*, and mode I, which PIL uses for 16-bit greyscale too) keep their high byte, as PIL
-    itself reads 16-bit colour PNGs; the grey channel is repeated. Values beyond 16 bits and
-    floating-point pixels (mode F) have no agreed 8-bit scale: a DataError naming the file.
-    """
-    values = np.asarray(pil)
-    if pil.mode == "F" or (values.size and (values.min() < 0 or values.max() > 65535)):
-        what = "floating-point pixels (PIL mode F)" if pil.mode == "F" else "pixel values beyond 16 bits"
-        raise DataError(f"image {path} (image id {image_id}) has {what}, which have no agreed 8-bit scale; "
-                        f"convert it to 8 or 16 bits per channel")
-    grey = (values.astype(np.uint32) >> 8).astype(np.uint8)
-    return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2))
 
 
 # ------------------------------------------------------------------ checks when the set is built
@@ -317,29 +280,6 @@ def _check_coco(data, ann_file):
         notes.append(f"{len(orphans)} of {n} annotations belong to image ids that are not in 'images' "
                      f"({first(orphans)}); they are not used")
     return notes
-
-
-EXIF_ORIENTATION = 0x0112  # the EXIF tag; 1 is upright, 2-8 mirror and/or rotate
-
-
-_orientation_noted = False  # per process: the first image with an EXIF orientation is named once
-
-
-def _note_orientation(pil, path, image_id):
-    """Notes (once per process) an image whose EXIF orientation is not upright. It is used as stored,
-    not rotated: COCO-format annotations (and the width and height of 'images') are in the stored
-    pixel frame, as pycocotools and COCO's tools read them, so rotating the pixels would misplace every
-    box. Checked when an image is read (its header is parsed then anyway), not when the set is built,
-    which would open every file of the set in every process."""
-    global _orientation_noted
-    if _orientation_noted:
-        return
-    orientation = pil.getexif().get(EXIF_ORIENTATION)
-    if orientation not in (None, 1):
-        _orientation_noted = True
-        print(f"note: image {path} (image id {image_id}) has the EXIF orientation {orientation}; it is used as "
-              f"stored, not rotated, since COCO-format boxes are in the stored pixel frame (other such images "
-              f"are not named)", file=sys.stderr, flush=True)
 
 
 def _check_images_present(images, img_dir, ann_file):

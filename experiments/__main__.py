@@ -7,6 +7,7 @@
     python -m experiments submit table1 --partition P --timeout-min 1440 --dry-run
     python -m experiments status table1                        # run status and SLURM jobs
     python -m experiments eval table1 --row dab_r50_ks --teachers
+    python -m experiments predict demo --row ks_def_r18 photo.jpg my_folder/   # your own images
     python -m experiments pretrain --task segmentation --out PATH  # backbone on the synthetic generator
 
 Overrides `key.sub=value` (any configuration key; the value is parsed as YAML) may follow the
@@ -191,6 +192,18 @@ def _eval_and_print(manifest, row, **kwargs):
         print("(COCO box AP in percent; not saved: see the note above)")
 
 
+def cmd_predict(args):
+    from .predict import predict
+
+    Manifest(args.manifest).row(args.row)
+    found, out, skipped = predict(args.manifest, args.row, args.images, args.checkpoint, args.score, args.out,
+                                  args.device, args.batch_size, results=args.results, draw=not args.no_pictures)
+    n = sum(len(entry["detections"]) for entry in found.values())
+    print(f"{len(found)} image(s), {n} detection(s) with score >= {args.score}: {out / 'detections.json'}"
+          + ("" if args.no_pictures else f" and one PNG per image in {out}/")
+          + (f"; {len(skipped)} file(s) skipped (named above)" if skipped else ""))
+
+
 def _add_overrides(p):
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="configuration overrides (YAML values), recorded with the run")
@@ -316,7 +329,29 @@ def build_parser():
     _add_overrides(p)
     p.set_defaults(func=cmd_eval)
 
-    # listed for --help; main() hands `pretrain` and its options to experiments/pretrain.py
+    p = sub.add_parser("predict", parents=[results_option], help="run a trained row's student on your own images",
+                       description="Run a trained row's student on image files or folders (read recursively): any "
+                                   "size, JPEG/PNG/..., greyscale, RGBA, 16-bit, EXIF-rotated (read as a viewer shows "
+                                   "them), with the row's test-time resizing and normalisation, in padded batches. "
+                                   "Writes one PNG per image with the detections above --score and detections.json "
+                                   "(COCO results-format entries keyed by file, with the image id where the file is "
+                                   "an image of the row's validation set). No ground truth is needed. A file that "
+                                   "cannot be read is named and skipped.")
+    p.add_argument("manifest", help=manifest_help)
+    p.add_argument("--row", required=True, help="the row whose trained model runs")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and folders")
+    p.add_argument("--checkpoint", help="checkpoint file (default: results/runs/<manifest>/<row>/checkpoint.pth)")
+    p.add_argument("--score", type=float, default=0.5, help="lowest score kept (default: %(default)s)")
+    p.add_argument("--out", help="output folder, which must not hold a detections.json yet (default: "
+                                 "<results>/predictions/<manifest>/<row>/<time>/)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--batch-size", type=int, help="images per forward (default: the row's evaluation batch size)")
+    p.add_argument("--no-pictures", action="store_true", help="write detections.json only")
+    p.set_defaults(func=cmd_predict)
+
+    # listed for --help; main() hands `complexity` and `pretrain` with their options to their modules
+    sub.add_parser("complexity", help="parameters, GFLOPs and latency of each row at inference, KS rows beside their "
+                                      "baselines; see `complexity --help`", add_help=False)
     sub.add_parser("pretrain", help="pretrain a backbone on the synthetic generator (model.backbone.weights: "
                                     "synthetic); see `pretrain --help`", add_help=False)
     return parser
@@ -328,6 +363,10 @@ def main(argv=None):
         from .pretrain import main as pretrain_main
 
         return pretrain_main(argv[1:])
+    if argv[:1] == ["complexity"]:  # its own options (experiments/complexity.py)
+        from .complexity import main as complexity_main
+
+        return complexity_main(argv[1:])
     parser = build_parser()
     global_options = argparse.ArgumentParser(add_help=False)
     global_options.add_argument("--results")

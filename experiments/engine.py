@@ -291,7 +291,8 @@ def _train(cfg, directory, resuming, ctx, plan, built, state=None, heartbeat=Non
             check_weights(model, f"at epoch {epoch}, iteration {step}")  # on every process (DDP: equal weights)
             if ctx.is_main:
                 save_checkpoint(checkpoint, model, optimizer, scheduler, epoch - 1, history, cfg, step=step,
-                                partial={"means": means, "count": count}, total_batch=total)
+                                partial={"means": means, "count": count}, total_batch=total,
+                                classes=train_set.classes())
 
         def on_step(step, sums, count, epoch=epoch):
             if heartbeat:
@@ -326,7 +327,8 @@ def _train(cfg, directory, resuming, ctx, plan, built, state=None, heartbeat=Non
         history.append(record)
         check_weights(model, f"after epoch {epoch}")
         if ctx.is_main:
-            save_checkpoint(checkpoint, model, optimizer, scheduler, epoch, history, cfg, total_batch=total)
+            save_checkpoint(checkpoint, model, optimizer, scheduler, epoch, history, cfg, total_batch=total,
+                            classes=train_set.classes())
             records.write_log(directory / "log.jsonl", history)
             summary = "  ".join(f"{b}: AP {m['AP']:.3f} AP50 {m['AP50']:.3f}"
                                 for b, m in record.get("eval", {}).items())

@@ -228,7 +228,8 @@ def load_checkpoint(manifest_name, row, checkpoint=None, overrides=(), results=r
     else:  # the run's own: the previous one when the latest is damaged or missing
         path = directory / CHECKPOINT
         if not has_checkpoint(directory):
-            raise RunError(f"{row}: no checkpoint at {path} (the row has not finished an epoch; pass --checkpoint PATH)")
+            raise RunError(f"{row}: no checkpoint at {path}: the row has not finished an epoch here; train it with "
+                           f"`python -m experiments run {manifest.name} --row {row}`, or pass --checkpoint PATH")
         state, path = read_checkpoint(path)
     cfg = merge(DEFAULTS, state["config"], f"{path}, config") if state.get("config") else row_cfg
     source = "the checkpoint" if state.get("config") else f"manifest {manifest.path}"

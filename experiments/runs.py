@@ -71,9 +71,11 @@ def check_weights(model, where, kept="the checkpoint on disk"):
                        f"finite state")
 
 
-def save_checkpoint(path, model, optimizer, scheduler, epoch, history, cfg, step=0, partial=None, total_batch=None):
+def save_checkpoint(path, model, optimizer, scheduler, epoch, history, cfg, step=0, partial=None, total_batch=None,
+                    classes=None):
     """Everything needed to resume after `epoch` completed epochs (and `step` optimizer steps of the
-    next one, `partial` its mean losses so far). Written to a temporary file, fsynced and renamed;
+    next one, `partial` its mean losses so far), and `classes` (CocoDetection.classes(): the names
+    and data-set ids of the labels, so that `predict` needs no data set). Written to a temporary file, fsynced and renamed;
     the checkpoint it replaces becomes checkpoint.prev.pth. Refuses (RunError) weights that are not
     finite, so a diverged run never replaces a good checkpoint. A full disk is a DiskFull naming the
     file and the space it needs; no temporary file is left behind."""
@@ -82,7 +84,7 @@ def save_checkpoint(path, model, optimizer, scheduler, epoch, history, cfg, step
     check_weights(model, f"at epoch {epoch + 1}, iteration {step}" if step else f"after epoch {epoch}", path)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "partial": partial,
-             "total_batch_size": total_batch, "history": history, "config": cfg}
+             "total_batch_size": total_batch, "history": history, "config": cfg, "classes": classes}
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:

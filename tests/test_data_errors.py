@@ -273,9 +273,9 @@ def test_boxes_outside_their_image_are_counted_in_the_one_note(tmp_path, capsys)
 def test_an_exif_orientation_is_noted_and_not_applied(tmp_path, capsys, monkeypatch):
     """COCO-format boxes are in the stored pixel frame: an image with an EXIF orientation (here 6,
     'rotate 90 degrees to view') is read as stored, and the first one read is named once."""
-    import datasets.coco
+    import datasets.images
 
-    monkeypatch.setattr(datasets.coco, "_orientation_noted", False)
+    monkeypatch.setattr(datasets.images, "_orientation_noted", False)
     img_dir, ann_file = tiny(tmp_path, annotations=TINY_ANNOTATIONS[:2])
     stored = np.zeros((30, 40, 3), np.uint8)  # image 1 is 40 wide, 30 high
     stored[:, :20] = 255
@@ -296,7 +296,7 @@ def test_an_exif_orientation_is_noted_and_not_applied(tmp_path, capsys, monkeypa
     ds[1]  # another turned image (a PNG with an eXIf chunk): not named again
     ds[0]
     assert capsys.readouterr().err == ""
-    monkeypatch.setattr(datasets.coco, "_orientation_noted", False)
+    monkeypatch.setattr(datasets.images, "_orientation_noted", False)
     exif[0x0112] = 1  # upright: nothing to say
     Image.fromarray(stored).save(img_dir / "000001.jpg", exif=exif)
     ds[0]

@@ -8,7 +8,7 @@ Build the CUDA extension with `python -m models.ops.ms_deform_attn.build` (READM
 file); without it everything runs on the PyTorch path. Importing this package never loads it.
 """
 from .extension import BUILD_COMMAND, extension_available, extension_load_error, load_extension_from
-from .function import ms_deform_attn, ms_deform_attn_pytorch
+from .function import ms_deform_attn, ms_deform_attn_pytorch, sampling_flops
 
 __all__ = ["BUILD_COMMAND", "extension_available", "extension_load_error", "load_extension_from",
-           "ms_deform_attn", "ms_deform_attn_pytorch"]
+           "ms_deform_attn", "ms_deform_attn_pytorch", "sampling_flops"]

@@ -53,6 +53,21 @@ def _compute_dtype(*tensors):
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+# FLOPs per sampled value and channel: bilinear interpolation reads 4 neighbours (4 multiply-adds),
+# the attention weight scales the sample into the sum (1 multiply-add); 2 FLOPs per multiply-add.
+FLOPS_PER_SAMPLE = 2 * (4 + 1)
+
+
+def sampling_flops(sampled_shape):
+    """FLOPs of the sampling and weighted sum behind `sampled_shape` sampled values (the grid_sample
+    output of one level on the PyTorch path, (N*M, D, Lq, P); the op over all levels is the sum), which
+    FLOP counters that know only matrix products and convolutions miss."""
+    n = 1
+    for side in sampled_shape:
+        n *= int(side)
+    return FLOPS_PER_SAMPLE * n
+
+
 def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations,
                            attention_weights):
     """Pure-PyTorch path: one `grid_sample` per level. Runs on any device; the result has the
