@@ -8,6 +8,7 @@
     python -m experiments status table1                        # run status and SLURM jobs
     python -m experiments eval table1 --row dab_r50_ks --teachers
     python -m experiments pretrain --task segmentation --out PATH  # backbone on the synthetic generator
+    python -m experiments import-weights --from ks-detr PATH table1 --row dab_r50_ks  # the authors' weights
 
 Overrides `key.sub=value` (any configuration key; the value is parsed as YAML) may follow the
 options of run, submit and eval; they are recorded in the run's config.yaml and command.txt.
@@ -191,6 +192,22 @@ def _eval_and_print(manifest, row, **kwargs):
         print("(COCO box AP in percent; not saved: see the note above)")
 
 
+def cmd_import_weights(args):
+    from .import_weights import import_weights
+
+    done = import_weights(args.source, args.path, args.manifest, args.row, args.out, args.overrides, args.force,
+                          args.results)
+    kinds = {}
+    for reason in done.leftovers.values():
+        kind = reason.split(" (")[0].split(" of ")[0]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    print(f"{args.path}: {done.summary}")
+    print(f"{done.mapped} tensors mapped; left out: "
+          + (", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "nothing"))
+    print(f"wrote {done.path}\nevaluate it with: python -m experiments eval {args.manifest} --row {args.row} "
+          f"--checkpoint {done.path}")
+
+
 def _add_overrides(p):
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="configuration overrides (YAML values), recorded with the run")
@@ -315,6 +332,26 @@ def build_parser():
     p.add_argument("--device", help="torch device of a single process (default: cuda if available, else cpu)")
     _add_overrides(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("import-weights", parents=[results_option],
+                       help="convert another code base's checkpoint (the KS-DETR authors') for a row",
+                       description="Convert a checkpoint of another code base into a checkpoint of a manifest row, "
+                                   "which `eval MANIFEST --row ROW --checkpoint P` evaluates. --from ks-detr: the "
+                                   "checkpoints the KS-DETR authors release (detrex/detectron2 state dicts; "
+                                   "models/convert_ksdetr.py). The row must describe the checkpoint's model "
+                                   "(variant, KS mode, sizes, backbone); every entry of the checkpoint is mapped "
+                                   "or named as an expected leftover (training state, aliases), anything else is "
+                                   "an error. The file holds the weights, the row's configuration and where they "
+                                   "came from; the row's own records are not touched.")
+    p.add_argument("--from", dest="source", required=True, choices=["ks-detr"],
+                   help="the code base the checkpoint comes from")
+    p.add_argument("path", help="the checkpoint file")
+    p.add_argument("manifest", help=manifest_help)
+    p.add_argument("--row", required=True, help="the row whose model the checkpoint holds")
+    p.add_argument("--out", help="where to write (default: <results>/runs/<manifest>/<row>/authors_checkpoint.pth)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_import_weights)
 
     # listed for --help; main() hands `pretrain` and its options to experiments/pretrain.py
     sub.add_parser("pretrain", help="pretrain a backbone on the synthetic generator (model.backbone.weights: "

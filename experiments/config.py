@@ -53,7 +53,7 @@ from pathlib import Path
 import yaml
 
 from models import VARIANTS
-from models.backbone import AUTOCAST_DTYPES, BACKBONE_NAMES, NORMS, STAGES, WEIGHTS
+from models.backbone import AUTOCAST_DTYPES, BACKBONE_NAMES, EVAL_PADDING, NORMS, STAGES, WEIGHTS
 from models.ks_encoder import KS_MODES, TEACHER_LAYERS, TEACHER_MASKS
 
 MANIFEST_DIR = Path(__file__).resolve().parent
@@ -72,6 +72,12 @@ DEFAULTS = {
         "pos_temperature": 20,
         "pos_offset": 0.0,
         "eval_topk": 300,
+        # The padding mask in evaluation (models/backbone.py EVAL_PADDING): exact, or the KS-DETR code's
+        # off_by_one, or none (detrex's DAB-DETR). decoder_padding_mask: false lets the Conditional/DAB/DN
+        # decoder cross-attention attend to padded memory tokens, as detrex's code. docs/authors_code.md.
+        "eval_padding": "exact",
+        "eval_clip_boxes": False,  # clip detections to the image (detectron2's detector_postprocess)
+        "decoder_padding_mask": True,
         # weights_path: a relative path is relative to the repository root. drop_path: stochastic depth
         # of a Swin backbone (the reference's Swin-T: 0.1); ResNets have none and ignore it.
         # autocast: null (float32) or bfloat16 (the backbone only; see models/backbone.py).
@@ -151,6 +157,7 @@ NULLABLE = {
 CHOICES = {
     "model.variant": sorted(VARIANTS),
     "model.activation": ["relu", "prelu", "gelu"],
+    "model.eval_padding": list(EVAL_PADDING),
     "model.backbone.name": BACKBONE_NAMES,
     "model.backbone.weights": list(WEIGHTS),
     "model.backbone.norm": sorted(NORMS),

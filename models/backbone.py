@@ -139,6 +139,30 @@ def downsample_mask(padding_mask, feature):
     return F.interpolate(padding_mask[None].float(), size=feature.shape[-2:])[0].bool()
 
 
+# `model.eval_padding`: the padding mask a model uses outside training (docs/authors_code.md).
+EVAL_PADDING = ("exact", "off_by_one", "none")
+
+
+def eval_padding_mask(padding_mask, rule="exact"):
+    """The image padding mask (B, H, W), True at padding, that a model uses in evaluation.
+    `exact`: the mask as given (as in training). `off_by_one`: the last valid row and column of
+    each image count as padding too, as in the KS-DETR code's evaluation (valid region [:h-1, :w-1]
+    where training uses [:h, :w]). `none`: no padding at all (detrex's DAB-DETR evaluates with an
+    all-zero mask). Images are padded on the bottom and right."""
+    if rule == "exact":
+        return padding_mask
+    if rule == "none":
+        return torch.zeros_like(padding_mask)
+    if rule != "off_by_one":
+        raise ValueError(f"model.eval_padding must be one of {list(EVAL_PADDING)}, got {rule!r}")
+    H, W = padding_mask.shape[-2:]
+    h = (~padding_mask[:, :, 0]).sum(1)
+    w = (~padding_mask[:, 0, :]).sum(1)
+    rows = torch.arange(H, device=padding_mask.device) >= (h - 1)[:, None]
+    cols = torch.arange(W, device=padding_mask.device) >= (w - 1)[:, None]
+    return padding_mask | rows[:, :, None] | cols[:, None, :]
+
+
 class _StagedBackbone(nn.Module):
     """What every backbone here shares: the requested stages with their channels and strides, frozen
     parts that get no gradient and stay in eval mode (their norm statistics never update), and the

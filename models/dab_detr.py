@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import ks_encoder as ks
-from .backbone import build_backbone
+from .backbone import build_backbone, eval_padding_mask
 from .conditional_detr import ConditionalDecoderLayer
 from .layers import MLP, EncoderLayer, box_sine_embedding, inverse_sigmoid, xavier_init_
 from .position_encoding import PositionEmbeddingSine
@@ -86,6 +86,7 @@ class DABDETR(nn.Module):
         self.ks_mode = ks.check_ks_mode(cfg["ks"]["mode"])
         self.teacher_layers = cfg["ks"]["teacher_layers"]
         self.teacher_mask = ks.check_teacher_mask(cfg["ks"]["mask"])
+        self.eval_padding, self.decoder_padding_mask = cfg["eval_padding"], cfg["decoder_padding_mask"]
         self.backbone = build_backbone(cfg["backbone"], (cfg["backbone"]["last_stage"],))
         self.input_proj = nn.Conv2d(self.backbone.num_channels[-1], d, kernel_size=1)
         self.position = PositionEmbeddingSine(d // 2, temperature=cfg["pos_temperature"], normalize=True)
@@ -129,11 +130,15 @@ class DABDETR(nn.Module):
 
     def forward(self, images, padding_mask, targets=None, with_teachers=None):
         teachers = ks.teachers_wanted(self.ks_mode, self.training, with_teachers)
+        if not self.training:
+            padding_mask = eval_padding_mask(padding_mask, self.eval_padding)
         memory, teacher_memories, pos, mask = self.encode(images, padding_mask, targets, teachers)
         content, anchors, self_attn_mask, dn = self.queries(images.shape[0], targets)
+        memory_mask = mask if self.decoder_padding_mask else None  # detrex's decoder passes no mask
 
         def decode(memory, n):
-            hidden, refs = self.decoder(content.repeat(n, 1, 1), memory, pos.repeat(n, 1, 1), mask.repeat(n, 1),
+            masks = None if memory_mask is None else memory_mask.repeat(n, 1)
+            hidden, refs = self.decoder(content.repeat(n, 1, 1), memory, pos.repeat(n, 1, 1), masks,
                                         anchors.repeat(n, 1, 1), self.bbox_embed, self_attn_mask)
             logits = self.class_embed(hidden)
             boxes = (self.bbox_embed(hidden) + inverse_sigmoid(refs)).sigmoid()

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import ks_encoder as ks
-from .backbone import STAGES, build_backbone, downsample_mask
+from .backbone import STAGES, build_backbone, downsample_mask, eval_padding_mask
 from .layers import (MLP, DeformableEncoderLayer, MSDeformAttn, MultiheadAttention, box_from_delta,
                      make_activation, xavier_init_)
 from .position_encoding import PositionEmbeddingSine
@@ -203,6 +203,10 @@ class DeformableDETR(nn.Module):
         self.ks_mode = ks.check_ks_mode(cfg["ks"]["mode"])
         self.teacher_layers = cfg["ks"]["teacher_layers"]
         self.teacher_mask = ks.check_teacher_mask(cfg["ks"]["mask"])
+        self.eval_padding = cfg["eval_padding"]
+        if not cfg["decoder_padding_mask"]:
+            raise ValueError("model.decoder_padding_mask: false is for the Conditional/DAB/DN-DETR decoders; the "
+                             "deformable decoders mask padded values (as the reference does)")
         self.backbone = build_backbone(cfg["backbone"], backbone_stages(cfg["backbone"]["last_stage"], n_levels))
         self.input_proj = input_projections(self.backbone.num_channels, d, n_levels)
         self.position = PositionEmbeddingSine(d // 2, temperature=cfg["pos_temperature"], normalize=True,
@@ -293,6 +297,8 @@ class DeformableDETR(nn.Module):
 
     def forward(self, images, padding_mask, targets=None, with_teachers=None):
         teachers = ks.teachers_wanted(self.ks_mode, self.training, with_teachers)
+        if not self.training:
+            padding_mask = eval_padding_mask(padding_mask, self.eval_padding)
         enc = self.encode(images, padding_mask, targets, teachers)
         content, query_pos, references, self_attn_mask, dn = self.queries(images.shape[0], targets)
 
