@@ -157,9 +157,7 @@ def describe(state):
     dec = _indices(keys, DEC)
     if not enc or not dec:
         raise ConversionError(f"a {VARIANT_NAMES[variant]} checkpoint without {ENC}.* or {DEC}.* keys")
-    class_key = "class_embed.weight" if "class_embed.weight" in keys else "class_embed.0.weight"
-    _need(state, class_key)
-    num_classes, d = state[class_key].shape
+    num_classes, d = _need(state, "class_embed.weight" if variant in SINGLE_SCALE else "class_embed.0.weight").shape
     last = f"{ENC}.{enc[-1]}.attentions.0"
     if variant in SINGLE_SCALE:
         for i in enc:
@@ -300,7 +298,10 @@ def _ffn(m, ours, src, prelu):
 
 
 def _mlp(m, ours, src):
-    for i in _indices(m.source, f"{src}.layers"):
+    layers = _indices(m.source, f"{src}.layers")
+    if not layers:
+        raise ConversionError(f"{m.name} has no {src}.layers.* (for {ours})")
+    for i in layers:
         m.linear(f"{ours}.layers.{i}", f"{src}.layers.{i}")
 
 
@@ -333,19 +334,30 @@ def _encoder(m, found):
         _mlp(m, "encoder.query_scale", "transformer.encoder.query_scale")
 
 
+# detrex's conditional attention projections -> this project's (sa_* / ca_* + the short name)
 CONDITIONAL_PROJECTIONS = {"query_content_proj": "q_content", "query_pos_proj": "q_pos",
                            "key_content_proj": "k_content", "key_pos_proj": "k_pos", "value_proj": "v",
                            "out_proj": "out", "query_pos_sine_proj": "q_sine"}
 
 
-def _decoder(m, found):
+def _conditional_projections(layer):
+    """(attention index, detrex name, name here) of one conditional decoder layer: the positional
+    query projection of the cross-attention exists in the first layer only (in both code bases)."""
+    out = []
+    for a, prefix in ((0, "sa"), (1, "ca")):
+        for name, short in CONDITIONAL_PROJECTIONS.items():
+            if (a == 0 and name == "query_pos_sine_proj") or (a == 1 and name == "query_pos_proj" and layer > 0):
+                continue
+            out.append((a, name, f"{prefix}_{short}"))
+    return out
+
+
+def _decoder(m, found, target):
     for i in range(found.dec_layers):
         src, ours = f"{DEC}.{i}", f"decoder.layers.{i}"
         if found.variant in SINGLE_SCALE:
-            for a, prefix in ((0, "sa"), (1, "ca")):
-                for name, short in CONDITIONAL_PROJECTIONS.items():
-                    if f"{src}.attentions.{a}.{name}.weight" in m.source:
-                        m.linear(f"{ours}.{prefix}_{short}", f"{src}.attentions.{a}.{name}")
+            for a, name, short in _conditional_projections(i):
+                m.linear(f"{ours}.{short}", f"{src}.attentions.{a}.{name}")
         else:
             for p in ("weight", "bias"):
                 m.copy(f"{ours}.self_attn.in_proj.{p}", f"{src}.attentions.0.attn.in_proj_{p}")
@@ -356,7 +368,9 @@ def _decoder(m, found):
         for n in range(3):
             m.linear(f"{ours}.norm{n + 1}", f"{src}.norms.{n}")
     for name in ("query_scale", "ref_point_head", "ref_anchor_head"):
-        if f"transformer.decoder.{name}.layers.0.weight" in m.source:
+        # wherever either model has one (a missing one on either side is an error below)
+        if any(k.startswith(f"transformer.decoder.{name}.") for k in m.source) or f"decoder.{name}.layers.0.weight" \
+                in target:
             _mlp(m, f"decoder.{name}", f"transformer.decoder.{name}")
     if found.variant in SINGLE_SCALE:
         m.linear("decoder.norm", "transformer.decoder.post_norm_layer")
@@ -428,7 +442,7 @@ def convert(checkpoint, target_state, name="the checkpoint"):
     else:
         _swin(m, target_state)
     _encoder(m, found)
-    _decoder(m, found)
+    _decoder(m, found, target_state)
     _heads_and_queries(m, found)
     unused = m.unused()
     if unused:
