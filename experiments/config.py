@@ -79,10 +79,12 @@ DEFAULTS = {
         "eval_clip_boxes": False,  # clip detections to the image (detectron2's detector_postprocess)
         "decoder_padding_mask": True,
         # weights_path: a relative path is relative to the repository root. drop_path: stochastic depth
-        # of a Swin backbone (the reference's Swin-T: 0.1); ResNets have none and ignore it.
+        # of a Swin backbone (the reference's Swin-T: 0.1); ResNets have none and ignore it, as pad_to_patch
+        # (Swin: pad the image to a multiple of the patch size first, as detectron2's Swin; models/backbone.py).
         # autocast: null (float32) or bfloat16 (the backbone only; see models/backbone.py).
         "backbone": {"name": "resnet50", "weights": "imagenet", "weights_path": None, "freeze_at": 1,
-                     "norm": "frozen_bn", "last_stage": "layer4", "drop_path": 0.0, "autocast": None},
+                     "norm": "frozen_bn", "last_stage": "layer4", "drop_path": 0.0, "autocast": None,
+                     "pad_to_patch": False},
         "ks": {"mode": "none", "teacher_layers": "last", "mask": "gt"},
         "dab": {"modulate_hw_attn": True, "random_anchor_xy": True, "freeze_anchor_xy": False},
         "dn": {"groups": 5, "label_noise": 0.2, "box_noise": 0.4},

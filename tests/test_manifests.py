@@ -84,6 +84,7 @@ def test_rows_match_the_paper_and_the_reference_settings(table):
             assert (bb["freeze_at"], bb["norm"], bb["weights_path"], bb["drop_path"]) == (1, "frozen_bn", None, 0.0)
         else:  # Swin-T: detectron2's SwinTransformer freezes nothing, stochastic depth 0.1, explicit weights
             assert (bb["freeze_at"], bb["drop_path"]) == (0, 0.1) and bb["weights_path"].endswith(".pth"), name
+            assert bb["pad_to_patch"], name  # detectron2's PatchEmbed pads to a multiple of 4
 
 
 def test_baselines_pair_ks_rows_with_the_same_setting_without_ks(table):
