@@ -78,6 +78,8 @@ DEFAULTS = {
         "eval_padding": "exact",
         "eval_clip_boxes": False,  # clip detections to the image (detectron2's detector_postprocess)
         "decoder_padding_mask": True,
+        # the inverse sigmoid of reference boxes clamps to [eps, 1 - eps]; detrex's eps is 1e-3
+        "inverse_sigmoid_eps": 1e-5,
         # weights_path: a relative path is relative to the repository root. drop_path: stochastic depth
         # of a Swin backbone (the reference's Swin-T: 0.1); ResNets have none and ignore it, as pad_to_patch
         # (Swin: pad the image to a multiple of the patch size first, as detectron2's Swin; models/backbone.py).
@@ -174,6 +176,7 @@ CHOICES = {
 MINIMUM = {
     "model.hidden_dim": 1, "model.nheads": 1, "model.enc_layers": 1, "model.dec_layers": 1,
     "model.dim_feedforward": 1, "model.num_queries": 1, "model.eval_topk": 1, "model.dropout": 0.0,
+    "model.inverse_sigmoid_eps": 0.0,
     "model.backbone.freeze_at": 0, "model.dn.groups": 0, "model.dn.label_noise": 0.0, "model.dn.box_noise": 0.0,
     "model.deformable.num_levels": 1, "model.deformable.n_points": 1,
     "data.num_workers": 0,

@@ -131,6 +131,7 @@ class ConditionalDETR(nn.Module):
         layer_args = (d, nhead, cfg["dim_feedforward"], cfg["dropout"], cfg["activation"])
         self.encoder = ConditionalEncoder(*layer_args, cfg["enc_layers"], self.ks_mode)
         self.decoder = ConditionalDecoder(*layer_args, cfg["dec_layers"])
+        self.box_eps = cfg["inverse_sigmoid_eps"]
         xavier_init_(self.encoder)
         xavier_init_(self.decoder)
         ks.init_ks_parameters(self.encoder)
@@ -165,7 +166,8 @@ class ConditionalDETR(nn.Module):
             hidden, refs = self.decoder(tgt, memory, pos.repeat(n, 1, 1), masks, query_pos)
             logits = self.class_embed(hidden)
             offsets = self.bbox_embed(hidden)
-            boxes = torch.cat([offsets[..., :2] + inverse_sigmoid(refs), offsets[..., 2:]], -1).sigmoid()
+            boxes = torch.cat([offsets[..., :2] + inverse_sigmoid(refs, self.box_eps), offsets[..., 2:]],
+                              -1).sigmoid()
             return [{"pred_logits": c, "pred_boxes": b} for c, b in zip(logits, boxes)]
 
         branches = ks.decode_branches(decode, memory, teacher_memories, self.training)

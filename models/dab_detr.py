@@ -38,9 +38,10 @@ DABDecoderLayer = ConditionalDecoderLayer
 
 
 class DABDecoder(nn.Module):
-    def __init__(self, d_model, nhead, dim_feedforward, dropout, activation, num_layers, modulate_hw_attn=True):
+    def __init__(self, d_model, nhead, dim_feedforward, dropout, activation, num_layers, modulate_hw_attn=True,
+                 box_eps=1e-5):
         super().__init__()
-        self.d_model = d_model
+        self.d_model, self.box_eps = d_model, box_eps
         self.layers = nn.ModuleList(DABDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation, i == 0)
                                     for i in range(num_layers))
         self.norm = nn.LayerNorm(d_model)
@@ -67,7 +68,7 @@ class DABDecoder(nn.Module):
             out = layer(out, memory, memory_pos, query_pos, query_sine, memory_padding_mask, self_attn_mask)
             # The box head sees the un-normalised layer output here, as in DAB-DETR. The next layer
             # starts from detached anchors, but the returned ones keep their gradient.
-            new_refs = (bbox_embed(out) + inverse_sigmoid(refs)).sigmoid()
+            new_refs = (bbox_embed(out) + inverse_sigmoid(refs, self.box_eps)).sigmoid()
             if i < len(self.layers) - 1:
                 references.append(new_refs)
             refs = new_refs.detach()
@@ -92,7 +93,8 @@ class DABDETR(nn.Module):
         self.position = PositionEmbeddingSine(d // 2, temperature=cfg["pos_temperature"], normalize=True)
         layer_args = (d, nhead, cfg["dim_feedforward"], cfg["dropout"], cfg["activation"])
         self.encoder = DABEncoder(*layer_args, cfg["enc_layers"], self.ks_mode)
-        self.decoder = DABDecoder(*layer_args, cfg["dec_layers"], cfg["dab"]["modulate_hw_attn"])
+        self.box_eps = cfg["inverse_sigmoid_eps"]
+        self.decoder = DABDecoder(*layer_args, cfg["dec_layers"], cfg["dab"]["modulate_hw_attn"], self.box_eps)
         xavier_init_(self.encoder)
         xavier_init_(self.decoder)
         ks.init_ks_parameters(self.encoder)
@@ -141,7 +143,7 @@ class DABDETR(nn.Module):
             hidden, refs = self.decoder(content.repeat(n, 1, 1), memory, pos.repeat(n, 1, 1), masks,
                                         anchors.repeat(n, 1, 1), self.bbox_embed, self_attn_mask)
             logits = self.class_embed(hidden)
-            boxes = (self.bbox_embed(hidden) + inverse_sigmoid(refs)).sigmoid()
+            boxes = (self.bbox_embed(hidden) + inverse_sigmoid(refs, self.box_eps)).sigmoid()
             layers = [{"pred_logits": c, "pred_boxes": b} for c, b in zip(logits, boxes)]
             return layers if dn is None else [dn.split(layer) for layer in layers]
 

@@ -137,9 +137,10 @@ class DeformableDecoderLayer(nn.Module):
 
 
 class DeformableDecoder(nn.Module):
-    def __init__(self, d_model, nhead, dim_feedforward, dropout, activation, num_layers, n_levels, n_points):
+    def __init__(self, d_model, nhead, dim_feedforward, dropout, activation, num_layers, n_levels, n_points,
+                 box_eps=1e-5):
         super().__init__()
-        self.d_model = d_model
+        self.d_model, self.box_eps = d_model, box_eps
         self.layers = nn.ModuleList(DeformableDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation,
                                                            n_levels, n_points) for _ in range(num_layers))
 
@@ -165,7 +166,7 @@ class DeformableDecoder(nn.Module):
             hidden.append(out)
             starts.append(references)
             if box_heads is not None:  # the next layer starts from this layer's box, detached
-                references = box_from_delta(box_heads[i](out), references).sigmoid().detach()
+                references = box_from_delta(box_heads[i](out), references, self.box_eps).sigmoid().detach()
         return hidden, starts
 
 
@@ -214,7 +215,8 @@ class DeformableDETR(nn.Module):
         self.level_embed = nn.Parameter(torch.empty(n_levels, d))
         layer_args = (d, nhead, cfg["dim_feedforward"], cfg["dropout"], cfg["activation"])
         self.encoder = DeformableEncoder(*layer_args, cfg["enc_layers"], n_levels, n_points, self.ks_mode)
-        self.decoder = self.decoder_class(*layer_args, cfg["dec_layers"], n_levels, n_points)
+        self.box_eps = cfg["inverse_sigmoid_eps"]
+        self.decoder = self.decoder_class(*layer_args, cfg["dec_layers"], n_levels, n_points, box_eps=self.box_eps)
         # the reference's transformer init: xavier everywhere, then the deformable attention's own
         # init, then (here) the KS layer's
         xavier_init_(self.encoder)
@@ -310,7 +312,8 @@ class DeformableDETR(nn.Module):
             layers = []
             for i, (h, ref) in enumerate(zip(hidden, starts)):
                 class_head, box_head = self.heads(i)
-                layers.append({"pred_logits": class_head(h), "pred_boxes": box_from_delta(box_head(h), ref).sigmoid()})
+                boxes = box_from_delta(box_head(h), ref, self.box_eps).sigmoid()
+                layers.append({"pred_logits": class_head(h), "pred_boxes": boxes})
             return layers if dn is None else [dn.split(layer) for layer in layers]
 
         branches = ks.decode_branches(decode, enc.memory, enc.teacher_memories, self.training)

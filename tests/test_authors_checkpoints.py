@@ -30,7 +30,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures" / "authors"
 TINY_BACKBONE = "authors_tiny"
 # The fixtures' sizes (their README, "Common tiny overrides") and the authors' evaluation.
 TINY = {"hidden_dim": 32, "nheads": 4, "dim_feedforward": 64, "num_queries": 10, "eval_topk": 10, "enc_layers": 2,
-        "dec_layers": 2, "eval_padding": "off_by_one", "eval_clip_boxes": True,
+        "dec_layers": 2, "eval_padding": "off_by_one", "eval_clip_boxes": True, "inverse_sigmoid_eps": 1e-3,
         "backbone": {"name": "resnet50", "weights": None}}
 SINGLE_SCALE = {"decoder_padding_mask": False}
 DEFORMABLE = {"activation": "relu", "pos_temperature": 10000, "pos_offset": -0.5}
@@ -226,6 +226,27 @@ def test_the_authors_behaviours_are_needed_to_match():
     sizes = torch.tensor(reference("ks_dab_detr_r50_triple")["image_sizes"])
     unclipped = postprocess(out["pred_logits"], out["pred_boxes"], sizes, TINY["eval_topk"])
     assert any((d["boxes"][:, 2:] > s.flip(0)).any() for d, s in zip(unclipped, sizes))
+
+
+# the parameter that puts every reference point of a variant near 1 (sigmoid of about 10)
+EXTREME_REFERENCES = {"ks_dab_detr_r50_triple": "anchor_xy", "ks_dn_detr_r50_triple": "anchor_xy",
+                      "ks_conditional_detr_r50_triple": "decoder.ref_point_head.layers.1.bias",
+                      "ks_deformable_detr_r50_triple": "reference_points.bias",
+                      "ks_dn_deformable_detr_r50_triple": "refpoint_embed.weight"}
+
+
+@pytest.mark.parametrize("mid", EXTREME_REFERENCES)
+def test_inverse_sigmoid_eps_reaches_the_boxes(mid):
+    """model.inverse_sigmoid_eps clamps the reference points (detrex: 1e-3) wherever their inverse
+    sigmoid meets the box head: references beyond 1 - 1e-3 give other boxes with 1e-5."""
+    boxes = {}
+    for eps in (1e-3, 1e-5):
+        model = converted_model(mid, inverse_sigmoid_eps=eps)
+        with torch.no_grad():
+            dict(model.named_parameters())[EXTREME_REFERENCES[mid]].fill_(10.0)
+            images, mask, _ = batch(reference(mid))
+            boxes[eps] = model(images, mask)["pred_boxes"]
+    assert (boxes[1e-3] - boxes[1e-5]).abs().max() > 5e-4  # about 0.999 against 0.9999
 
 
 def test_eval_padding_rules():

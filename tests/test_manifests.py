@@ -76,7 +76,7 @@ def test_rows_match_the_paper_and_the_reference_settings(table):
         assert (d["crop_resize_scales"], d["crop_size"]) == ([400, 500, 600], [384, 600]), name
         assert (d["test_size"], d["test_max_size"]) == (800, 1333), name
         # the authors' code's evaluation and decoders (docs/authors_code.md; tests/test_authors_checkpoints.py)
-        assert (m["eval_padding"], m["eval_clip_boxes"]) == ("off_by_one", True), name
+        assert (m["eval_padding"], m["eval_clip_boxes"], m["inverse_sigmoid_eps"]) == ("off_by_one", True, 1e-3), name
         assert m["decoder_padding_mask"] == (m["variant"] in ("deformable_detr", "dn_deformable_detr")), name
         bb = m["backbone"]
         assert bb["weights"] == "imagenet", name
