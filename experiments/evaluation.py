@@ -209,6 +209,9 @@ class Checkpoint:
     def build_model(self, num_classes, device="cpu"):
         """The trained model (evaluation mode) on `device`. The backbone starts from a random
         initialisation: the checkpoint overwrites every weight, so no pretrained file is needed."""
+        held = self.state.get("num_classes")  # written by import-weights
+        if held is not None and held != num_classes:
+            raise RunError(f"{self.path} holds a model of {held} classes, the data set has {num_classes}")
         cfg = model_config(self.cfg)
         cfg["backbone"].update(weights=None, weights_path=None)
         model, _ = build_model(cfg, num_classes)

@@ -52,7 +52,8 @@ deviation shows in a forward pass; tests/test_hf_parity.py):
   reference: 0.0); ConditionalDetr's non-timm backbone freezes every backbone parameter (its filter
   looks for "stage.1", which transformers' "stages.1" names never contain), DabDetr freezes none,
   while the reference freezes the stem only (freeze_at=1); inverse_sigmoid uses eps 1e-5 in
-  transformers and here, 1e-3 in detrex (differs only within 1e-3 of 0 or 1).
+  transformers and here by default, 1e-3 in detrex (differs only within 1e-3 of 0 or 1;
+  model.inverse_sigmoid_eps).
 
 Where transformers' DeformableDetr (5.x) deviates from the original Deformable-DETR repository
 (fundamentalvision/Deformable-DETR) and from the KS reference (detrex); checked in

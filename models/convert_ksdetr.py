@@ -314,6 +314,10 @@ def _encoder(m, found):
             attn = f"{src}.attentions.0.attn"
             for p in ("weight", "bias"):
                 packed = m.get(f"{attn}.in_proj_{p}")
+                rows = d * sum(n for _, n in ks.PACKED_IN_PROJ[mode])
+                if packed.shape[0] != rows:
+                    raise ConversionError(f"{m.name}: {attn}.in_proj_{p} has {packed.shape[0]} rows, a {mode!r} "
+                                          f"layer's has {rows}")
                 for name, rows in ks.split_packed_in_proj(mode, packed, d).items():
                     m.out[f"{ours}.{name}.{p}"] = rows
                     m.origin[f"{ours}.{name}.{p}"] = f"{attn}.in_proj_{p}"

@@ -19,6 +19,7 @@ from experiments import config
 from experiments.__main__ import main
 from experiments.build import model_config
 from experiments.config import DEFAULTS, Manifest, merge
+from experiments.errors import RunError
 from experiments.evaluation import load_checkpoint
 from models import backbone, build_model, model_targets
 from models import ks_encoder as ks
@@ -298,9 +299,17 @@ def test_the_released_architectures_map_entirely_onto_their_table1_rows(mid):
     assert set(leftovers) - set(state) == {"trainer", "iteration"}
 
 
+def detectron2_relative_position_index(window=7):
+    """The buffer detectron2's WindowAttention computes: (window^2, window^2) indices into the bias table."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + window - 1
+    return relative[..., 0] * (2 * window - 1) + relative[..., 1]
+
+
 def swin_t_listing():
     """detectron2's SwinTransformer(embed_dim 96, depths 2-2-6-2, heads 3-6-12-24, window 7,
-    out_indices (3,)) state-dict keys and shapes, as the KS-DAB-DETR Swin-T config builds it."""
+    out_indices (3,)) state-dict keys and shapes, as the KS-DAB-DETR Swin-T config builds it (meta
+    tensors, but the computed relative position indices with their values)."""
     shapes, dim = {"patch_embed.proj.weight": (96, 3, 4, 4), "patch_embed.proj.bias": (96,),
                    "patch_embed.norm.weight": (96,), "patch_embed.norm.bias": (96,)}, 96
     for i, (depth, heads) in enumerate(zip((2, 2, 6, 2), (3, 6, 12, 24))):
@@ -320,7 +329,8 @@ def swin_t_listing():
                            f"layers.{i}.downsample.norm.bias": (4 * dim,)})
             dim *= 2
     shapes.update({"norm3.weight": (768,), "norm3.bias": (768,)})
-    return {f"backbone.{k}": torch.empty(v, device="meta") for k, v in shapes.items()}
+    return {f"backbone.{k}": detectron2_relative_position_index() if k.endswith("relative_position_index")
+            else torch.empty(v, device="meta") for k, v in shapes.items()}
 
 
 def test_a_swin_t_checkpoint_maps_onto_the_swin_t_row():
@@ -332,15 +342,20 @@ def test_a_swin_t_checkpoint_maps_onto_the_swin_t_row():
     found = describe(state)
     cfg = model_config(Manifest("table1").resolve("dab_swint_ks"))
     cfg["backbone"].update(weights=None, weights_path=None)
-    with torch.device("meta"):
-        model = build_model(cfg, 80)[0]
+    torch.manual_seed(0)
+    model = build_model(cfg, 80)[0]  # real tensors: the computed indices are compared with torchvision's
     assert found.backbone == "swin_t" and found.mismatches(cfg) == []
-    weights, leftovers = convert({"model": state}, model.state_dict(), "swin")
-    target = model.state_dict()
+    target = {k: v if k.endswith("relative_position_index") else torch.empty(v.shape, device="meta")
+              for k, v in model.state_dict().items()}
+    weights, leftovers = convert({"model": state}, target, "swin")
     assert set(weights) == {k for k in target if not k.endswith("relative_position_index")}
     assert sum(reason.startswith("computed here") for reason in leftovers.values()) == 12
     assert weights["backbone.out_norms.0.weight"].shape == (768,)
     assert weights["backbone.features.5.3.mlp.0.weight"].shape == (1536, 384)  # stage 3, block 3, fc1
+    key = "backbone.layers.2.blocks.3.attn.relative_position_index"
+    state[key] = state[key].T.contiguous()  # not detectron2's
+    with pytest.raises(ConversionError, match=f"{key} differs from the relative position index computed here"):
+        convert({"model": state}, target, "swin")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,6 +453,8 @@ def test_import_weights_writes_a_checkpoint_of_the_table1_row(tmp_path, capsys):
     ck = load_checkpoint("table1", "dab_r50_ks", checkpoint=out, results=tmp_path)
     assert ck.source == "the checkpoint" and ck.changed_model_keys() == []
     assert ck.state["imported_from"]["iteration"] == 374999 and ck.state["num_classes"] == 80
+    with pytest.raises(RunError, match="holds a model of 80 classes, the data set has 5"):
+        ck.build_model(5)
     model = ck.build_model(80)
     ours = model.state_dict()
     d = 256
