@@ -197,13 +197,15 @@ def cmd_import_weights(args):
 
     done = import_weights(args.source, args.path, args.manifest, args.row, args.out, args.overrides, args.force,
                           args.results)
-    kinds = {}
+    kinds = {"training state": "training-state entries", "alias of": "aliases (checked equal)",
+             "computed here": "computed buffers (checked equal)"}
+    counts = {}
     for reason in done.leftovers.values():
-        kind = reason.split(" (")[0].split(" of ")[0]
-        kinds[kind] = kinds.get(kind, 0) + 1
+        kind = next((k for prefix, k in kinds.items() if reason.startswith(prefix)), reason)
+        counts[kind] = counts.get(kind, 0) + 1
     print(f"{args.path}: {done.summary}")
     print(f"{done.mapped} tensors mapped; left out: "
-          + (", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "nothing"))
+          + (", ".join(f"{n} {k}" for k, n in counts.items()) or "nothing"))
     print(f"wrote {done.path}\nevaluate it with: python -m experiments eval {args.manifest} --row {args.row} "
           f"--checkpoint {done.path}")
 
