@@ -312,8 +312,9 @@ def make_deformable_encoder_layer(mode, d_model, nhead, dim_feedforward, dropout
 KS_LAYERS = (KSEncoderLayer, KSDeformableEncoderLayer)
 
 # The reference's KS layer packs the student's and the teachers' in-projections into one matrix of
-# k x d rows (its in_proj_weight.chunk(k): Q, K, V, then Q^t, K^t for share-V, V^t for share-A);
-# here they are separate modules of the layer: runs of d-row blocks -> parameter name.
+# k x d rows (its in_proj_weight.chunk(k)): Q, K, V, then the teachers' Q^t, K^t (share-V), V^t
+# (share-A) or Q^t, K^t, V^t (triple). Here they are separate modules of the layer: runs of d-row
+# blocks -> parameter name.
 PACKED_IN_PROJ = {
     "none": (("self_attn.in_proj", 3),),
     "triple": (("self_attn.in_proj", 3), ("teacher.qk_proj", 2), ("teacher.v_proj", 1)),
