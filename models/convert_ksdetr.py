@@ -40,7 +40,7 @@ What maps:
   `transformer.decoder.bbox_embed` (aliases).
 """
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -104,7 +104,6 @@ class Found:
     backbone_text: str  # the backbone in words
     num_levels: int | None = None
     box_refine: bool | None = None
-    notes: list = field(default_factory=list)
 
     @property
     def name(self):
