@@ -129,7 +129,7 @@ def detections(trained, image_ids, branches, score=0.3, batch_size=8):
     from models.postprocess import postprocess
 
     teachers = [b for b in branches if b != "attn1"]
-    topk = trained.cfg["model"]["eval_topk"]
+    topk, clip = trained.cfg["model"]["eval_topk"], trained.cfg["model"]["eval_clip_boxes"]
     out = {}
     for start in range(0, len(image_ids), batch_size):
         ids = image_ids[start:start + batch_size]
@@ -139,7 +139,8 @@ def detections(trained, image_ids, branches, score=0.3, batch_size=8):
         per_branch = {"attn1": outputs, **{b: outputs["teacher_outputs"][b][-1] for b in teachers}}
         for branch in branches:
             o = per_branch[branch]
-            for image_id, det in zip(ids, postprocess(o["pred_logits"], o["pred_boxes"], sizes, topk)):
+            dets = postprocess(o["pred_logits"], o["pred_boxes"], sizes, topk, clip)
+            for image_id, det in zip(ids, dets):
                 keep = det["scores"] >= score
                 out[(image_id, branch)] = {k: v[keep] for k, v in det.items()}
     return out

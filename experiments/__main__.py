@@ -9,6 +9,7 @@
     python -m experiments eval table1 --row dab_r50_ks --teachers
     python -m experiments predict demo --row ks_def_r18 photo.jpg my_folder/   # your own images
     python -m experiments pretrain --task segmentation --out PATH  # backbone on the synthetic generator
+    python -m experiments import-weights --from ks-detr PATH table1 --row dab_r50_ks  # the authors' weights
 
 Overrides `key.sub=value` (any configuration key; the value is parsed as YAML) may follow the
 options of run, submit and eval; they are recorded in the run's config.yaml and command.txt.
@@ -204,6 +205,24 @@ def cmd_predict(args):
           + (f"; {len(skipped)} file(s) skipped (named above)" if skipped else ""))
 
 
+def cmd_import_weights(args):
+    from .import_weights import import_weights
+
+    done = import_weights(args.source, args.path, args.manifest, args.row, args.out, args.overrides, args.force,
+                          args.results)
+    kinds = {"training state": "training-state entries", "alias of": "aliases (checked equal)",
+             "computed here": "computed buffers (checked equal)"}
+    counts = {}
+    for reason in done.leftovers.values():
+        kind = next((k for prefix, k in kinds.items() if reason.startswith(prefix)), reason)
+        counts[kind] = counts.get(kind, 0) + 1
+    print(f"{args.path}: {done.summary}")
+    print(f"{done.mapped} tensors mapped; left out: "
+          + (", ".join(f"{n} {k}" for k, n in counts.items()) or "nothing"))
+    print(f"wrote {done.path}\nevaluate it with: python -m experiments eval {args.manifest} --row {args.row} "
+          f"--checkpoint {done.path}")
+
+
 def _add_overrides(p):
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="configuration overrides (YAML values), recorded with the run")
@@ -348,6 +367,26 @@ def build_parser():
     p.add_argument("--batch-size", type=int, help="images per forward (default: the row's evaluation batch size)")
     p.add_argument("--no-pictures", action="store_true", help="write detections.json only")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("import-weights", parents=[results_option],
+                       help="convert another code base's checkpoint (the KS-DETR authors') for a row",
+                       description="Convert a checkpoint of another code base into a checkpoint of a manifest row, "
+                                   "which `eval MANIFEST --row ROW --checkpoint P` evaluates. --from ks-detr: the "
+                                   "checkpoints the KS-DETR authors release (detrex/detectron2 state dicts; "
+                                   "models/convert_ksdetr.py). The row must describe the checkpoint's model "
+                                   "(variant, KS mode, sizes, backbone); every entry of the checkpoint is mapped "
+                                   "or named as an expected leftover (training state, aliases), anything else is "
+                                   "an error. The file holds the weights, the row's configuration and where they "
+                                   "came from; the row's own records are not touched.")
+    p.add_argument("--from", dest="source", required=True, choices=["ks-detr"],
+                   help="the code base the checkpoint comes from")
+    p.add_argument("path", help="the checkpoint file")
+    p.add_argument("manifest", help=manifest_help)
+    p.add_argument("--row", required=True, help="the row whose model the checkpoint holds")
+    p.add_argument("--out", help="where to write (default: <results>/runs/<manifest>/<row>/authors_checkpoint.pth)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_import_weights)
 
     # listed for --help; main() hands `complexity` and `pretrain` with their options to their modules
     sub.add_parser("complexity", help="parameters, GFLOPs and latency of each row at inference, KS rows beside their "

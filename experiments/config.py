@@ -53,7 +53,7 @@ from pathlib import Path
 import yaml
 
 from models import VARIANTS
-from models.backbone import AUTOCAST_DTYPES, BACKBONE_NAMES, NORMS, STAGES, WEIGHTS
+from models.backbone import AUTOCAST_DTYPES, BACKBONE_NAMES, EVAL_PADDING, NORMS, STAGES, WEIGHTS
 from models.ks_encoder import KS_MODES, TEACHER_LAYERS, TEACHER_MASKS
 
 MANIFEST_DIR = Path(__file__).resolve().parent
@@ -72,11 +72,21 @@ DEFAULTS = {
         "pos_temperature": 20,
         "pos_offset": 0.0,
         "eval_topk": 300,
+        # The padding mask in evaluation (models/backbone.py EVAL_PADDING): exact, or the KS-DETR code's
+        # off_by_one, or none (detrex's DAB-DETR). decoder_padding_mask: false lets the Conditional/DAB/DN
+        # decoder cross-attention attend to padded memory tokens, as detrex's code. docs/authors_code.md.
+        "eval_padding": "exact",
+        "eval_clip_boxes": False,  # clip detections to the image (detectron2's detector_postprocess)
+        "decoder_padding_mask": True,
+        # the inverse sigmoid of reference boxes clamps to [eps, 1 - eps]; detrex's eps is 1e-3
+        "inverse_sigmoid_eps": 1e-5,
         # weights_path: a relative path is relative to the repository root. drop_path: stochastic depth
-        # of a Swin backbone (the reference's Swin-T: 0.1); ResNets have none and ignore it.
+        # of a Swin backbone (the reference's Swin-T: 0.1); ResNets have none and ignore it, as pad_to_patch
+        # (Swin: pad the image to a multiple of the patch size first, as detectron2's Swin; models/backbone.py).
         # autocast: null (float32) or bfloat16 (the backbone only; see models/backbone.py).
         "backbone": {"name": "resnet50", "weights": "imagenet", "weights_path": None, "freeze_at": 1,
-                     "norm": "frozen_bn", "last_stage": "layer4", "drop_path": 0.0, "autocast": None},
+                     "norm": "frozen_bn", "last_stage": "layer4", "drop_path": 0.0, "autocast": None,
+                     "pad_to_patch": False},
         "ks": {"mode": "none", "teacher_layers": "last", "mask": "gt"},
         "dab": {"modulate_hw_attn": True, "random_anchor_xy": True, "freeze_anchor_xy": False},
         "dn": {"groups": 5, "label_noise": 0.2, "box_noise": 0.4},
@@ -151,6 +161,7 @@ NULLABLE = {
 CHOICES = {
     "model.variant": sorted(VARIANTS),
     "model.activation": ["relu", "prelu", "gelu"],
+    "model.eval_padding": list(EVAL_PADDING),
     "model.backbone.name": BACKBONE_NAMES,
     "model.backbone.weights": list(WEIGHTS),
     "model.backbone.norm": sorted(NORMS),
@@ -165,6 +176,7 @@ CHOICES = {
 MINIMUM = {
     "model.hidden_dim": 1, "model.nheads": 1, "model.enc_layers": 1, "model.dec_layers": 1,
     "model.dim_feedforward": 1, "model.num_queries": 1, "model.eval_topk": 1, "model.dropout": 0.0,
+    "model.inverse_sigmoid_eps": 0.0,
     "model.backbone.freeze_at": 0, "model.dn.groups": 0, "model.dn.label_noise": 0.0, "model.dn.box_noise": 0.0,
     "model.deformable.num_levels": 1, "model.deformable.n_points": 1,
     "data.num_workers": 0,

@@ -320,7 +320,7 @@ def _train(cfg, directory, resuming, ctx, plan, built, state=None, heartbeat=Non
             record["eval"] = evaluate(model, val_loader, val_set, device, teachers, cfg["model"]["eval_topk"],
                                       None, desc=f"epoch {label} eval", ctx=ctx, moved=tc["eval_moved"],
                                       detections=detections if epoch == tc["epochs"] else None,
-                                      memory_distance=distance)
+                                      memory_distance=distance, clip=cfg["model"]["eval_clip_boxes"])
             if distance:
                 record["memory_distance"] = distance
         record["time_s"] = round(time.time() - t0, 1)
@@ -340,7 +340,8 @@ def _train(cfg, directory, resuming, ctx, plan, built, state=None, heartbeat=Non
 
     if start >= tc["epochs"]:  # resumed after the last epoch's checkpoint: its detections were not kept
         evaluate(model, val_loader, val_set, device, teachers, cfg["model"]["eval_topk"], None,
-                 desc=f"epoch {start}/{tc['epochs']} eval", ctx=ctx, detections=detections)
+                 desc=f"epoch {start}/{tc['epochs']} eval", ctx=ctx, detections=detections,
+                 clip=cfg["model"]["eval_clip_boxes"])
 
     if ctx.is_main:
         final = history[-1]["eval"]

@@ -1,5 +1,6 @@
 """Errors of running rows that the command line prints as one `error:` line (with ConfigError,
-datasets.DataError and models.backbone.WeightsError), and the stop of a run by a signal."""
+datasets.DataError, models.backbone.WeightsError and models.convert_hf.ConversionError), and the
+stop of a run by a signal."""
 
 
 class RunError(RuntimeError):
@@ -30,7 +31,8 @@ def is_user_error(error):
     pretrained weights): the command line prints them as one `error:` line, without a traceback."""
     from datasets import DataError
     from models.backbone import WeightsError
+    from models.convert_hf import ConversionError
 
     from .config import ConfigError
 
-    return isinstance(error, (ConfigError, RunError, DataError, WeightsError))
+    return isinstance(error, (ConfigError, RunError, DataError, WeightsError, ConversionError))

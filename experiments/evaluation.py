@@ -43,7 +43,7 @@ def make_eval_loader(dataset, batch_size, num_workers, ctx, max_images=None):
 
 @torch.no_grad()
 def evaluate(model, loader, dataset, device, teachers=(), topk=300, max_images=None, desc="eval", ctx=None,
-             moved=False, detections=None, memory_distance=None):
+             moved=False, detections=None, memory_distance=None, clip=False):
     """COCO metrics of the student and, with `teachers` (branch names), of each teacher branch's
     last decoder layer with GT masks. Returns {branch: {AP, AP50, ...}} (on every process; each
     process evaluates the images of its `loader`, rank 0 computes the metrics). With `moved`, also
@@ -60,6 +60,8 @@ def evaluate(model, loader, dataset, device, teachers=(), topk=300, max_images=N
         dets = {}
         metrics = evaluate(..., detections=dets)
         write_detections(directory, "", dets)  # detections-attn1.json, ... beside eval.json
+
+    `clip`: clip the detections to their image (model.eval_clip_boxes; models.postprocess).
 
     `memory_distance`: a dict filled (on every process) with {teacher branch: ||Z_t - Z_s|| /
     ||Z_s||}, the relative distance of each teacher's encoder memory from the student's over the
@@ -83,7 +85,7 @@ def evaluate(model, loader, dataset, device, teachers=(), topk=300, max_images=N
             per_branch = {STUDENT: outputs}
             per_branch.update({b: outputs["teacher_outputs"][b][-1] for b in teachers})
             for b, out in per_branch.items():
-                dets = postprocess(out["pred_logits"], out["pred_boxes"], orig_sizes, topk)
+                dets = postprocess(out["pred_logits"], out["pred_boxes"], orig_sizes, topk, clip)
                 evaluators[b].update(image_ids, [d["boxes"] for d in dets], [d["scores"] for d in dets],
                                      [d["labels"] for d in dets])
             seen += len(targets)
@@ -207,6 +209,9 @@ class Checkpoint:
     def build_model(self, num_classes, device="cpu"):
         """The trained model (evaluation mode) on `device`. The backbone starts from a random
         initialisation: the checkpoint overwrites every weight, so no pretrained file is needed."""
+        held = self.state.get("num_classes")  # written by import-weights
+        if held is not None and held != num_classes:
+            raise RunError(f"{self.path} holds a model of {held} classes, the data set has {num_classes}")
         cfg = model_config(self.cfg)
         cfg["backbone"].update(weights=None, weights_path=None)
         model, _ = build_model(cfg, num_classes)
@@ -281,7 +286,8 @@ def evaluate_row(manifest_name, row, checkpoint=None, teachers=False, overrides=
                                   tc["max_eval_images"])
         dets = None if not_saved else {}
         metrics = evaluate(model, loader, val_set, ctx.device, branches, cfg["model"]["eval_topk"],
-                           desc=f"eval {row}", ctx=ctx, moved=moved, detections=dets)
+                           desc=f"eval {row}", ctx=ctx, moved=moved, detections=dets,
+                           clip=cfg["model"]["eval_clip_boxes"])
         if not ctx.is_main:
             return EvalResult(metrics)
         if not_saved:

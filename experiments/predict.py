@@ -144,7 +144,7 @@ def predict(manifest, row, inputs, checkpoint=None, score=0.5, out=None, device=
     names = [c["name"] for c in classes]
     device = distributed.pick_device(device)
     model = ck.build_model(len(classes), device)
-    tc, topk = ck.cfg["train"], ck.cfg["model"]["eval_topk"]
+    tc, topk, clip = ck.cfg["train"], ck.cfg["model"]["eval_topk"], ck.cfg["model"]["eval_clip_boxes"]
     workers = ck.cfg["data"]["num_workers"]
     loader = torch.utils.data.DataLoader(
         UnlabelledImages(paths, datasets.make_transforms(ck.cfg["data"], train=False)),
@@ -164,7 +164,8 @@ def predict(manifest, row, inputs, checkpoint=None, score=0.5, out=None, device=
             continue
         outputs = model(batch["images"].to(device), batch["padding_mask"].to(device))
         sizes = torch.stack([t["orig_size"] for t in batch["targets"]]).to(device)
-        for info, det in zip(batch["targets"], postprocess(outputs["pred_logits"], outputs["pred_boxes"], sizes, topk)):
+        dets = postprocess(outputs["pred_logits"], outputs["pred_boxes"], sizes, topk, clip)
+        for info, det in zip(batch["targets"], dets):
             keep = det["scores"] >= score
             det = {k: v[keep].cpu() for k, v in det.items()}
             path = info["path"]

@@ -118,7 +118,7 @@ def build_backbone(cfg, out_stages):
     """The backbone a `model.backbone` configuration section asks for, giving `out_stages`."""
     if cfg["name"] in SWIN:
         backbone = SwinBackbone(cfg["name"], cfg["weights"], cfg["weights_path"], cfg["freeze_at"], out_stages,
-                                cfg.get("drop_path", 0.0))
+                                cfg.get("drop_path", 0.0), cfg.get("pad_to_patch", False))
     else:
         backbone = Backbone(cfg["name"], cfg["weights"], cfg["weights_path"], cfg["freeze_at"], out_stages,
                             cfg["norm"])
@@ -137,6 +137,30 @@ def check_stages(out_stages):
 def downsample_mask(padding_mask, feature):
     """Nearest-downsampled padding mask (True = padding) at the feature's resolution."""
     return F.interpolate(padding_mask[None].float(), size=feature.shape[-2:])[0].bool()
+
+
+# `model.eval_padding`: the padding mask a model uses outside training (docs/authors_code.md).
+EVAL_PADDING = ("exact", "off_by_one", "none")
+
+
+def eval_padding_mask(padding_mask, rule="exact"):
+    """The image padding mask (B, H, W), True at padding, that a model uses in evaluation.
+    `exact`: the mask as given (as in training). `off_by_one`: the last valid row and column of
+    each image count as padding too, as in the KS-DETR code's evaluation (valid region [:h-1, :w-1]
+    where training uses [:h, :w]). `none`: no padding at all (detrex's DAB-DETR evaluates with an
+    all-zero mask). Images are padded on the bottom and right."""
+    if rule == "exact":
+        return padding_mask
+    if rule == "none":
+        return torch.zeros_like(padding_mask)
+    if rule != "off_by_one":
+        raise ValueError(f"model.eval_padding must be one of {list(EVAL_PADDING)}, got {rule!r}")
+    H, W = padding_mask.shape[-2:]
+    h = (~padding_mask[:, :, 0]).sum(1)
+    w = (~padding_mask[:, 0, :]).sum(1)
+    rows = torch.arange(H, device=padding_mask.device) >= (h - 1)[:, None]
+    cols = torch.arange(W, device=padding_mask.device) >= (w - 1)[:, None]
+    return padding_mask | rows[:, :, None] | cols[:, None, :]
 
 
 class _StagedBackbone(nn.Module):
@@ -285,10 +309,13 @@ class SwinBackbone(_StagedBackbone):
     stochastic depth rises linearly over the blocks from 0 to `drop_path` (the reference: 0.1).
     freeze_at: 0 trains everything (the reference's frozen_stages=-1), 1 freezes the patch embedding,
     k > 1 also the first k-1 stages with their patch merging. Dropping later stages as for ResNets.
+    pad_to_patch: zero-pad the image on the bottom/right to a multiple of the patch size (4) first,
+    as detectron2's PatchEmbed does (the KS-DETR Swin-T models); without it the patch embedding
+    drops the last H mod 4 rows and W mod 4 columns, as torchvision's.
     """
 
     def __init__(self, name="swin_t", weights=None, weights_path=None, freeze_at=0, out_stages=("layer4",),
-                 drop_path=0.0):
+                 drop_path=0.0, pad_to_patch=False):
         super().__init__()
         if name not in SWIN:
             raise ValueError(f"unknown Swin backbone {name!r}; expected one of {sorted(SWIN)}")
@@ -303,11 +330,15 @@ class SwinBackbone(_StagedBackbone):
         self.features = nn.Sequential(*list(body.features)[:2 * last + 2])
         self._set_stages(out_stages, channels)
         self.out_norms = nn.ModuleList(nn.LayerNorm(c) for c in self.num_channels)
+        self.pad_to_patch = pad_to_patch
         groups = [[0]] + [[2 * i + 1, 2 * i + 2] for i in range(4)]
         self._freeze(self.features[j] for group in groups[:freeze_at] for j in group if j < len(self.features))
 
     def stage_outputs(self, images, padding_mask):
         x = images
+        if self.pad_to_patch:
+            patch = self.features[0][0].stride
+            x = F.pad(x, (0, -x.shape[-1] % patch[1], 0, -x.shape[-2] % patch[0]))
         outs = []
         for j, module in enumerate(self.features):
             x = module(x)  # channels last (B, h, w, C)

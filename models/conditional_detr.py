@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import ks_encoder as ks
-from .backbone import build_backbone
+from .backbone import build_backbone, eval_padding_mask
 from .layers import (MLP, EncoderLayer, attend, box_sine_embedding, inverse_sigmoid, make_activation,
                      merge_heads, sdpa_mask, split_heads, xavier_init_)
 from .position_encoding import PositionEmbeddingSine
@@ -123,6 +123,7 @@ class ConditionalDETR(nn.Module):
         self.ks_mode = ks.check_ks_mode(cfg["ks"]["mode"])
         self.teacher_layers = cfg["ks"]["teacher_layers"]
         self.teacher_mask = ks.check_teacher_mask(cfg["ks"]["mask"])
+        self.eval_padding, self.decoder_padding_mask = cfg["eval_padding"], cfg["decoder_padding_mask"]
         self.backbone = build_backbone(cfg["backbone"], (cfg["backbone"]["last_stage"],))
         self.input_proj = nn.Conv2d(self.backbone.num_channels[-1], d, kernel_size=1)
         self.position = PositionEmbeddingSine(d // 2, temperature=cfg["pos_temperature"], normalize=True,
@@ -130,6 +131,7 @@ class ConditionalDETR(nn.Module):
         layer_args = (d, nhead, cfg["dim_feedforward"], cfg["dropout"], cfg["activation"])
         self.encoder = ConditionalEncoder(*layer_args, cfg["enc_layers"], self.ks_mode)
         self.decoder = ConditionalDecoder(*layer_args, cfg["dec_layers"])
+        self.box_eps = cfg["inverse_sigmoid_eps"]
         xavier_init_(self.encoder)
         xavier_init_(self.decoder)
         ks.init_ks_parameters(self.encoder)
@@ -143,6 +145,8 @@ class ConditionalDETR(nn.Module):
 
     def forward(self, images, padding_mask, targets=None, with_teachers=None):
         teachers = ks.teachers_wanted(self.ks_mode, self.training, with_teachers)
+        if not self.training:
+            padding_mask = eval_padding_mask(padding_mask, self.eval_padding)
         (feature, mask), = self.backbone(images, padding_mask)
         src = self.input_proj(feature)
         # float32 as the reference, float64 when the whole model runs in float64 (numerical checks)
@@ -153,14 +157,17 @@ class ConditionalDETR(nn.Module):
         memory, teacher_memories = self.encoder(src.flatten(2).transpose(1, 2), pos, mask, fg)
 
         B = images.shape[0]
+        memory_mask = mask if self.decoder_padding_mask else None  # detrex's decoder passes no mask
 
         def decode(memory, n):
             query_pos = self.query_embed.weight.expand(n * B, -1, -1)
             tgt = torch.zeros_like(query_pos)
-            hidden, refs = self.decoder(tgt, memory, pos.repeat(n, 1, 1), mask.repeat(n, 1), query_pos)
+            masks = None if memory_mask is None else memory_mask.repeat(n, 1)
+            hidden, refs = self.decoder(tgt, memory, pos.repeat(n, 1, 1), masks, query_pos)
             logits = self.class_embed(hidden)
             offsets = self.bbox_embed(hidden)
-            boxes = torch.cat([offsets[..., :2] + inverse_sigmoid(refs), offsets[..., 2:]], -1).sigmoid()
+            boxes = torch.cat([offsets[..., :2] + inverse_sigmoid(refs, self.box_eps), offsets[..., 2:]],
+                              -1).sigmoid()
             return [{"pred_logits": c, "pred_boxes": b} for c, b in zip(logits, boxes)]
 
         branches = ks.decode_branches(decode, memory, teacher_memories, self.training)

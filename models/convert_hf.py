@@ -52,7 +52,8 @@ deviation shows in a forward pass; tests/test_hf_parity.py):
   reference: 0.0); ConditionalDetr's non-timm backbone freezes every backbone parameter (its filter
   looks for "stage.1", which transformers' "stages.1" names never contain), DabDetr freezes none,
   while the reference freezes the stem only (freeze_at=1); inverse_sigmoid uses eps 1e-5 in
-  transformers and here, 1e-3 in detrex (differs only within 1e-3 of 0 or 1).
+  transformers and here by default, 1e-3 in detrex (differs only within 1e-3 of 0 or 1;
+  model.inverse_sigmoid_eps).
 
 Where transformers' DeformableDetr (5.x) deviates from the original Deformable-DETR repository
 (fundamentalvision/Deformable-DETR) and from the KS reference (detrex); checked in
@@ -175,20 +176,22 @@ def model_config_from_hf(hf_config, variant):
     return cfg
 
 
-class _Mapper:
-    """Collects target tensors from source keys and remembers which source keys were used."""
+class StateMapper:
+    """Collects target tensors from source keys and remembers which source keys were used (and, in
+    `origin`, which source key each target tensor came from). `name`: the source, for messages."""
 
-    def __init__(self, source):
-        self.source, self.used, self.out, self.skipped = source, set(), {}, {}
+    def __init__(self, source, name="the Hugging Face state"):
+        self.source, self.name, self.used, self.out, self.skipped, self.origin = source, name, set(), {}, {}, {}
 
     def get(self, key):
         if key not in self.source:
-            raise ConversionError(f"the Hugging Face state has no {key!r}")
+            raise ConversionError(f"{self.name} has no {key!r}")
         self.used.add(key)
         return self.source[key]
 
     def copy(self, dst, src):
         self.out[dst] = self.get(src)
+        self.origin[dst] = src
 
     def linear(self, dst, src):
         for p in ("weight", "bias"):
@@ -252,7 +255,7 @@ def _mlp(m, dst, src, layers=2):
 
 def convert_conditional_detr(hf_state, enc_layers, dec_layers, class_index=None):
     """ConditionalDetrForObjectDetection state dict -> this project's ConditionalDETR state dict."""
-    m = _Mapper(hf_state)
+    m = StateMapper(hf_state)
     _resnet(m, "model.backbone.model")
     m.linear("input_proj", "model.input_projection")
     m.copy("query_embed.weight", "model.query_position_embeddings.weight")
@@ -288,7 +291,7 @@ def convert_conditional_detr(hf_state, enc_layers, dec_layers, class_index=None)
 
 def convert_dab_detr(hf_state, enc_layers, dec_layers, class_index=None):
     """DabDetrForObjectDetection state dict -> this project's DABDETR state dict."""
-    m = _Mapper(hf_state)
+    m = StateMapper(hf_state)
     _resnet(m, "model.backbone.conv_encoder.model")
     m.linear("input_proj", "model.input_projection")
     anchors = m.get("model.query_refpoint_embeddings.weight")
@@ -346,7 +349,7 @@ def _tied_copies(m, pairs, reason):
 
 def convert_deformable_detr(hf_state, enc_layers, dec_layers, class_index=None, box_refine=False):
     """DeformableDetrForObjectDetection state dict -> this project's DeformableDETR state dict."""
-    m = _Mapper(hf_state)
+    m = StateMapper(hf_state)
     _resnet(m, "model.backbone.model")
     levels = sorted({int(k.split(".")[2]) for k in hf_state if k.startswith("model.input_proj.")})
     for level in levels:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import ks_encoder as ks
-from .backbone import build_backbone
+from .backbone import build_backbone, eval_padding_mask
 from .conditional_detr import ConditionalDecoderLayer
 from .layers import MLP, EncoderLayer, box_sine_embedding, inverse_sigmoid, xavier_init_
 from .position_encoding import PositionEmbeddingSine
@@ -38,9 +38,10 @@ DABDecoderLayer = ConditionalDecoderLayer
 
 
 class DABDecoder(nn.Module):
-    def __init__(self, d_model, nhead, dim_feedforward, dropout, activation, num_layers, modulate_hw_attn=True):
+    def __init__(self, d_model, nhead, dim_feedforward, dropout, activation, num_layers, modulate_hw_attn=True,
+                 box_eps=1e-5):
         super().__init__()
-        self.d_model = d_model
+        self.d_model, self.box_eps = d_model, box_eps
         self.layers = nn.ModuleList(DABDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation, i == 0)
                                     for i in range(num_layers))
         self.norm = nn.LayerNorm(d_model)
@@ -67,7 +68,7 @@ class DABDecoder(nn.Module):
             out = layer(out, memory, memory_pos, query_pos, query_sine, memory_padding_mask, self_attn_mask)
             # The box head sees the un-normalised layer output here, as in DAB-DETR. The next layer
             # starts from detached anchors, but the returned ones keep their gradient.
-            new_refs = (bbox_embed(out) + inverse_sigmoid(refs)).sigmoid()
+            new_refs = (bbox_embed(out) + inverse_sigmoid(refs, self.box_eps)).sigmoid()
             if i < len(self.layers) - 1:
                 references.append(new_refs)
             refs = new_refs.detach()
@@ -86,12 +87,14 @@ class DABDETR(nn.Module):
         self.ks_mode = ks.check_ks_mode(cfg["ks"]["mode"])
         self.teacher_layers = cfg["ks"]["teacher_layers"]
         self.teacher_mask = ks.check_teacher_mask(cfg["ks"]["mask"])
+        self.eval_padding, self.decoder_padding_mask = cfg["eval_padding"], cfg["decoder_padding_mask"]
         self.backbone = build_backbone(cfg["backbone"], (cfg["backbone"]["last_stage"],))
         self.input_proj = nn.Conv2d(self.backbone.num_channels[-1], d, kernel_size=1)
         self.position = PositionEmbeddingSine(d // 2, temperature=cfg["pos_temperature"], normalize=True)
         layer_args = (d, nhead, cfg["dim_feedforward"], cfg["dropout"], cfg["activation"])
         self.encoder = DABEncoder(*layer_args, cfg["enc_layers"], self.ks_mode)
-        self.decoder = DABDecoder(*layer_args, cfg["dec_layers"], cfg["dab"]["modulate_hw_attn"])
+        self.box_eps = cfg["inverse_sigmoid_eps"]
+        self.decoder = DABDecoder(*layer_args, cfg["dec_layers"], cfg["dab"]["modulate_hw_attn"], self.box_eps)
         xavier_init_(self.encoder)
         xavier_init_(self.decoder)
         ks.init_ks_parameters(self.encoder)
@@ -129,14 +132,18 @@ class DABDETR(nn.Module):
 
     def forward(self, images, padding_mask, targets=None, with_teachers=None):
         teachers = ks.teachers_wanted(self.ks_mode, self.training, with_teachers)
+        if not self.training:
+            padding_mask = eval_padding_mask(padding_mask, self.eval_padding)
         memory, teacher_memories, pos, mask = self.encode(images, padding_mask, targets, teachers)
         content, anchors, self_attn_mask, dn = self.queries(images.shape[0], targets)
+        memory_mask = mask if self.decoder_padding_mask else None  # detrex's decoder passes no mask
 
         def decode(memory, n):
-            hidden, refs = self.decoder(content.repeat(n, 1, 1), memory, pos.repeat(n, 1, 1), mask.repeat(n, 1),
+            masks = None if memory_mask is None else memory_mask.repeat(n, 1)
+            hidden, refs = self.decoder(content.repeat(n, 1, 1), memory, pos.repeat(n, 1, 1), masks,
                                         anchors.repeat(n, 1, 1), self.bbox_embed, self_attn_mask)
             logits = self.class_embed(hidden)
-            boxes = (self.bbox_embed(hidden) + inverse_sigmoid(refs)).sigmoid()
+            boxes = (self.bbox_embed(hidden) + inverse_sigmoid(refs, self.box_eps)).sigmoid()
             layers = [{"pred_logits": c, "pred_boxes": b} for c, b in zip(logits, boxes)]
             return layers if dn is None else [dn.split(layer) for layer in layers]
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import ks_encoder as ks
-from .backbone import STAGES, build_backbone, downsample_mask
+from .backbone import STAGES, build_backbone, downsample_mask, eval_padding_mask
 from .layers import (MLP, DeformableEncoderLayer, MSDeformAttn, MultiheadAttention, box_from_delta,
                      make_activation, xavier_init_)
 from .position_encoding import PositionEmbeddingSine
@@ -137,9 +137,10 @@ class DeformableDecoderLayer(nn.Module):
 
 
 class DeformableDecoder(nn.Module):
-    def __init__(self, d_model, nhead, dim_feedforward, dropout, activation, num_layers, n_levels, n_points):
+    def __init__(self, d_model, nhead, dim_feedforward, dropout, activation, num_layers, n_levels, n_points,
+                 box_eps=1e-5):
         super().__init__()
-        self.d_model = d_model
+        self.d_model, self.box_eps = d_model, box_eps
         self.layers = nn.ModuleList(DeformableDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation,
                                                            n_levels, n_points) for _ in range(num_layers))
 
@@ -165,7 +166,7 @@ class DeformableDecoder(nn.Module):
             hidden.append(out)
             starts.append(references)
             if box_heads is not None:  # the next layer starts from this layer's box, detached
-                references = box_from_delta(box_heads[i](out), references).sigmoid().detach()
+                references = box_from_delta(box_heads[i](out), references, self.box_eps).sigmoid().detach()
         return hidden, starts
 
 
@@ -203,6 +204,10 @@ class DeformableDETR(nn.Module):
         self.ks_mode = ks.check_ks_mode(cfg["ks"]["mode"])
         self.teacher_layers = cfg["ks"]["teacher_layers"]
         self.teacher_mask = ks.check_teacher_mask(cfg["ks"]["mask"])
+        self.eval_padding = cfg["eval_padding"]
+        if not cfg["decoder_padding_mask"]:
+            raise ValueError("model.decoder_padding_mask: false is for the Conditional/DAB/DN-DETR decoders; the "
+                             "deformable decoders mask padded values (as the reference does)")
         self.backbone = build_backbone(cfg["backbone"], backbone_stages(cfg["backbone"]["last_stage"], n_levels))
         self.input_proj = input_projections(self.backbone.num_channels, d, n_levels)
         self.position = PositionEmbeddingSine(d // 2, temperature=cfg["pos_temperature"], normalize=True,
@@ -210,7 +215,8 @@ class DeformableDETR(nn.Module):
         self.level_embed = nn.Parameter(torch.empty(n_levels, d))
         layer_args = (d, nhead, cfg["dim_feedforward"], cfg["dropout"], cfg["activation"])
         self.encoder = DeformableEncoder(*layer_args, cfg["enc_layers"], n_levels, n_points, self.ks_mode)
-        self.decoder = self.decoder_class(*layer_args, cfg["dec_layers"], n_levels, n_points)
+        self.box_eps = cfg["inverse_sigmoid_eps"]
+        self.decoder = self.decoder_class(*layer_args, cfg["dec_layers"], n_levels, n_points, box_eps=self.box_eps)
         # the reference's transformer init: xavier everywhere, then the deformable attention's own
         # init, then (here) the KS layer's
         xavier_init_(self.encoder)
@@ -293,6 +299,8 @@ class DeformableDETR(nn.Module):
 
     def forward(self, images, padding_mask, targets=None, with_teachers=None):
         teachers = ks.teachers_wanted(self.ks_mode, self.training, with_teachers)
+        if not self.training:
+            padding_mask = eval_padding_mask(padding_mask, self.eval_padding)
         enc = self.encode(images, padding_mask, targets, teachers)
         content, query_pos, references, self_attn_mask, dn = self.queries(images.shape[0], targets)
 
@@ -304,7 +312,8 @@ class DeformableDETR(nn.Module):
             layers = []
             for i, (h, ref) in enumerate(zip(hidden, starts)):
                 class_head, box_head = self.heads(i)
-                layers.append({"pred_logits": class_head(h), "pred_boxes": box_from_delta(box_head(h), ref).sigmoid()})
+                boxes = box_from_delta(box_head(h), ref, self.box_eps).sigmoid()
+                layers.append({"pred_logits": class_head(h), "pred_boxes": boxes})
             return layers if dn is None else [dn.split(layer) for layer in layers]
 
         branches = ks.decode_branches(decode, enc.memory, enc.teacher_memories, self.training)

@@ -166,15 +166,15 @@ def xavier_init_(module):
 # --------------------------------------------------------------------------------------------------
 # Multi-scale deformable attention (Deformable-DETR family)
 
-def box_from_delta(delta, references):
+def box_from_delta(delta, references, eps=1e-5):
     """Box logits from a box-head output `delta` (..., 4) and reference points (..., 2 or 4) in
-    [0, 1]: the reference's inverse sigmoid is added to the centre (2-d references) or to the whole
-    box (4-d). Sigmoid them to get normalised cxcywh boxes."""
+    [0, 1]: the reference's inverse sigmoid (`eps`: model.inverse_sigmoid_eps) is added to the
+    centre (2-d references) or to the whole box (4-d). Sigmoid them to get normalised cxcywh boxes."""
     if references.shape[-1] == 4:
-        return delta + inverse_sigmoid(references)
+        return delta + inverse_sigmoid(references, eps)
     if references.shape[-1] != 2:
         raise ValueError(f"reference points must have 2 or 4 coordinates, got {references.shape[-1]}")
-    return torch.cat([delta[..., :2] + inverse_sigmoid(references), delta[..., 2:]], -1)
+    return torch.cat([delta[..., :2] + inverse_sigmoid(references, eps), delta[..., 2:]], -1)
 
 
 class MSDeformAttn(nn.Module):

@@ -73,6 +73,23 @@ def test_swin_t_single_and_multi_scale():
     assert single.num_channels == [768] and len(single.features) == 8
 
 
+def test_swin_t_pad_to_patch_pads_as_detectron2():
+    """pad_to_patch: the image is zero-padded to a multiple of 4 before the patch embedding (detectron2's
+    PatchEmbed): the features of a 62 x 93 image are those of the image padded to 64 x 96 by hand."""
+    torch.manual_seed(0)
+    bb = build_backbone(backbone_cfg(name="swin_t", pad_to_patch=True), ("layer2",)).eval()
+    images = torch.randn(1, 3, 62, 93)
+    padded = torch.nn.functional.pad(images, (0, 3, 0, 2))
+    with torch.no_grad():
+        (ours, mask), = bb(images, torch.zeros(1, 62, 93, dtype=torch.bool))
+        (by_hand, _), = bb(padded, torch.zeros(1, 64, 96, dtype=torch.bool))
+        bb.pad_to_patch = False
+        (floored, _), = bb(images, torch.zeros(1, 62, 93, dtype=torch.bool))
+    assert ours.shape == (1, 192, 8, 12) and mask.shape == (1, 8, 12)
+    torch.testing.assert_close(ours, by_hand, rtol=0, atol=0)
+    assert floored.shape == (1, 192, 8, 12) and not torch.allclose(floored, ours)  # 15 x 23 patches
+
+
 def test_swin_t_freeze_at():
     bb = build_backbone(backbone_cfg(name="swin_t", freeze_at=2), ("layer4",)).train()
     frozen = {name.split(".")[1] for name, p in bb.named_parameters() if not p.requires_grad}

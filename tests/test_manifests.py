@@ -75,12 +75,16 @@ def test_rows_match_the_paper_and_the_reference_settings(table):
         assert d["train_scales"] == list(range(480, 801, 32)) and d["train_max_size"] == 1333, name
         assert (d["crop_resize_scales"], d["crop_size"]) == ([400, 500, 600], [384, 600]), name
         assert (d["test_size"], d["test_max_size"]) == (800, 1333), name
+        # the authors' code's evaluation and decoders (docs/authors_code.md; tests/test_authors_checkpoints.py)
+        assert (m["eval_padding"], m["eval_clip_boxes"], m["inverse_sigmoid_eps"]) == ("off_by_one", True, 1e-3), name
+        assert m["decoder_padding_mask"] == (m["variant"] in ("deformable_detr", "dn_deformable_detr")), name
         bb = m["backbone"]
         assert bb["weights"] == "imagenet", name
         if bb["name"].startswith("resnet"):
             assert (bb["freeze_at"], bb["norm"], bb["weights_path"], bb["drop_path"]) == (1, "frozen_bn", None, 0.0)
         else:  # Swin-T: detectron2's SwinTransformer freezes nothing, stochastic depth 0.1, explicit weights
             assert (bb["freeze_at"], bb["drop_path"]) == (0, 0.1) and bb["weights_path"].endswith(".pth"), name
+            assert bb["pad_to_patch"], name  # detectron2's PatchEmbed pads to a multiple of 4
 
 
 def test_baselines_pair_ks_rows_with_the_same_setting_without_ks(table):
