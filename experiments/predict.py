@@ -27,6 +27,7 @@ from torchvision.ops import box_convert
 import datasets
 from datasets.drawing import draw_detections
 from datasets.images import UnlabelledImages, find_images, read_rgb
+from datasets.synthetic import CATEGORIES
 from models.postprocess import postprocess
 
 from . import distributed, records
@@ -71,9 +72,12 @@ def _val_image_ids(data_cfg):
 
 def _classes(ck):
     """[{"id", "name"}] by label: the checkpoint's, or for a checkpoint written before checkpoints
-    named their classes, the categories of the row's validation annotation file."""
+    named their classes, the synthetic generator's categories or those of the row's validation
+    annotation file."""
     if ck.state.get("classes"):
         return ck.state["classes"]
+    if ck.cfg["data"]["dataset"] == "synthetic":  # the generator's categories, whichever set it wrote
+        return [{"id": c["id"], "name": c["name"]} for c in sorted(CATEGORIES, key=lambda c: c["id"])]
     try:
         categories = _val_annotations(ck.cfg["data"])[1]["categories"]
         return [{"id": int(c["id"]), "name": str(c["name"])} for c in sorted(categories, key=lambda c: c["id"])]

@@ -25,6 +25,21 @@ from . import records, slurm_jobs
 from .errors import RunError, first_names
 
 
+def cpu_name():
+    """The CPU model with its bfloat16 instruction sets (they decide the speed of the backbone's
+    bfloat16 autocast), e.g. "Intel(R) Xeon(R) Processor (amx_bf16, avx512_bf16)"; from
+    /proc/cpuinfo where there is one, else platform.processor()."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or None
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = sorted(set(fields.get("flags", "").split()) & {"amx_bf16", "avx512_bf16"})
+    name = fields.get("model name") or platform.processor() or None
+    return f"{name} ({', '.join(flags)})" if name and flags else name
+
+
 def environment(cfg, model, ctx, plan, resumed_after=None):
     n_params = sum(p.numel() for p in model.parameters())
     n_teacher = sum(p.numel() for n, p in model.named_parameters() if is_teacher_parameter(n))
@@ -38,6 +53,8 @@ def environment(cfg, model, ctx, plan, resumed_after=None):
         "torchvision": torchvision.__version__,
         "cuda": torch.version.cuda,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "cpu": cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
         "launcher": ctx.source,
         "world_size": ctx.world_size,
         "backend": torch.distributed.get_backend() if ctx.distributed else None,

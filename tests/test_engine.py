@@ -49,6 +49,7 @@ def test_demo_row_trains_evaluates_and_records(tmp_path, data_root, row, branche
     # the demo's backbone: the committed synthetic-pretrained trunk, named with its sha256 prefix
     assert env["backbone_init"].startswith("synthetic:resnet18_synthetic.pth sha256:")
     assert (env["teacher_parameters"] > 0) == (row == "ks_def_r18")
+    assert env["cpu"] and env["cpu_threads"] == torch.get_num_threads()  # where the time per epoch comes from
 
     # a finished row is skipped, not retrained or overwritten
     done = (directory / "DONE").read_text()
