@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP      := $(VENV)/.requirements.sha256
 TEST_STAMP := $(VENV)/.requirements-test.sha256
 
-.PHONY: setup setup-test demo test test-slow op help
+.PHONY: setup setup-test demo test test-slow op gpu-check help
 
 help:
 	@echo "make demo        train + evaluate Deformable-DETR and KS-Deformable-DETR on the synthetic data set (CPU, about 8 min)"
@@ -17,6 +17,7 @@ help:
 	@echo "make setup       create .venv and install requirements.txt"
 	@echo "make setup-test  make setup, then install requirements-test.txt (pytest, transformers)"
 	@echo "make op          build the MSDeformAttn CUDA extension (needs nvcc; TORCH_CUDA_ARCH_LIST picks the GPUs)"
+	@echo "make gpu-check   every GPU check in one go, within 9 minutes (results/gpu_check/<date>-<gpu>/)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -55,3 +56,7 @@ test-slow: setup-test
 
 op: setup
 	$(PY) -m models.ops.ms_deform_attn.build
+
+# every GPU check in one go (experiments/benchmarks/gpu_check.py); pytest runs the op's cuda tests
+gpu-check: setup-test
+	$(PY) -m experiments.benchmarks.gpu_check

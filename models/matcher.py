@@ -28,6 +28,7 @@ class HungarianMatcher:
         return self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
 
     @torch.no_grad()
+    @torch.profiler.record_function("matcher")  # its share of a step in profiles (benchmarks/gpu_check.py)
     def __call__(self, pred_logits, pred_boxes, targets):
         """pred_logits (B, Q, K), pred_boxes (B, Q, 4) normalised cxcywh; targets: list of dicts with
         `labels` (T_i,) and `boxes` (T_i, 4) normalised cxcywh. Returns a list of B pairs
