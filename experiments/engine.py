@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from models import build_model
-from models.ks_encoder import TEACHER_BRANCHES
+from models.ks_encoder import teacher_branches
 
 from . import distributed, records
 from .build import build_data, check_available, model_config
@@ -271,7 +271,7 @@ def _train(cfg, directory, resuming, ctx, plan, built, state=None, heartbeat=Non
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=tc["find_unused_parameters"])
 
-    teachers = TEACHER_BRANCHES[cfg["model"]["ks"]["mode"]] if tc["eval_teachers"] else ()
+    teachers = teacher_branches(model) if tc["eval_teachers"] else ()
     workers = cfg["data"]["num_workers"]
     train_loader = make_train_loader(train_set, batch, workers, tc["seed"], ctx)
     val_loader = make_eval_loader(val_set, tc["eval_batch_size"] or batch, workers, ctx, tc["max_eval_images"])

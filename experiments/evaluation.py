@@ -19,7 +19,7 @@ import torch
 
 import datasets
 from models import build_model
-from models.ks_encoder import STUDENT, TEACHER_BRANCHES, MemoryDistance
+from models.ks_encoder import STUDENT, MemoryDistance, branch_output, teacher_branches
 from models.postprocess import postprocess
 
 from . import distributed, records
@@ -82,9 +82,8 @@ def evaluate(model, loader, dataset, device, teachers=(), topk=300, max_images=N
             outputs = model(images, mask, targets if teachers else None, with_teachers=bool(teachers) or None)
             orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
             image_ids = [int(t["image_id"]) for t in targets]
-            per_branch = {STUDENT: outputs}
-            per_branch.update({b: outputs["teacher_outputs"][b][-1] for b in teachers})
-            for b, out in per_branch.items():
+            for b in branches:
+                out = branch_output(outputs, b)
                 dets = postprocess(out["pred_logits"], out["pred_boxes"], orig_sizes, topk, clip)
                 evaluators[b].update(image_ids, [d["boxes"] for d in dets], [d["scores"] for d in dets],
                                      [d["labels"] for d in dets])
@@ -263,8 +262,6 @@ def evaluate_row(manifest_name, row, checkpoint=None, teachers=False, overrides=
     ck = load_checkpoint(manifest_name, row, checkpoint, overrides, results)
     cfg = ck.cfg
     directory = records.run_dir(*ck.manifest.record_of(row), results)
-    mode = cfg["model"]["ks"]["mode"]
-    branches = TEACHER_BRANCHES[mode] if teachers else ()
     ctx = distributed.setup(device)
     try:
         not_saved = None
@@ -273,14 +270,16 @@ def evaluate_row(manifest_name, row, checkpoint=None, teachers=False, overrides=
             if ck.state.get("config") and changed:
                 print(f"{row}: the checkpoint's model configuration differs from the manifest row at {changed}; "
                       f"evaluating with the checkpoint's", file=sys.stderr)
-            if teachers and not branches:
-                print(f"{row}: model.ks.mode is {mode!r}: no teacher branches to evaluate", file=sys.stderr)
             reason = unwritable(directory)
             if reason:
                 not_saved = f"cannot write to {directory} ({reason})"
                 print(f"{not_saved}: the metrics are printed but not saved", file=sys.stderr)
         _, val_set = build_data(cfg, ctx)
         model = ck.build_model(val_set.num_classes, ctx.device)
+        branches = teacher_branches(model) if teachers else ()
+        if ctx.is_main and teachers and not branches:
+            print(f"{row}: model.ks.mode is {cfg['model']['ks']['mode']!r}: no teacher branches to evaluate",
+                  file=sys.stderr)
         tc = cfg["train"]
         loader = make_eval_loader(val_set, tc["eval_batch_size"] or tc["batch_size"], cfg["data"]["num_workers"], ctx,
                                   tc["max_eval_images"])

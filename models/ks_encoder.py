@@ -18,6 +18,9 @@ Teachers run only where asked for (training, or evaluation with GT masks for Fig
 the KS layer is exactly the plain encoder layer: student outputs are bit-identical to a model built
 without any teacher parameters, and no ground truth is needed.
 """
+import inspect
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -144,6 +147,34 @@ def attend_shared_map(q, k, v, vt, mask, dropout_p):
     return y[..., :dh], y[..., dh:]
 
 
+@dataclass
+class Inspection:
+    """What a KS layer computes for some query tokens (`inspect`), batch first; nq = len(queries).
+
+    teacher_feature: X^t (B, N, d), the sMLP output of every token.
+    student, teacher: for the standard layer the softmax attention rows of A and A^t (B, heads, nq,
+    N); for the deformable layer the attention weights of A and A^t (B, nq, heads, levels, points).
+    teacher is None where the mode has no teacher attention (share-A: Attn2 uses A).
+    locations: deformable layer only, the sampling locations (B, nq, heads, levels, points, 2),
+    normalised (x, y), shared by the student and the teachers.
+    """
+    teacher_feature: torch.Tensor
+    student: torch.Tensor
+    teacher: torch.Tensor | None
+    locations: torch.Tensor | None = None
+
+
+def attention_rows(q, k, key_padding_mask=None, queries=None):
+    """softmax(q k^T / sqrt(d_head)) for the query tokens `queries` (default all): (B, heads, nq, Nk)
+    from per-head q, k (B, heads, N, d_head); zero at padding keys (key_padding_mask (B, Nk) True)."""
+    if queries is not None:
+        q = q[:, :, queries]
+    logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    if key_padding_mask is not None:
+        logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    return logits.softmax(-1)
+
+
 class KSEncoderLayer(EncoderLayer):
     """Plain post-norm encoder layer plus teacher branches (reference section 3).
 
@@ -200,8 +231,7 @@ class KSEncoderLayer(EncoderLayer):
             else:
                 ys["attn2"] = attend(q, k, vt, mask)
         if "attn3" in self.branches:
-            qt, kt = (split_heads(t, nhead) for t in self.teacher.qk_proj(xt + pos).chunk(2, dim=-1))
-            ys["attn3"] = attend(qt, kt, v, mask, p)
+            ys["attn3"] = attend(*self._teacher_qk(xt, pos), v, mask, p)
         if self.training and STUDENT not in ys:
             ys[STUDENT] = attend(q, k, v, mask, p)
         # Outside training the student runs the plain layer below, exactly as at inference.
@@ -210,6 +240,22 @@ class KSEncoderLayer(EncoderLayer):
         outs = dict(zip(names, self.post_attention(x.repeat(len(names), 1, 1), y).chunk(len(names))))
         student = outs.pop(STUDENT) if STUDENT in outs else super().forward(x, pos, key_padding_mask)
         return student, outs
+
+    def _teacher_qk(self, xt, pos):
+        """Per-head Q^t, K^t of the teacher attention map (Attn3), from X^t + P."""
+        return tuple(split_heads(t, self.self_attn.nhead) for t in self.teacher.qk_proj(xt + pos).chunk(2, dim=-1))
+
+    def inspect(self, x, pos, key_padding_mask, fg, queries=None):
+        """The attention maps of this layer for the query tokens `queries` (indices into N; default
+        all), as forward uses them outside training (no dropout); forward's fused attention returns
+        no map. Inputs as forward's. Returns an Inspection."""
+        qk = x + pos
+        q, k, _ = self.self_attn.project(qk, qk, x)
+        xt = self.teacher.smlp(x, fg)
+        teacher = None
+        if self.teacher.qk_proj is not None:
+            teacher = attention_rows(*self._teacher_qk(xt, pos), key_padding_mask, queries)
+        return Inspection(xt, attention_rows(q, k, key_padding_mask, queries), teacher)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,6 +338,21 @@ class KSDeformableEncoderLayer(DeformableEncoderLayer):
         student = outs.pop(STUDENT) if STUDENT in outs else super().forward(*plain_inputs)
         return student, outs
 
+    def inspect(self, x, pos, key_padding_mask, reference_points, spatial_shapes, level_start_index, fg,
+                queries=None):
+        """The sampling locations and attention weights of this layer for the query tokens `queries`
+        (indices into S; default all), as forward computes them. Inputs as forward's. Returns an
+        Inspection."""
+        attn = self.self_attn
+        rows = slice(None) if queries is None else queries
+        q = (x + pos)[:, rows]
+        xt = self.teacher.smlp(x, fg)
+        teacher = None
+        if self.teacher.attention_weights is not None:
+            teacher = attn.weights((xt + pos)[:, rows], self.teacher.attention_weights)
+        return Inspection(xt, attn.weights(q), teacher,
+                          attn.locations(q, reference_points[:, rows], spatial_shapes))
+
 
 def make_encoder_layer(mode, d_model, nhead, dim_feedforward, dropout=0.0, activation="relu"):
     """The last encoder layer for a KS mode: plain for `none`, KSEncoderLayer otherwise."""
@@ -353,6 +414,38 @@ def deformable_mode(teacher_heads):
     return modes[0] if modes else None
 
 
+def ks_layers(model):
+    """The KS layers of a model (or of any module), in module order."""
+    return [m for m in model.modules() if isinstance(m, KS_LAYERS)]
+
+
+def ks_layer(model):
+    """The model's KS layer (its last encoder layer), or None for a model without teachers."""
+    layers = ks_layers(model)
+    return layers[-1] if layers else None
+
+
+def teacher_branches(model):
+    """The teacher branches of a model, in the order of its `teacher_outputs`; () without teachers."""
+    layer = ks_layer(model)
+    return layer.branches if layer is not None else ()
+
+
+def branch_output(outputs, branch):
+    """One branch's predictions (pred_logits, pred_boxes) in a model's output dict: the dict itself
+    for the student, a teacher's last decoder layer (of a forward with teachers) otherwise."""
+    return outputs if branch == STUDENT else outputs["teacher_outputs"][branch][-1]
+
+
+def named_inputs(layer, args, kwargs):
+    """{parameter name: value} of one call of a KS layer (as a forward hook receives it): x, pos,
+    key_padding_mask, fg and, for a deformable layer, reference_points, spatial_shapes,
+    level_start_index; the names `inspect` takes."""
+    bound = inspect.signature(layer.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
 def run_last_layer(layer, x, pos, key_padding_mask, fg, **layer_inputs):
     """Runs the last encoder layer; returns (student memory, {teacher: memory}). layer_inputs: what
     a deformable layer takes besides (x, pos, key_padding_mask): reference_points, spatial_shapes,
@@ -371,8 +464,8 @@ class MemoryDistance:
     ||Z_s||} (NaN before any teacher forward)."""
 
     def __init__(self, model):
-        self.layers = [m for m in model.modules() if isinstance(m, KS_LAYERS)]
-        self.branches = self.layers[-1].branches if self.layers else ()
+        self.layers = ks_layers(model)
+        self.branches = teacher_branches(model)
         self._sums = torch.zeros(len(self.branches) + 1, dtype=torch.float64)
         self._hooks = []
 
@@ -389,7 +482,7 @@ class MemoryDistance:
         student, teachers = output
         if not teachers:
             return
-        padding = args[2] if len(args) > 2 else kwargs.get("key_padding_mask")
+        padding = named_inputs(module, args, kwargs)["key_padding_mask"]
         keep = torch.ones(student.shape[:2], dtype=torch.bool, device=student.device) if padding is None else ~padding
         s = student.detach().double()[keep]
         parts = [(teachers[b].detach().double()[keep] - s).square().sum() for b in self.branches]
@@ -406,9 +499,8 @@ class MemoryDistance:
 
 def init_ks_parameters(module):
     """Re-applies the reference's KS init to every KS layer below `module` (after xavier loops)."""
-    for m in module.modules():
-        if isinstance(m, KS_LAYERS):
-            m.reset_ks_parameters()
+    for m in ks_layers(module):
+        m.reset_ks_parameters()
 
 
 # --------------------------------------------------------------------------------------------------
