@@ -57,7 +57,7 @@ class Trained:
 
 def load_trained(manifest, row, checkpoint=None, results=records.RESULTS):
     from experiments.build import build_data
-    from experiments.evaluation import load_checkpoint
+    from experiments.checkpoints import load_checkpoint
 
     ck = load_checkpoint(manifest, row, checkpoint, results=results)
     _, val_set = build_data(ck.cfg)

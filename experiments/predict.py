@@ -34,8 +34,9 @@ from models.postprocess import postprocess
 from . import distributed, records
 from .build import resolve_root
 from .errors import RunError
-from .evaluation import load_checkpoint
-from .training import ignore_stop_signals, progress
+from .checkpoints import load_checkpoint
+from .signals import ignore_stop_signals
+from .training import progress
 
 DETECTIONS = "detections.json"
 
