@@ -56,11 +56,10 @@ def cmd_list(args):
         cfg = cfgs[name] = manifest.resolve(name)
         m = cfg["model"]
         missing = _unavailable(cfg)
-        directory = records.run_dir(*manifest.record_of(name), args.results)
+        run = records.read_run(records.run_dir(*manifest.record_of(name), args.results))
         paper = row.get("paper")
         rows.append({"row": name, "variant": m["variant"], "ks": m["ks"]["mode"], "backbone": m["backbone"]["name"],
-                     "epochs": cfg["train"]["epochs"], "status": records.status(directory),
-                     "last_epoch": records.last_epoch(directory),
+                     "epochs": cfg["train"]["epochs"], "status": run.state, "last_epoch": run.last_epoch,
                      "paper": f"T{paper['table']}/{paper['row']} {paper['source']}" if paper else None,
                      "available": missing is None, "unavailable_reason": missing,
                      "family": row.get("family"), "baseline": row.get("baseline"), "note": row.get("note")})

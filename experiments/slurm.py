@@ -245,7 +245,8 @@ def status_rows(manifest, results=records.RESULTS):
         else:
             state = "not in queue"
         beat = records.heartbeat_holder(directory)
-        rows.append({"row": name, "status": records.status(directory), "last_epoch": records.last_epoch(directory),
+        run = records.read_run(directory)
+        rows.append({"row": name, "status": run.state, "last_epoch": run.last_epoch,
                      "slurm_job": job or "-", "slurm_state": state,
                      "submissions": len(records.slurm_jobs(directory)),
                      "host": beat.get("host") if beat else None})
