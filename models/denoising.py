@@ -92,6 +92,24 @@ class DenoisingQueries(nn.Module):
         self.label_noise, self.box_noise = label_noise, box_noise
         self.label_embed = nn.Embedding(num_classes + 1, d_model - 1)
 
+    @classmethod
+    def from_config(cls, cfg, num_classes):
+        """From a model configuration: its hidden_dim and `dn` section (groups, label_noise, box_noise)."""
+        dn = cfg["dn"]
+        return cls(num_classes, cfg["hidden_dim"], dn["groups"], dn["label_noise"], dn["box_noise"])
+
+    def prepend(self, content, anchors, targets, model_name):
+        """The decoder queries of a training batch: its DN queries before the matching queries
+        (content (B, Q, d), unsigmoided anchors (B, Q, 4)). Returns (content, anchors, the
+        self-attention mask, the DNBatch); the matching queries alone (mask and batch None) when
+        there is nothing to denoise."""
+        if targets is None:
+            raise ValueError(f"{model_name} training needs the ground truth for its denoising queries: pass targets")
+        dn = self(targets, anchors.shape[1])
+        if dn is None:  # no box in the whole batch (or model.dn.groups = 0)
+            return content, anchors, None, None
+        return torch.cat([dn.content, content], 1), torch.cat([dn.anchors.to(anchors), anchors], 1), dn.attn_mask, dn
+
     def content(self, labels, indicator):
         emb = self.label_embed(labels)
         return torch.cat([emb, emb.new_full((*emb.shape[:-1], 1), float(indicator))], -1)

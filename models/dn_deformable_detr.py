@@ -51,9 +51,7 @@ class DNDeformableDETR(DeformableDETR):
 
     def __init__(self, cfg, num_classes):
         super().__init__(cfg, num_classes)
-        dn = cfg["dn"]
-        self.denoising = DenoisingQueries(num_classes, cfg["hidden_dim"], dn["groups"], dn["label_noise"],
-                                          dn["box_noise"])
+        self.denoising = DenoisingQueries.from_config(cfg, num_classes)
 
     def make_queries(self, cfg, num_classes):
         self.tgt_embed = nn.Embedding(cfg["num_queries"], cfg["hidden_dim"] - 1)  # + the indicator channel
@@ -69,14 +67,8 @@ class DNDeformableDETR(DeformableDETR):
         anchors = self.refpoint_embed.weight.expand(batch_size, -1, -1)
         if not self.training:
             return content, None, anchors.sigmoid(), None, None
-        if targets is None:
-            raise ValueError("DN-Deformable-DETR training needs the ground truth for its denoising queries: "
-                             "pass targets")
-        dn = self.denoising(targets, anchors.shape[1])
-        if dn is None:  # no box in the whole batch (or model.dn.groups = 0)
-            return content, None, anchors.sigmoid(), None, None
-        return (torch.cat([dn.content, content], 1), None, torch.cat([dn.anchors.to(anchors), anchors], 1).sigmoid(),
-                dn.attn_mask, dn)
+        content, anchors, self_attn_mask, dn = self.denoising.prepend(content, anchors, targets, "DN-Deformable-DETR")
+        return content, None, anchors.sigmoid(), self_attn_mask, dn
 
 
 def build(cfg, num_classes):

@@ -25,9 +25,7 @@ class DNDETR(DABDETR):
 
     def __init__(self, cfg, num_classes):
         super().__init__(cfg, num_classes)
-        dn = cfg["dn"]
-        self.denoising = DenoisingQueries(num_classes, cfg["hidden_dim"], dn["groups"], dn["label_noise"],
-                                          dn["box_noise"])
+        self.denoising = DenoisingQueries.from_config(cfg, num_classes)
 
     def queries(self, batch_size, targets):
         """Matching queries ("no object" content, learned anchors), preceded in training by the DN
@@ -37,13 +35,7 @@ class DNDETR(DABDETR):
         anchors = anchors.expand(batch_size, -1, -1)
         if not self.training:
             return content, anchors, None, None
-        if targets is None:
-            raise ValueError("DN-DETR training needs the ground truth for its denoising queries: pass targets")
-        dn = self.denoising(targets, anchors.shape[1])
-        if dn is None:  # no box in the whole batch (or model.dn.groups = 0)
-            return content, anchors, None, None
-        return (torch.cat([dn.content, content], 1), torch.cat([dn.anchors.to(anchors), anchors], 1),
-                dn.attn_mask, dn)
+        return self.denoising.prepend(content, anchors, targets, "DN-DETR")
 
 
 def build(cfg, num_classes):

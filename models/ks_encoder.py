@@ -55,6 +55,11 @@ def check_teacher_mask(mask):
     return mask
 
 
+def settings(ks_cfg):
+    """(mode, teacher_layers, teacher mask) of a model configuration's `ks` section, checked."""
+    return check_ks_mode(ks_cfg["mode"]), ks_cfg["teacher_layers"], check_teacher_mask(ks_cfg["mask"])
+
+
 # --------------------------------------------------------------------------------------------------
 # GT Fg-Bg mask (reference section 1)
 
@@ -571,3 +576,9 @@ def assemble_outputs(branch_outputs, teacher_layers="last"):
     if teachers:
         out["teacher_outputs"] = teachers
     return out
+
+
+def decode_outputs(decode, student_memory, teacher_memories, training, teacher_layers="last"):
+    """The model's output dict from the decoder run on every branch: decode_branches, then
+    assemble_outputs."""
+    return assemble_outputs(decode_branches(decode, student_memory, teacher_memories, training), teacher_layers)
