@@ -7,7 +7,8 @@ share of the step's (all-reduced) box count, so a step's gradient is the gradien
 the whole step batch: 2 processes x 2 images, 1 process x 2 images x 2 accumulation steps and 1 process
 x 4 images give the same losses and weights (tests/test_distributed.py), up to float rounding and
 up to padding (DETR pads a batch to its largest image, so the way images are grouped into per-process
-batches changes the padding). The reference has no aspect-ratio grouping here.
+batches changes the padding). The authors' code groups batches by aspect ratio (detectron2's
+default); this one does not.
 
 Data order and randomness are functions of (seed, epoch, step), not of the process layout: the
 training permutation of an epoch is drawn from (seed, epoch) and split into per-step blocks; the

@@ -1,6 +1,6 @@
 """Conditional-DETR (Meng et al., ICCV 2021) with optional knowledge sharing in the last encoder layer.
 
-As the reference configuration (detrex Conditional-DETR, spec section 7, family C): a plain post-norm
+As the authors' configuration (detrex Conditional-DETR; docs/authors_code.md, "Family settings"): a plain post-norm
 DETR encoder (the sine encoding added to queries and keys in every layer, no query scaling), learned
 query embeddings as positional queries with zero content queries, one 2-d reference point per query
 predicted from its query embedding and shared by all decoder layers, conditional cross-attention
@@ -26,7 +26,7 @@ class ConditionalDecoderLayer(FFNLayer):
     """Conditional self- and cross-attention with separate content/position projections (no packed
     in-projection), post-norm. In the cross-attention each head's query is [content ; projected sine
     embedding of the reference] and its key [content ; position], so the q/k head dim is twice the
-    value head dim (and the softmax scale 1/sqrt(2 d_head), as in the reference). The first layer
+    value head dim (and the softmax scale 1/sqrt(2 d_head), as in detrex). The first layer
     also adds the positional query and key to the content parts. Dropout acts on the attention
     weights and inside the FFN (after the activation and after the second linear layer)."""
 
@@ -147,7 +147,7 @@ class ConditionalDETR(SingleScaleDETR):
             padding_mask = eval_padding_mask(padding_mask, self.eval_padding)
         (feature, mask), = self.backbone(images, padding_mask)
         src = self.input_proj(feature)
-        # float32 as the reference, float64 when the whole model runs in float64 (numerical checks)
+        # float32 as detrex, float64 when the whole model runs in float64 (numerical checks)
         pos = self.position(mask, torch.promote_types(src.dtype, torch.float32)).flatten(2).transpose(1, 2)
         fg = ks.token_fg_mask(targets, images.shape[-2:], src.shape[-2:], mask,
                                 self.teacher_mask) if teachers else None

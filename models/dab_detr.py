@@ -1,6 +1,6 @@
 """DAB-DETR (Liu et al., ICLR 2022) with optional knowledge sharing in the last encoder layer.
 
-As the reference configuration (detrex DAB-DETR, spec section 7, family D): 4-d anchor-box queries
+As the authors' configuration (detrex DAB-DETR; docs/authors_code.md, "Family settings"): 4-d anchor-box queries
 with zero content queries, conditional cross-attention whose positional query is the anchor's sine
 embedding modulated by the predicted width/height, iterative anchor refinement with one box head
 shared by all decoder layers, element-wise query scaling of the positional encoding in the encoder
@@ -91,7 +91,7 @@ class DABDETR(SingleScaleDETR):
         anchors = torch.randn(nq, 4)
         if cfg["dab"]["random_anchor_xy"]:
             anchors[:, :2] = inverse_sigmoid(torch.rand(nq, 2))
-        # Split so the centres can really be frozen (freeze_anchor_xy); the reference's
+        # Split so the centres can really be frozen (freeze_anchor_xy); detrex's
         # `freeze_anchor_box_centers` sets requires_grad on a `.data` view, which leaves them trainable.
         self.anchor_xy = nn.Parameter(anchors[:, :2], requires_grad=not cfg["dab"]["freeze_anchor_xy"])
         self.anchor_wh = nn.Parameter(anchors[:, 2:])

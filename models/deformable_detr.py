@@ -1,6 +1,6 @@
 """Deformable-DETR (Zhu et al., ICLR 2021) with optional knowledge sharing in the last encoder layer.
 
-As the reference configuration (detrex Deformable-DETR, spec section 7, family F):
+As the authors' configuration (detrex Deformable-DETR; docs/authors_code.md, "Family settings"):
 - Features: the last three ResNet stages (strides 8, 16, 32), each through a 1x1 conv + GroupNorm(32)
   input projection, plus one extra level from a 3x3 stride-2 conv + GroupNorm on the last stage's
   output (stride 64): `model.deformable.num_levels` = 4 levels. Each level's padding mask is the
@@ -36,7 +36,7 @@ from .layers import (DeformableEncoderLayer, FFNLayer, MSDeformAttn, MultiheadAt
                      detection_heads, xavier_init_)
 from .position_encoding import PositionEmbeddingSine
 
-GROUP_NORM_GROUPS = 32  # the reference's input projections use GroupNorm(32, d)
+GROUP_NORM_GROUPS = 32  # detrex's input projections (ChannelMapper) use GroupNorm(32, d)
 
 
 def backbone_stages(last_stage, num_levels):
@@ -60,7 +60,7 @@ def input_projections(in_channels, d_model, num_levels):
         projections.append(nn.Sequential(nn.Conv2d(c, d_model, kernel_size=3, stride=2, padding=1),
                                          nn.GroupNorm(GROUP_NORM_GROUPS, d_model)))
         c = d_model
-    for proj in projections:  # the reference's neck init
+    for proj in projections:  # detrex's neck init
         nn.init.xavier_uniform_(proj[0].weight)
         nn.init.zeros_(proj[0].bias)
     return nn.ModuleList(projections)
@@ -200,7 +200,7 @@ class DeformableDETR(nn.Module):
         self.eval_padding = cfg["eval_padding"]
         if not cfg["decoder_padding_mask"]:
             raise ValueError("model.decoder_padding_mask: false is for the Conditional/DAB/DN-DETR decoders; the "
-                             "deformable decoders mask padded values (as the reference does)")
+                             "deformable decoders mask padded values (as detrex does)")
         self.backbone = build_backbone(cfg["backbone"], backbone_stages(cfg["backbone"]["last_stage"], n_levels))
         self.input_proj = input_projections(self.backbone.num_channels, d, n_levels)
         self.position = PositionEmbeddingSine(d // 2, temperature=cfg["pos_temperature"], normalize=True,
@@ -210,7 +210,7 @@ class DeformableDETR(nn.Module):
         self.encoder = DeformableEncoder(*layer_args, cfg["enc_layers"], n_levels, n_points, self.ks_mode)
         self.box_eps = cfg["inverse_sigmoid_eps"]
         self.decoder = self.decoder_class(*layer_args, cfg["dec_layers"], n_levels, n_points, box_eps=self.box_eps)
-        # the reference's transformer init: xavier everywhere, then the deformable attention's own
+        # detrex's transformer init: xavier everywhere, then the deformable attention's own
         # init, then (here) the KS layer's
         xavier_init_(self.encoder)
         xavier_init_(self.decoder)
@@ -270,7 +270,7 @@ class DeformableDETR(nn.Module):
         row-major and concatenated in level order; the GT Fg-Bg mask of the teachers follows the
         same order (models.ks_encoder.token_fg_mask_levels)."""
         sources, masks = self.multi_scale_features(images, padding_mask)
-        # float32 as the reference, float64 when the whole model runs in float64 (numerical checks)
+        # float32 as detrex, float64 when the whole model runs in float64 (numerical checks)
         pos_dtype = torch.promote_types(sources[0].dtype, torch.float32)
         pos = torch.cat([self.position(m, pos_dtype).flatten(2).transpose(1, 2) + self.level_embed[level]
                          for level, m in enumerate(masks)], 1)

@@ -1,7 +1,7 @@
 """DN-Deformable-DETR (Li et al., CVPR 2022: DN-DETR on DAB-Deformable-DETR) with optional knowledge
 sharing in the last encoder layer.
 
-As the reference configuration (detrex DN-Deformable-DETR, spec section 7, family G): the multi-scale
+As the authors' configuration (detrex DN-Deformable-DETR; docs/authors_code.md, "Family settings"): the multi-scale
 features, encoder (KS layer included) and deformable decoder layers of Deformable-DETR
 (models.deformable_detr), with
 - 4-d anchor-box queries: 300 learned boxes (unsigmoided, nn.Embedding's N(0, 1) init, trainable)
@@ -18,7 +18,7 @@ features, encoder (KS layer included) and deformable decoder layers of Deformabl
   criterion (as DN-DETR, models.dn_detr).
 Family settings as config values: FFN 2048, ReLU, dropout 0.0, no final decoder LayerNorm. No DN
 queries outside training. (`box_refine: false` keeps the anchors of every layer and shares one pair of
-heads, an ablation the reference does not run.)
+heads, an ablation the authors do not run.)
 """
 import torch
 from torch import nn

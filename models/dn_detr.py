@@ -1,6 +1,6 @@
 """DN-DETR (Li et al., CVPR 2022): DAB-DETR plus denoising training, with optional knowledge sharing.
 
-As the reference configuration (detrex DN-DETR, spec section 7, family N): everything of DAB-DETR
+As the authors' configuration (detrex DN-DETR; docs/authors_code.md, "Family settings"): everything of DAB-DETR
 (models.dab_detr), except that
 - the matching queries' content is the label embedding of "no object" with indicator 0 (DAB: zeros);
 - in training, `model.dn.groups` groups of noised ground-truth queries (label noise
@@ -10,7 +10,7 @@ As the reference configuration (detrex DN-DETR, spec section 7, family N): every
   every decoder pass of every branch gets the same DN queries and mask) as `dn_pred_logits` /
   `dn_pred_boxes`, and `dn_meta` tells the criterion the layout for the DN losses.
 The family's anchors are not frozen and keep nn.Embedding's N(0, 1) init for all four coordinates
-(the reference's freeze_anchor_box_centers=False: set model.dab.random_anchor_xy and freeze_anchor_xy
+(the authors' freeze_anchor_box_centers=False: set model.dab.random_anchor_xy and freeze_anchor_xy
 to false). No DN queries outside training: inference is DAB-DETR's.
 """
 import torch

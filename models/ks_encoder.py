@@ -17,6 +17,8 @@ A with teacher values (Q, K, V^t); attn3 = teacher attention sharing the student
 Teachers run only where asked for (training, or evaluation with GT masks for Fig. 4). Without them
 the KS layer is exactly the plain encoder layer: student outputs are bit-identical to a model built
 without any teacher parameters, and no ground truth is needed.
+
+What the authors' code does for each part, with their file paths: docs/authors_code.md.
 """
 import inspect
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ from torch import nn
 from .layers import DeformableEncoderLayer, EncoderLayer, attend, merge_heads, sdpa_mask, split_heads
 
 STUDENT = "attn1"
-# Teacher branches per mode, in the reference's order (its feat_t = [A^t V, A V^t]).
+# Teacher branches per mode, in the authors' order (their feat_t = [A^t V, A V^t]).
 TEACHER_BRANCHES = {
     "none": (),
     "triple": ("attn3", "attn2"),
@@ -61,10 +63,10 @@ def settings(ks_cfg):
 
 
 # --------------------------------------------------------------------------------------------------
-# GT Fg-Bg mask (reference section 1)
+# GT Fg-Bg mask (docs/authors_code.md, "GT Fg-Bg mask")
 
 def fg_canvas(boxes, batch_hw):
-    """Rasterise boxes on the padded-batch canvas, as the reference does box by box:
+    """Rasterise boxes on the padded-batch canvas, as the authors' code does box by box:
     canvas[b, int(y1):int(y2), int(x1):int(x2)] = 1 (int() truncates, a floor for the non-negative
     coordinates of boxes clamped to their image; half-open, so the last partial row and column are
     left out and a box under one pixel wide after flooring can be empty). Overlaps union.
@@ -107,18 +109,19 @@ def fg_mask(boxes, batch_hw, feature_hw, padding_mask=None):
 
 def fg_mask_levels(boxes, batch_hw, level_hws, padding_masks=None):
     """Multi-scale masks: each level resized independently from the one full-resolution canvas
-    (reference section 1.6). Returns a list of (B, h_l, w_l) bool masks in level order."""
+    (as the authors' code). Returns a list of (B, h_l, w_l) bool masks in level order."""
     canvas = fg_canvas(boxes, batch_hw)
     padding_masks = padding_masks or [None] * len(level_hws)
     return [resize_canvas(canvas, hw, pm) for hw, pm in zip(level_hws, padding_masks)]
 
 
 # --------------------------------------------------------------------------------------------------
-# Teacher feature and the KS encoder layer (reference sections 2 and 3)
+# Teacher feature and the KS encoder layer (docs/authors_code.md: "sMLP", "Triple and dual attention,
+# standard layer")
 
 class SMLP(nn.Module):
     """sMLP of paper Eq. 9: X^t = X * (1 - M) + ReLU(X W + b) * M. Background tokens pass unchanged.
-    One Linear(d, d) with PyTorch's default init (the reference keeps it out of the xavier loop)."""
+    One Linear(d, d) with PyTorch's default init (the authors' code keeps it out of the xavier loop)."""
 
     def __init__(self, d_model):
         super().__init__()
@@ -181,7 +184,8 @@ def attention_rows(q, k, key_padding_mask=None, queries=None):
 
 
 class KSEncoderLayer(EncoderLayer):
-    """Plain post-norm encoder layer plus teacher branches (reference section 3).
+    """Plain post-norm encoder layer plus teacher branches (docs/authors_code.md, "Triple and dual
+    attention, standard layer").
 
     The student parameters keep the plain layer's names, so the state dict minus `teacher.*` is a
     baseline layer's. All branches share the out-projection, the residual from the student input X
@@ -202,7 +206,7 @@ class KSEncoderLayer(EncoderLayer):
 
     @torch.no_grad()
     def reset_ks_parameters(self):
-        """The reference packs the student and teacher in-projections into one (k*d x d) matrix
+        """The authors' code packs the student and teacher in-projections into one (k*d x d) matrix
         (k = 6 triple, 5 share-V, 4 share-A) and xavier-initialises it as a whole, so its bound is
         sqrt(6 / ((k+1) d)) for student and teacher rows alike. The sMLP keeps PyTorch's default
         init. Call this after any xavier loop over the transformer."""
@@ -264,7 +268,7 @@ class KSEncoderLayer(EncoderLayer):
 
 
 # --------------------------------------------------------------------------------------------------
-# The deformable KS encoder layer (reference section 4)
+# The deformable KS encoder layer (docs/authors_code.md, "Triple attention, deformable layer")
 
 class DeformableTeacherParameters(nn.Module):
     """Every parameter that exists only for the teachers of a deformable KS layer: the sMLP, the
@@ -304,7 +308,7 @@ class KSDeformableEncoderLayer(DeformableEncoderLayer):
 
     @torch.no_grad()
     def reset_ks_parameters(self):
-        """The reference's effective init: its transformer-wide xavier loop runs after the teacher
+        """The authors' effective init: their transformer-wide xavier loop runs after the teacher
         init and only the student MSDA is re-initialised afterwards, so the teacher attention-weights
         head ends up xavier (not zero like the student's) with zero bias, the teacher value
         projection xavier with zero bias; the sMLP keeps PyTorch's default init. Call this after any
@@ -377,7 +381,7 @@ def make_deformable_encoder_layer(mode, d_model, nhead, dim_feedforward, dropout
 
 KS_LAYERS = (KSEncoderLayer, KSDeformableEncoderLayer)
 
-# The reference's KS layer packs the student's and the teachers' in-projections into one matrix of
+# The authors' KS layer packs the student's and the teachers' in-projections into one matrix of
 # k x d rows (its in_proj_weight.chunk(k)): Q, K, V, then the teachers' Q^t, K^t (share-V), V^t
 # (share-A) or Q^t, K^t, V^t (triple). Here they are separate modules of the layer: runs of d-row
 # blocks -> parameter name.
@@ -387,7 +391,7 @@ PACKED_IN_PROJ = {
     "dual_share_v": (("self_attn.in_proj", 3), ("teacher.qk_proj", 2)),
     "dual_share_a": (("self_attn.in_proj", 3), ("teacher.v_proj", 1)),
 }
-# The deformable KS layer's teacher heads, by their names in the reference's layer (its
+# The deformable KS layer's teacher heads, by their names in the authors' layer (its
 # attention_weights_teacher, value_proj_teacher) -> names here, and the branch each serves.
 DEFORMABLE_TEACHER_HEADS = {"attention_weights_teacher": ("teacher.attention_weights", "attn3"),
                             "value_proj_teacher": ("teacher.value_proj", "attn2")}
@@ -395,7 +399,7 @@ SMLP_LINEAR = "teacher.smlp.linear"  # the sMLP's Linear(d, d) in a KS layer
 
 
 def packed_in_proj_mode(rows, d_model):
-    """The KS mode of an encoder layer from the rows of its packed (reference) in-projection, or
+    """The KS mode of an encoder layer from the rows of its packed (authors') in-projection, or
     None when no mode has that many."""
     for mode, runs in PACKED_IN_PROJ.items():
         if rows == d_model * sum(n for _, n in runs):
@@ -404,7 +408,7 @@ def packed_in_proj_mode(rows, d_model):
 
 
 def split_packed_in_proj(mode, tensor, d_model):
-    """A packed in-projection weight (k d, d) or bias (k d,) of the reference -> {parameter name in
+    """A packed in-projection weight (k d, d) or bias (k d,) of the authors' layer -> {parameter name in
     this project's layer (without .weight/.bias): its rows}, for a layer of `mode`."""
     runs = PACKED_IN_PROJ[check_ks_mode(mode)]
     parts = tensor.split([n * d_model for _, n in runs])
@@ -412,7 +416,7 @@ def split_packed_in_proj(mode, tensor, d_model):
 
 
 def deformable_mode(teacher_heads):
-    """The KS mode of a deformable encoder layer from the reference's teacher heads it has (names of
+    """The KS mode of a deformable encoder layer from the authors' teacher heads it has (names of
     DEFORMABLE_TEACHER_HEADS), or None when no mode has exactly those."""
     branches = {DEFORMABLE_TEACHER_HEADS[h][1] for h in teacher_heads}
     modes = [m for m, b in TEACHER_BRANCHES.items() if set(b) == branches]
@@ -503,7 +507,7 @@ class MemoryDistance:
 
 
 def init_ks_parameters(module):
-    """Re-applies the reference's KS init to every KS layer below `module` (after xavier loops)."""
+    """Re-applies the authors' KS init to every KS layer below `module` (after xavier loops)."""
     for m in ks_layers(module):
         m.reset_ks_parameters()
 
@@ -565,7 +569,7 @@ def decode_branches(decode, student_memory, teacher_memories, training):
 def assemble_outputs(branch_outputs, teacher_layers="last"):
     """The model's output dict: the student's last decoder layer as `pred_*`, its other layers as
     `aux_outputs`, and, when teachers ran, `teacher_outputs` {branch: [layer outputs]} holding the
-    last decoder layer (the reference) or all of them (teacher_layers='all', paper Eq. 10)."""
+    last decoder layer (the authors' code) or all of them (teacher_layers='all', paper Eq. 10)."""
     if teacher_layers not in TEACHER_LAYERS:
         raise ValueError(f"teacher_layers must be one of {TEACHER_LAYERS}, got {teacher_layers!r}")
     student = branch_outputs[STUDENT]

@@ -136,7 +136,7 @@ class _PostNormEncoderLayer(FFNLayer):
 class EncoderLayer(_PostNormEncoderLayer):
     """Post-norm transformer encoder layer: LN(x + SelfAttn(x + pos, x + pos, x)), then
     LN(x + FFN(x)). Dropout acts on the attention weights and inside the FFN (after the activation
-    and after the second linear layer); the attention output itself has none (the reference's
+    and after the second linear layer); the attention output itself has none (detrex's
     proj_drop is 0)."""
 
     def __init__(self, d_model, nhead, dim_feedforward, dropout=0.0, activation="relu"):
@@ -225,7 +225,7 @@ class MSDeformAttn(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        """The reference's init: zero offset weights and a bias that puts head h's points on the ray
+        """detrex's init: zero offset weights and a bias that puts head h's points on the ray
         at angle 2 pi h / n_heads (scaled to the unit square's border), point p at p + 1 times that
         step; zero attention weights (uniform attention); xavier value/output projections."""
         nn.init.zeros_(self.sampling_offsets.weight)
@@ -290,7 +290,7 @@ class MSDeformAttn(nn.Module):
 class DeformableEncoderLayer(_PostNormEncoderLayer):
     """Post-norm deformable encoder layer: LN(x + dropout(MSDeformAttn(x + pos, refs, x))), then
     LN(x + FFN(x)), with dropout on the attention output and inside the FFN (after the activation
-    and after the second linear layer), as the reference (detrex)."""
+    and after the second linear layer), as detrex."""
 
     def __init__(self, d_model, nhead, dim_feedforward, dropout=0.0, activation="relu", n_levels=4, n_points=4):
         super().__init__()
