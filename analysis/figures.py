@@ -20,7 +20,7 @@ from experiments import records  # noqa: E402
 from . import VARIANT_NAMES, AnalysisError, load_manifest, load_run  # noqa: E402
 
 LOSSES = {"loss": "total", "loss_attn1": "Attn1", "loss_attn2": "Attn2", "loss_attn3": "Attn3"}
-STATE_MARK = {"done": "", "incomplete": " (incomplete)", "failed": " (failed)"}
+STATE_MARK = {"done": "", "interrupted": " (interrupted)", "running": " (running)", "failed": " (failed)"}
 
 
 def model_name(manifest, row):

@@ -12,9 +12,9 @@ for standard attention the student's attention row A = softmax(q k^T / sqrt(d_he
 teacher's A^t from its own projections of X^t + P (Attn3's Q^t K^t), averaged over heads or one
 row per head; for deformable attention the sampling locations (shared by student and teacher) with
 the student's and the teacher's attention weights. Beside them the GT Fg-Bg mask on the token grid
-and how far the sMLP moves each token (|X^t - X|; it changes the foreground tokens only). The maps
-are computed from the layer's own weights and inputs (captured with a forward hook), for the chosen
-queries only: the fused attention call returns no map.
+and how far the sMLP moves each token (|X^t - X|; it changes the foreground tokens only). The layer
+itself gives them (its `inspect`, models.ks_encoder), from its inputs of one forward (captured with
+a forward hook), for the chosen queries only.
 
 Both read the row's checkpoint (default: its checkpoint.pth) and write PNG and PDF under
 <results>/figures/. The functions return the figure and the data drawn, which the tests compare
@@ -30,6 +30,7 @@ from matplotlib import patches
 
 from datasets.drawing import draw_detections
 from experiments import records
+from models import ks_encoder as ks
 
 from . import AnalysisError
 from .figures import plt, save_figure
@@ -56,7 +57,7 @@ class Trained:
 
 def load_trained(manifest, row, checkpoint=None, results=records.RESULTS):
     from experiments.build import build_data
-    from experiments.evaluation import load_checkpoint
+    from experiments.checkpoints import load_checkpoint
 
     ck = load_checkpoint(manifest, row, checkpoint, results=results)
     _, val_set = build_data(ck.cfg)
@@ -107,9 +108,7 @@ def class_names(dataset):
 
 
 def _branches(trained, branches):
-    from models.ks_encoder import STUDENT, TEACHER_BRANCHES
-
-    available = (STUDENT,) + tuple(sorted(TEACHER_BRANCHES[trained.ks_mode]))
+    available = (ks.STUDENT,) + tuple(sorted(ks.teacher_branches(trained.model)))
     if branches is None:
         return list(available)
     bad = [b for b in branches if b not in available]
@@ -128,7 +127,7 @@ def detections(trained, image_ids, branches, score=0.3, batch_size=8):
     post-processed detections (models.postprocess, the model's eval_topk) with score >= `score`."""
     from models.postprocess import postprocess
 
-    teachers = [b for b in branches if b != "attn1"]
+    teachers = [b for b in branches if b != ks.STUDENT]
     topk, clip = trained.cfg["model"]["eval_topk"], trained.cfg["model"]["eval_clip_boxes"]
     out = {}
     for start in range(0, len(image_ids), batch_size):
@@ -136,9 +135,8 @@ def detections(trained, image_ids, branches, score=0.3, batch_size=8):
         images, mask, targets = batch_of(trained.dataset, ids)
         outputs = trained.model(images, mask, targets if teachers else None, with_teachers=bool(teachers) or None)
         sizes = torch.stack([t["orig_size"] for t in targets])
-        per_branch = {"attn1": outputs, **{b: outputs["teacher_outputs"][b][-1] for b in teachers}}
         for branch in branches:
-            o = per_branch[branch]
+            o = ks.branch_output(outputs, branch)
             dets = postprocess(o["pred_logits"], o["pred_boxes"], sizes, topk, clip)
             for image_id, det in zip(ids, dets):
                 keep = det["scores"] >= score
@@ -203,21 +201,23 @@ class LayerInputs:
     token_shapes: list              # [(h, w)] of the token grid(s), in token order
     strides: list                   # the backbone stride of each grid: model-input pixels per token
 
+    def inspect(self, layer, queries):
+        """The layer's Inspection (models.ks_encoder) of these inputs for the query tokens `queries`."""
+        return layer.inspect(self.x, self.pos, self.key_padding_mask, fg=self.fg, queries=queries, **self.levels)
+
 
 @torch.no_grad()
 def capture_layer_inputs(trained, image_id):
     """Runs the model with teachers on one image and captures the KS layer's inputs."""
-    from models.ks_encoder import KS_LAYERS
-
-    layer = trained.model.encoder.layers[-1]
-    if not isinstance(layer, KS_LAYERS):
+    layer = ks.ks_layer(trained.model)
+    if layer is None:
         raise AnalysisError(f"{trained.name}: not a KS row (model.ks.mode {trained.ks_mode!r}); the attention "
                             f"figure needs the teachers of a KS layer")
     images, mask, targets = batch_of(trained.dataset, [image_id])
     seen = {}
 
     def hook(module, args, kwargs, output):
-        seen["args"], seen["kwargs"] = args, kwargs
+        seen["inputs"] = ks.named_inputs(module, args, kwargs)
 
     def grid(module, args, output):
         seen["grid"] = tuple(output.shape[-2:])
@@ -230,53 +230,34 @@ def capture_layer_inputs(trained, image_id):
     finally:
         for handle in handles:
             handle.remove()
-    x, pos, key_padding_mask = seen["args"][:3]
-    kwargs = dict(seen["kwargs"])
-    fg = kwargs.pop("fg")
-    if kwargs:  # deformable: the levels, each a token grid
-        shapes = [tuple(s) for s in kwargs["spatial_shapes"].tolist()]
+    levels = dict(seen["inputs"])
+    x, pos, key_padding_mask, fg = (levels.pop(k) for k in ("x", "pos", "key_padding_mask", "fg"))
+    if levels:  # deformable: the levels, each a token grid
+        shapes = [tuple(s) for s in levels["spatial_shapes"].tolist()]
     else:
         shapes = [seen["grid"]]
     # each grid's stride is a power of two; its token count is the input size over it, rounded up
     strides = [2 ** round(math.log2(images.shape[-1] / w)) for _, w in shapes]
-    return layer, LayerInputs(x, pos, key_padding_mask, fg, kwargs, shapes, strides), images, targets
+    return layer, LayerInputs(x, pos, key_padding_mask, fg, levels, shapes, strides), images, targets
+
+
+def _first(t):
+    return None if t is None else t[0]
 
 
 def standard_attention_rows(layer, inputs, queries):
     """(A, A^t or None): (heads, len(queries), N) softmax rows of the student's and the teacher's
-    attention maps for the query tokens `queries`, from the layer's weights."""
-    from models.layers import split_heads
-
-    attn = layer.self_attn
-    x, pos, padding = inputs.x, inputs.pos, inputs.key_padding_mask
-    qk = x + pos
-    q, k, _ = attn.project(qk, qk, x)
-
-    def rows(q, k):
-        logits = q[:, :, queries] @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
-        return logits.masked_fill(padding[:, None, None, :], float("-inf")).softmax(-1)[0]
-
-    teacher = None
-    if layer.teacher.qk_proj is not None:
-        xt = layer.teacher.smlp(x, inputs.fg)
-        qt, kt = (split_heads(t, attn.nhead) for t in layer.teacher.qk_proj(xt + pos).chunk(2, dim=-1))
-        teacher = rows(qt, kt)
-    return rows(q, k), teacher
+    attention maps for the query tokens `queries` (the layer's `inspect`)."""
+    seen = inputs.inspect(layer, queries)
+    return seen.student[0], _first(seen.teacher)
 
 
 def deformable_samples(layer, inputs, queries):
     """(locations (len(queries), heads, levels, points, 2) normalised x, y; the student's weights and
-    the teacher's (None without Attn3), each (len(queries), heads, levels, points))."""
-    attn = layer.self_attn
-    q = inputs.x + inputs.pos
-    ref = inputs.levels["reference_points"][:, queries]
-    locations = attn.locations(q[:, queries], ref, inputs.levels["spatial_shapes"])[0]
-    student = attn.weights(q[:, queries])[0]
-    teacher = None
-    if layer.teacher.attention_weights is not None:
-        xt = layer.teacher.smlp(inputs.x, inputs.fg)
-        teacher = attn.weights((xt + inputs.pos)[:, queries], layer.teacher.attention_weights)[0]
-    return locations, student, teacher
+    the teacher's (None without Attn3), each (len(queries), heads, levels, points)): the layer's
+    `inspect`."""
+    seen = inputs.inspect(layer, queries)
+    return seen.locations[0], seen.student[0], _first(seen.teacher)
 
 
 def default_queries(inputs, boxes, n_objects=2):
@@ -337,15 +318,13 @@ def attention_figure(trained, image_id, points=None, per_head=False):
     s = inputs.strides[0]
     extent = (0, w * s / scale[0], h * s / scale[1], 0)  # the grid in original-image pixels
     with torch.no_grad():
-        xt = layer.teacher.smlp(inputs.x, inputs.fg)
+        seen = inputs.inspect(layer, queries)
     data = {"queries": queries, "fg": inputs.fg[0, :h * w].view(h, w),
-            "smlp_change": (xt - inputs.x)[0, :h * w].norm(dim=-1).view(h, w)}
+            "smlp_change": (seen.teacher_feature - inputs.x)[0, :h * w].norm(dim=-1).view(h, w)}
     deformable = bool(inputs.levels)
-    with torch.no_grad():
-        if deformable:
-            data["locations"], data["student"], data["teacher"] = deformable_samples(layer, inputs, queries)
-        else:
-            data["student"], data["teacher"] = standard_attention_rows(layer, inputs, queries)
+    if deformable:
+        data["locations"] = seen.locations[0]
+    data["student"], data["teacher"] = seen.student[0], _first(seen.teacher)
 
     data["fg_share"] = foreground_share(data, inputs)
     heads = data["student"].shape[1 if deformable else 0]

@@ -4,7 +4,7 @@ The transforms take and return ``(image, target)`` where image is a ``tv_tensors
 dict with ``boxes`` (``tv_tensors.BoundingBoxes``, XYXY, absolute pixels) and ``labels``; the boxes
 follow every geometric step, are clamped to the image, and empty boxes are dropped with their labels.
 
-Train (as DETR / detrex, spec section 7): horizontal flip (p=0.5), then with p=0.5 either
+Train (as DETR / detrex; docs/authors_code.md, "Family settings"): horizontal flip (p=0.5), then with p=0.5 either
 (a) shorter side -> random choice of ``train_scales`` (longer side capped at ``train_max_size``), or
 (b) shorter side -> random choice of ``crop_resize_scales`` -> random crop -> (a).
 Test: shorter side ``test_size``, longer side at most ``test_max_size``.

@@ -56,11 +56,10 @@ def cmd_list(args):
         cfg = cfgs[name] = manifest.resolve(name)
         m = cfg["model"]
         missing = _unavailable(cfg)
-        directory = records.run_dir(*manifest.record_of(name), args.results)
+        run = records.read_run(records.run_dir(*manifest.record_of(name), args.results))
         paper = row.get("paper")
         rows.append({"row": name, "variant": m["variant"], "ks": m["ks"]["mode"], "backbone": m["backbone"]["name"],
-                     "epochs": cfg["train"]["epochs"], "status": records.status(directory),
-                     "last_epoch": records.last_epoch(directory),
+                     "epochs": cfg["train"]["epochs"], "status": run.state, "last_epoch": run.last_epoch,
                      "paper": f"T{paper['table']}/{paper['row']} {paper['source']}" if paper else None,
                      "available": missing is None, "unavailable_reason": missing,
                      "family": row.get("family"), "baseline": row.get("baseline"), "note": row.get("note")})
@@ -111,19 +110,16 @@ def _local_processes(args):
 
 def cmd_run(args):
     from . import distributed
-    from .build import check_available
+    from .build import resolve_row
     from .engine import train_row
     from .errors import RunError
-    from .training import batch_plan
 
     manifest = Manifest(args.manifest)
     rows = args.row or list(manifest.rows)
     nprocs, device = _local_processes(args)
     for row in rows:  # fail early on a typo, an unknown key or a variant that is not built, before training
-        cfg = manifest.resolve(row, args.overrides)
-        check_available(cfg, f"manifest {manifest.path}, row {row!r}")
-        if distributed.from_environment() is None:
-            batch_plan(cfg["train"], nprocs)
+        # under a distributed launch the world size is the launcher's: train_row checks the batch plan
+        resolve_row(manifest, row, args.overrides, nprocs if distributed.from_environment() is None else None)
     for row in rows:
         print(f"== {manifest.name} / {row}", flush=True)
         kwargs = dict(resume=args.resume, force=args.force, device=device, results=args.results)
@@ -422,7 +418,7 @@ def main(argv=None):
         args.overrides = list(args.overrides) + extra
     try:
         args.func(args)
-    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM (training.Stopped): said where it happened, no traceback
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM (signals.Stopped): said where it happened, no traceback
         signum = getattr(e, "signum", signal.SIGINT)
         print(f"stopped ({signal.Signals(signum).name})" if signum else "stopped", file=sys.stderr)
         sys.exit(128 + (signum or signal.SIGINT))

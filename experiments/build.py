@@ -1,5 +1,6 @@
-"""What a run needs, built from its configuration: the model section with resolved paths, the check
-that the row's model can be built, the data sets (generating the synthetic one), the device."""
+"""What a run needs, built from its configuration: the model section with resolved paths, the
+start-up checks of a row (its model can be built, its batch plan holds), the data sets (generating
+the synthetic one), the device."""
 import copy
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from models import build_model
 from . import distributed, records
 from .config import variant_available
 from .errors import NotAvailableError, RunError
+from .training import batch_plan
 
 
 def pick_device(name=None):
@@ -57,6 +59,16 @@ def check_available(cfg, where):
         raise NotAvailableError(f"{where}: {e}") from None
     except Exception as e:  # noqa: BLE001
         raise RunError(f"{where}: the model cannot be built: {type(e).__name__}: {e}") from None
+
+
+def resolve_row(manifest, row, overrides=(), world_size=None, where=None):
+    """A row's start-up checks, before any record is written or job submitted: (its resolved
+    configuration, its batch plan for `world_size` processes (training.batch_plan) or None without
+    one). Raises ConfigError for the configuration, check_available's errors (`where`, default
+    "manifest <path>, row '<row>'", starts their message) and BatchPlanError."""
+    cfg = manifest.resolve(row, overrides)
+    check_available(cfg, f"manifest {manifest.path}, row {row!r}" if where is None else where)
+    return cfg, None if world_size is None else batch_plan(cfg["train"], world_size)
 
 
 def build_data(cfg, ctx=None):

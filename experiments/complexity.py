@@ -47,7 +47,7 @@ from models.ops.ms_deform_attn import sampling_flops
 
 from . import records
 from .benchmarks import seconds
-from .build import check_available, model_config, pick_device
+from .build import model_config, pick_device, resolve_row
 from .config import Manifest
 from .errors import is_user_error
 
@@ -184,8 +184,7 @@ def measure(manifest, rows, size, device, repeats, progress=print):
         for name in group:
             if keys[name] in measured or keys[name] in models:
                 continue
-            cfg = manifest.resolve(name)
-            check_available(cfg, f"manifest {manifest.path}, row {name!r}")
+            cfg, _ = resolve_row(manifest, name)
             progress(f"{name}: counting parameters and FLOPs")
             models[keys[name]] = build(cfg)
             n_train, n_infer, flops, skipped = count(models[keys[name]], *image(size, "cpu"))

@@ -2,7 +2,7 @@
 
 A run's configuration is built in this order, each level updating the one before:
 
-    DEFAULTS (below: the reference's DAB-DETR-R50 COCO setting)
+    DEFAULTS (below: the authors' DAB-DETR-R50 COCO setting)
       -> the manifest's `defaults`            (every row)
       -> the manifest's `families[<family>]`  (the rows of that family)
       -> the row's `config`
@@ -81,7 +81,7 @@ DEFAULTS = {
         # the inverse sigmoid of reference boxes clamps to [eps, 1 - eps]; detrex's eps is 1e-3
         "inverse_sigmoid_eps": 1e-5,
         # weights_path: a relative path is relative to the repository root. drop_path: stochastic depth
-        # of a Swin backbone (the reference's Swin-T: 0.1); ResNets have none and ignore it, as pad_to_patch
+        # of a Swin backbone (the authors' Swin-T: 0.1); ResNets have none and ignore it, as pad_to_patch
         # (Swin: pad the image to a multiple of the patch size first, as detectron2's Swin; models/backbone.py).
         # autocast: null (float32) or bfloat16 (the backbone only; see models/backbone.py).
         "backbone": {"name": "resnet50", "weights": "imagenet", "weights_path": None, "freeze_at": 1,
@@ -122,11 +122,11 @@ DEFAULTS = {
         "weight_decay": 1e-4,
         "clip_max_norm": 0.1,
         "batch_size": 2,  # per process (per GPU)
-        # The batch of one optimizer step across all processes (the reference: 16). null: whatever
+        # The batch of one optimizer step across all processes (the authors': 16). null: whatever
         # batch_size x processes gives. When batch_size x processes is smaller, gradients are
         # accumulated over total_batch_size / (batch_size x processes) steps (recorded in env.json).
         "total_batch_size": None,
-        "eval_batch_size": None,  # per process; null: batch_size (the reference evaluates with 1)
+        "eval_batch_size": None,  # per process; null: batch_size (the authors evaluate with 1)
         "find_unused_parameters": False,  # DDP: only for models with parameters a step may not use
         "seed": 42,
         "eval_every": 1,

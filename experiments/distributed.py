@@ -181,7 +181,7 @@ def _worker(local_rank, nprocs, port, launch_option, fn, args, kwargs):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
     try:
         fn(*args, **kwargs)
-    except KeyboardInterrupt as e:  # Ctrl-C or errors.Stopped: an exit code, not torch's silent 0
+    except KeyboardInterrupt as e:  # Ctrl-C or signals.Stopped: an exit code, not torch's silent 0
         sys.exit(128 + (getattr(e, "signum", 0) or signal.SIGINT))
     except Exception as e:
         from .errors import is_user_error
@@ -211,7 +211,7 @@ def spawn(nprocs, fn, *args, launch_option=None, **kwargs):
     them (recorded with the run). Raises WorkerFailed when any of them fails."""
     import torch.multiprocessing as mp
 
-    from .errors import Stopped
+    from .signals import Stopped
 
     port = free_port()
     option = launch_option or f"--nproc {nprocs}"
@@ -221,7 +221,7 @@ def spawn(nprocs, fn, *args, launch_option=None, **kwargs):
 
     def forward(signum, frame):
         # SIGTERM or Ctrl-C for this launcher: every process writes its checkpoint and stops
-        # (errors.Stopped); one that got the signal itself too counts the two as one
+        # (signals.Stopped); one that got the signal itself too counts the two as one
         received.append(signum)
         for p in context.processes:
             if p.is_alive():

@@ -3,7 +3,7 @@
 `train_row` decides how the row starts (experiments/runs.py), trains it epoch by epoch
 (experiments/training.py), evaluates it (experiments/evaluation.py) and writes the records. One
 process or several (DDP, experiments/distributed.py): every process trains on its shard of each
-batch; only rank 0 writes records, checkpoints and the heartbeat.
+batch; only rank 0 writes records, checkpoints (experiments/checkpoints.py) and the heartbeat.
 """
 import errno
 import os
@@ -14,17 +14,19 @@ import torch
 from torch import nn
 
 from models import build_model
-from models.ks_encoder import TEACHER_BRANCHES
+from models.ks_encoder import teacher_branches
 
 from . import distributed, records
-from .build import build_data, check_available, model_config
+from .build import build_data, model_config, resolve_row
+from .checkpoints import (CHECKPOINT, check_weights, has_checkpoint, read_checkpoint, save_checkpoint,
+                          set_damaged_aside)
 from .config import Manifest, diff, flatten, new_default_keys
 from .evaluation import evaluate, make_eval_loader, write_detections
-from .errors import RunError, Stopped
-from .runs import (CHECKPOINT, check_weights, environment, has_checkpoint, prepare_run_dir, read_checkpoint,
-                   save_checkpoint, set_damaged_aside)
-from .training import (StopRequest, _reduce_means, batch_plan, build_optimizer, main_lr, make_train_loader,
-                       optimizer_steps, seed_everything, train_one_epoch)
+from .errors import RunError
+from .runs import environment, prepare_run_dir
+from .signals import Stopped, StopRequest
+from .training import (build_optimizer, main_lr, make_train_loader, optimizer_steps, reduce_means, seed_everything,
+                       train_one_epoch)
 
 
 def _launch(ctx):
@@ -44,7 +46,7 @@ def train_row(manifest_name, row, overrides=(), resume=False, force=False, devic
     Run by every process of a distributed launch (torchrun, SLURM, `run --gpus N`): rank 0 decides
     how the row starts and writes the records, the others follow. The data sets are built and
     checked before any record is written, so a data error leaves no record behind. SIGTERM and
-    SIGINT write a checkpoint at the current step and stop (training.StopRequest)."""
+    SIGINT write a checkpoint at the current step and stop (signals.StopRequest)."""
     if force and resume:
         raise RunError(f"{row}: --force (start over, moving the record aside) and --resume (continue it) "
                        f"contradict each other; give one")
@@ -58,15 +60,13 @@ def train_row(manifest_name, row, overrides=(), resume=False, force=False, devic
         if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
             print(f"{row}: the same run as {'/'.join(owner)} (same_as); its records are used", flush=True)
         return train_row(*owner, overrides, resume=resume, force=force, device=device, results=results)
-    cfg = manifest.resolve(row, overrides)
-    check_available(cfg, f"manifest {manifest.path}, row {row!r}")
     directory = records.run_dir(manifest.name, row, results)
     ctx = distributed.setup(device)
     stop = StopRequest().install()
     prepared = False
     heartbeat = None  # rank 0's claim on the row, from the decision to start until the end
     try:
-        plan = batch_plan(cfg["train"], ctx.world_size)
+        cfg, plan = resolve_row(manifest, row, overrides, ctx.world_size)
         built = None
         if ctx.broadcast(force or records.status(directory) != "done"):
             built = _agreed(lambda: _build(row, cfg, ctx, plan), ctx, "building the data sets and the model")
@@ -271,7 +271,7 @@ def _train(cfg, directory, resuming, ctx, plan, built, state=None, heartbeat=Non
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=tc["find_unused_parameters"])
 
-    teachers = TEACHER_BRANCHES[cfg["model"]["ks"]["mode"]] if tc["eval_teachers"] else ()
+    teachers = teacher_branches(model) if tc["eval_teachers"] else ()
     workers = cfg["data"]["num_workers"]
     train_loader = make_train_loader(train_set, batch, workers, tc["seed"], ctx)
     val_loader = make_eval_loader(val_set, tc["eval_batch_size"] or batch, workers, ctx, tc["max_eval_images"])
@@ -287,7 +287,7 @@ def _train(cfg, directory, resuming, ctx, plan, built, state=None, heartbeat=Non
         label = f"{epoch}/{tc['epochs']}"
 
         def save_mid_epoch(step, sums, count, epoch=epoch):
-            means = _reduce_means(sums, count, ctx)
+            means = reduce_means(sums, count, ctx)
             check_weights(model, f"at epoch {epoch}, iteration {step}")  # on every process (DDP: equal weights)
             if ctx.is_main:
                 save_checkpoint(checkpoint, model, optimizer, scheduler, epoch - 1, history, cfg, step=step,

@@ -1,6 +1,6 @@
 """Errors of running rows that the command line prints as one `error:` line (with ConfigError,
-datasets.DataError, models.backbone.WeightsError and models.convert_hf.ConversionError), and the
-stop of a run by a signal."""
+datasets.DataError, models.backbone.WeightsError and models.convert_hf.ConversionError). The stop
+of a run by a signal is experiments/signals.py."""
 
 
 class RunError(RuntimeError):
@@ -11,14 +11,8 @@ class NotAvailableError(RunError):
     """The row needs a model part that is not built yet (a variant, a backbone)."""
 
 
-class Stopped(KeyboardInterrupt):
-    """A run stopped by a signal (SIGTERM, SIGINT). Like Ctrl-C it is an interruption, not a
-    failure: the record stays resumable. `signum`: the signal (0 when another process got it);
-    `saved`: whether a checkpoint was written for it (else the latest saved one is where it resumes)."""
-
-    def __init__(self, message, signum, saved=False):
-        super().__init__(message)
-        self.signum, self.saved = signum, saved
+class BatchPlanError(RunError):
+    """train.total_batch_size cannot be kept with this batch size and number of processes."""
 
 
 def first_names(names, first=5):

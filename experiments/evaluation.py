@@ -18,16 +18,14 @@ from pathlib import Path
 import torch
 
 import datasets
-from models import build_model
-from models.ks_encoder import STUDENT, TEACHER_BRANCHES, MemoryDistance
+from models.ks_encoder import STUDENT, MemoryDistance, branch_output, teacher_branches
 from models.postprocess import postprocess
 
 from . import distributed, records
-from .build import build_data, check_available, model_config
-from .config import DEFAULTS, ConfigError, Manifest, diff, merge, parse_override
-from .errors import RunError
-from .runs import CHECKPOINT, has_checkpoint, read_checkpoint
-from .training import ignore_stop_signals, progress, to_device
+from .build import build_data
+from .checkpoints import load_checkpoint
+from .signals import ignore_stop_signals
+from .training import progress, to_device
 
 
 def make_eval_loader(dataset, batch_size, num_workers, ctx, max_images=None):
@@ -82,9 +80,8 @@ def evaluate(model, loader, dataset, device, teachers=(), topk=300, max_images=N
             outputs = model(images, mask, targets if teachers else None, with_teachers=bool(teachers) or None)
             orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
             image_ids = [int(t["image_id"]) for t in targets]
-            per_branch = {STUDENT: outputs}
-            per_branch.update({b: outputs["teacher_outputs"][b][-1] for b in teachers})
-            for b, out in per_branch.items():
+            for b in branches:
+                out = branch_output(outputs, b)
                 dets = postprocess(out["pred_logits"], out["pred_boxes"], orig_sizes, topk, clip)
                 evaluators[b].update(image_ids, [d["boxes"] for d in dets], [d["scores"] for d in dets],
                                      [d["labels"] for d in dets])
@@ -190,63 +187,6 @@ class EvalResult:
         return iter((self.metrics, self.path))
 
 
-@dataclass
-class Checkpoint:
-    """A row's checkpoint with the configuration to rebuild its model: the checkpoint's own (its
-    `config`, overrides applied) or, for a checkpoint without one, the manifest row's."""
-    manifest: Manifest
-    row: str
-    path: Path
-    state: dict
-    cfg: dict
-    row_cfg: dict
-    source: str  # where cfg came from, for the records
-
-    def changed_model_keys(self):
-        """Model keys where the checkpoint's configuration differs from the manifest row's."""
-        return [k for k in diff(self.row_cfg, self.cfg) if not k.startswith(("data.", "train."))]
-
-    def build_model(self, num_classes, device="cpu"):
-        """The trained model (evaluation mode) on `device`. The backbone starts from a random
-        initialisation: the checkpoint overwrites every weight, so no pretrained file is needed."""
-        held = self.state.get("num_classes")  # written by import-weights
-        if held is not None and held != num_classes:
-            raise RunError(f"{self.path} holds a model of {held} classes, the data set has {num_classes}")
-        cfg = model_config(self.cfg)
-        cfg["backbone"].update(weights=None, weights_path=None)
-        model, _ = build_model(cfg, num_classes)
-        model.load_state_dict(self.state["model"])
-        return model.to(device).eval()
-
-
-def load_checkpoint(manifest_name, row, checkpoint=None, overrides=(), results=records.RESULTS):
-    """The checkpoint of a row (default: the run's checkpoint.pth) and its configuration; a RunError
-    naming the file when it is missing or not a checkpoint of this project."""
-    manifest = Manifest(manifest_name)
-    row_cfg = manifest.resolve(row)
-    directory = records.run_dir(*manifest.record_of(row), results)
-    if checkpoint:  # a named file: no fallback
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise RunError(f"{row}: no checkpoint at {path}")
-        state, path = read_checkpoint(path, fallback=False)
-    else:  # the run's own: the previous one when the latest is damaged or missing
-        path = directory / CHECKPOINT
-        if not has_checkpoint(directory):
-            raise RunError(f"{row}: no checkpoint at {path}: the row has not finished an epoch here; train it with "
-                           f"`python -m experiments run {manifest.name} --row {row}`, or pass --checkpoint PATH")
-        state, path = read_checkpoint(path)
-    cfg = merge(DEFAULTS, state["config"], f"{path}, config") if state.get("config") else row_cfg
-    source = "the checkpoint" if state.get("config") else f"manifest {manifest.path}"
-    for text in overrides:
-        try:
-            cfg = merge(cfg, parse_override(text), f"override {text!r}")
-        except ConfigError as e:
-            raise ConfigError(f"row {row!r}: {e}") from None
-    check_available(cfg, f"manifest {manifest.path}, row {row!r}")
-    return Checkpoint(manifest, row, path, state, cfg, row_cfg, source)
-
-
 def evaluate_row(manifest_name, row, checkpoint=None, teachers=False, overrides=(), device=None,
                  results=records.RESULTS, moved=False):
     """Evaluates a checkpoint of a row (default: the run's checkpoint.pth): the student and, with
@@ -263,8 +203,6 @@ def evaluate_row(manifest_name, row, checkpoint=None, teachers=False, overrides=
     ck = load_checkpoint(manifest_name, row, checkpoint, overrides, results)
     cfg = ck.cfg
     directory = records.run_dir(*ck.manifest.record_of(row), results)
-    mode = cfg["model"]["ks"]["mode"]
-    branches = TEACHER_BRANCHES[mode] if teachers else ()
     ctx = distributed.setup(device)
     try:
         not_saved = None
@@ -273,14 +211,16 @@ def evaluate_row(manifest_name, row, checkpoint=None, teachers=False, overrides=
             if ck.state.get("config") and changed:
                 print(f"{row}: the checkpoint's model configuration differs from the manifest row at {changed}; "
                       f"evaluating with the checkpoint's", file=sys.stderr)
-            if teachers and not branches:
-                print(f"{row}: model.ks.mode is {mode!r}: no teacher branches to evaluate", file=sys.stderr)
             reason = unwritable(directory)
             if reason:
                 not_saved = f"cannot write to {directory} ({reason})"
                 print(f"{not_saved}: the metrics are printed but not saved", file=sys.stderr)
         _, val_set = build_data(cfg, ctx)
         model = ck.build_model(val_set.num_classes, ctx.device)
+        branches = teacher_branches(model) if teachers else ()
+        if ctx.is_main and teachers and not branches:
+            print(f"{row}: model.ks.mode is {cfg['model']['ks']['mode']!r}: no teacher branches to evaluate",
+                  file=sys.stderr)
         tc = cfg["train"]
         loader = make_eval_loader(val_set, tc["eval_batch_size"] or tc["batch_size"], cfg["data"]["num_workers"], ctx,
                                   tc["max_eval_images"])

@@ -23,7 +23,7 @@ from models.convert_hf import ConversionError
 from models.convert_ksdetr import convert, describe, read_checkpoint
 
 from . import records
-from .build import check_available, model_config
+from .build import model_config, resolve_row
 from .config import Manifest
 from .errors import RunError
 
@@ -48,9 +48,8 @@ def import_weights(source, path, manifest_name, row, out=None, overrides=(), for
     if source not in SOURCES:
         raise RunError(f"--from {source!r}: unknown source; expected one of {sorted(SOURCES)}")
     manifest = Manifest(manifest_name)
-    cfg = manifest.resolve(row, overrides)
     where = f"manifest {manifest.path}, row {row!r}"
-    check_available(cfg, where)
+    cfg, _ = resolve_row(manifest, row, overrides, where=where)
     out = Path(out) if out else records.run_dir(manifest.name, row, results) / DEFAULT_NAME
     if out.exists() and not force:
         raise RunError(f"{out} exists; pass --force to replace it, or --out another file")

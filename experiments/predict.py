@@ -28,13 +28,15 @@ import datasets
 from datasets.drawing import draw_detections
 from datasets.images import UnlabelledImages, find_images, read_rgb
 from datasets.synthetic import CATEGORIES
+from models.ks_encoder import STUDENT, branch_output
 from models.postprocess import postprocess
 
 from . import distributed, records
 from .build import resolve_root
 from .errors import RunError
-from .evaluation import load_checkpoint
-from .training import ignore_stop_signals, progress
+from .checkpoints import load_checkpoint
+from .signals import ignore_stop_signals
+from .training import progress
 
 DETECTIONS = "detections.json"
 
@@ -166,7 +168,7 @@ def predict(manifest, row, inputs, checkpoint=None, score=0.5, out=None, device=
             bar.write(f"skipped: {info['error']}", file=sys.stderr)
         if batch is None:
             continue
-        outputs = model(batch["images"].to(device), batch["padding_mask"].to(device))
+        outputs = branch_output(model(batch["images"].to(device), batch["padding_mask"].to(device)), STUDENT)
         sizes = torch.stack([t["orig_size"] for t in batch["targets"]]).to(device)
         dets = postprocess(outputs["pred_logits"], outputs["pred_boxes"], sizes, topk, clip)
         for info, det in zip(batch["targets"], dets):

@@ -1,4 +1,5 @@
-"""Run records under results/runs/<manifest>/<row>/ (the only files the analysis reads).
+"""Run records under results/runs/<manifest>/<row>/ (the only files the analysis reads), and their one
+reader (`read_run`).
 
     config.yaml     the resolved configuration
     command.txt     the command line(s) that produced the run (one line per start or resume)
@@ -21,15 +22,17 @@
 
 Beside each row's folder, `.<row>.lock` (empty) is locked while a launch decides how the row starts.
 
-Status of a row (`status()`): "done" (DONE), "failed" (FAILED), "running" (a fresh heartbeat),
-"interrupted" (started, not finished, nothing running: resume it), "not started". A heartbeat older
-than HEARTBEAT_STALE_S, or one left by a process of this host that no longer exists, is stale.
+Status of a row (`status()`, STATES): "done" (DONE), "failed" (FAILED), "running" (a fresh
+heartbeat), "interrupted" (started, not finished, nothing running: resume it), "not started". A
+heartbeat older than HEARTBEAT_STALE_S, or one left by a process of this host that no longer exists,
+is stale.
 
 Every file is written atomically (temporary file, fsync, rename), so a reader never sees half a
 record, with the permissions a plain open() gives (as checkpoints).
 """
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import shlex
@@ -38,6 +41,7 @@ import secrets
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -340,8 +344,8 @@ class Heartbeat:
 
 
 def status(directory, now=None):
-    """'done', 'failed', 'running' (a live heartbeat), 'interrupted' (started, not finished, not
-    running) or 'not started'."""
+    """'done', 'failed', 'running' (a live heartbeat), 'interrupted' (started: a config.yaml or a
+    log.jsonl; not finished, not running) or 'not started'."""
     d = Path(directory)
     if (d / "DONE").is_file():
         return "done"
@@ -349,14 +353,52 @@ def status(directory, now=None):
         return "failed"
     if heartbeat_holder(d, now) is not None:
         return "running"
-    if (d / "config.yaml").is_file():
+    if (d / "config.yaml").is_file() or (d / "log.jsonl").is_file():
         return "interrupted"
     return "not started"
 
 
 def last_epoch(directory):
-    log = read_log(Path(directory) / "log.jsonl")
-    return log[-1]["epoch"] if log else None
+    return read_run(directory).last_epoch
+
+
+@dataclass
+class RunRecord:
+    """What the records of one row say (`read_run`): its state (STATES), its epoch records (log.jsonl)
+    and, read when first asked for, the final metrics of a done run (eval.json; None otherwise)."""
+    directory: Path
+    state: str
+    log: list
+
+    @property
+    def last_epoch(self):
+        return self.log[-1]["epoch"] if self.log else None
+
+    @property
+    def label(self):
+        """The state, with the last finished epoch of a run that has not finished."""
+        if self.state in ("interrupted", "running"):
+            return f"{self.state} (epoch {self.last_epoch})" if self.log else f"{self.state} (no epoch finished)"
+        return self.state
+
+    @functools.cached_property
+    def eval(self):
+        """eval.json of a done run; a RunError naming the file when it is missing or not JSON."""
+        if self.state != "done":
+            return None
+        path = self.directory / "eval.json"
+        if not path.is_file():
+            raise RunError(f"{self.directory}: DONE exists but eval.json is missing (broken record)")
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise RunError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
+def read_run(directory, now=None):
+    """The RunRecord of a run directory; DamagedLog when a log.jsonl line is not an epoch record."""
+    d = Path(directory)
+    return RunRecord(d, status(d, now), read_log(d / "log.jsonl"))
 
 
 # --------------------------------------------------------------------------------------------------

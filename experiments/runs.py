@@ -1,14 +1,7 @@
-"""How a row's run starts and what it keeps: the decision to start fresh, resume, skip a finished row
-or refuse (another process trains it, an unfinished record), moving old records aside, checkpoints
-and env.json. The files themselves are written by experiments/records.py.
-
-Resuming: checkpoint.pth (written atomically by rank 0 after each epoch's evaluation, and every
-`train.checkpoint_every_iters` steps when set) holds the model, optimizer, scheduler, history and
-configuration. A SLURM timeout or preemption in the middle of an epoch resumes from the last
-checkpoint: the steps since then are trained again (at most one epoch, or checkpoint_every_iters steps).
+"""How a row's run starts: the decision to start fresh, resume, skip a finished row or refuse
+(another process trains it, an unfinished record), moving old records aside, and env.json. The files
+themselves are written by experiments/records.py, the checkpoints by experiments/checkpoints.py.
 """
-import errno
-import os
 import platform
 import shutil
 import socket
@@ -22,7 +15,8 @@ import torchvision
 from models import is_teacher_parameter
 
 from . import records, slurm_jobs
-from .errors import RunError, first_names
+from .checkpoints import has_checkpoint
+from .errors import RunError
 
 
 def cpu_name():
@@ -68,155 +62,6 @@ def environment(cfg, model, ctx, plan, resumed_after=None):
         "resumed_after_epoch": resumed_after,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-
-
-CHECKPOINT = "checkpoint.pth"
-PREVIOUS_CHECKPOINT = "checkpoint.prev.pth"  # the one before, kept as a fallback for a damaged latest
-
-
-def nonfinite_weights(model):
-    """Names of the model's floating-point weights and buffers holding NaN or inf."""
-    return [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
-
-
-def check_weights(model, where, kept="the checkpoint on disk"):
-    """RunError when the weights hold NaN or inf ("the weights <where> are not finite ...; not
-    saved: <kept> keeps the last finite state"), so that a diverged state is never saved."""
-    bad = nonfinite_weights(model)
-    if bad:
-        raise RunError(f"the weights {where} are not finite ({first_names(bad)}); not saved: {kept} keeps the last "
-                       f"finite state")
-
-
-def save_checkpoint(path, model, optimizer, scheduler, epoch, history, cfg, step=0, partial=None, total_batch=None,
-                    classes=None):
-    """Everything needed to resume after `epoch` completed epochs (and `step` optimizer steps of the
-    next one, `partial` its mean losses so far), and `classes` (CocoDetection.classes(): the names
-    and data-set ids of the labels, so that `predict` needs no data set). Written to a temporary file, fsynced and renamed;
-    the checkpoint it replaces becomes checkpoint.prev.pth. Refuses (RunError) weights that are not
-    finite, so a diverged run never replaces a good checkpoint. A full disk is a DiskFull naming the
-    file and the space it needs; no temporary file is left behind."""
-    path = Path(path)
-    # the engine checks on every process first (DDP: all stop together); this is the last guard
-    check_weights(model, f"at epoch {epoch + 1}, iteration {step}" if step else f"after epoch {epoch}", path)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "partial": partial,
-             "total_batch_size": total_batch, "history": history, "config": cfg, "classes": classes}
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.is_file():
-            os.replace(path, path.with_name(PREVIOUS_CHECKPOINT))
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)  # e.g. a full disk: leave no half-written file behind
-        full = _disk_full(e)
-        if full is None:
-            raise
-        # the tensors are nearly all of a checkpoint; the one it replaces is about as large
-        needed = max(_state_bytes(state), path.stat().st_size if path.is_file() else 0)
-        error = DiskFull(f"the disk is full ({full.strerror or 'no space left'}): the checkpoint {path} cannot be "
-                         f"written; it needs about {_size(needed)}, and {_free(path.parent)} are free there. The "
-                         f"checkpoints already on disk are kept: free some space, then continue with "
-                         f"`run ... --resume`")
-        error.errno = full.errno
-        raise error from None
-
-
-class DiskFull(RunError, OSError):
-    """A checkpoint that a full disk (or an exceeded quota) kept from being written: a RunError whose
-    message says so, which file and how much space it needs; also an OSError (its errno ENOSPC or
-    EDQUOT), for callers that catch those."""
-
-
-def _disk_full(error):
-    """The OSError of a full disk or an exceeded quota behind `error` (torch.save reports a failed write
-    as a RuntimeError of its zip writer, with the OSError as its context), or None."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return error
-        error = error.__cause__ or error.__context__
-    return None
-
-
-def _state_bytes(obj):
-    """Bytes of the tensors in a (nested) checkpoint state: about the size of its file."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_state_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_state_bytes(v) for v in obj)
-    return 0
-
-
-def _size(n):
-    """'1.2 GB', '340.5 MB', '2.0 kB' or '12 bytes'."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} bytes"
-
-
-def _free(folder):
-    try:
-        return _size(shutil.disk_usage(folder).free)
-    except OSError:
-        return "an unknown amount"
-
-
-def _read(path):
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - truncated zip, pickle errors, ...: all mean a damaged file
-        raise RunError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                       f"it is damaged or not a checkpoint") from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise RunError(f"{path}: not a checkpoint of this project (expected a dict with 'model')")
-    return state
-
-
-def read_checkpoint(path, fallback=True):
-    """(state, path read) of a checkpoint. When `path` is a run's checkpoint.pth and it is missing or
-    damaged, checkpoint.prev.pth (the one before) is read instead (with `fallback`), saying so; a
-    RunError names every file that could not be read."""
-    path = Path(path)
-    previous = path.with_name(PREVIOUS_CHECKPOINT)
-    if not fallback or path.name != CHECKPOINT or not previous.is_file():
-        if not path.is_file():
-            raise RunError(f"no checkpoint at {path}")
-        return _read(path), path
-    problem = f"{path} is missing"
-    if path.is_file():
-        try:
-            return _read(path), path
-        except RunError as e:
-            problem = str(e)
-    try:
-        state = _read(previous)
-    except RunError as e:
-        raise RunError(f"{problem}; the previous checkpoint cannot be used either: {e}") from None
-    print(f"warning: {problem}; using the previous checkpoint {previous} instead", file=sys.stderr, flush=True)
-    return state, previous
-
-
-def set_damaged_aside(path):
-    """Renames a damaged checkpoint to <name>.damaged-<time> (kept for inspection), so that the next
-    save does not rotate it over the previous checkpoint that the run resumed from."""
-    path = Path(path)
-    if path.is_file():
-        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.replace(path, aside)
-        print(f"warning: the damaged {path.name} was renamed to {aside}", file=sys.stderr, flush=True)
-
-
-def has_checkpoint(directory):
-    return any((Path(directory) / name).is_file() for name in (CHECKPOINT, PREVIOUS_CHECKPOINT))
 
 
 def move_aside(directory, row):

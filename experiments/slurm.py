@@ -125,10 +125,9 @@ def submit(manifest, rows, overrides, opts, results=records.RESULTS, dry_run=Fal
            skip_unavailable=False, out=None):
     """Submits the rows (one job each, a job array for several). Returns {row: job id} (empty for a dry
     run). Raises RunError before submitting anything when a row cannot run."""
-    from .build import check_available
-    from .errors import NotAvailableError, RunError
+    from .build import resolve_row
+    from .errors import BatchPlanError, NotAvailableError, RunError
     from .runs import move_aside
-    from .training import batch_plan
 
     out = out or sys.stdout
     shared = [row for row in rows if manifest.record_of(row) != (manifest.name, row)]
@@ -138,19 +137,14 @@ def submit(manifest, rows, overrides, opts, results=records.RESULTS, dry_run=Fal
                        f"manifests, and select this manifest's own rows with --rows")
     results = Path(results).resolve()  # the jobs run in the repository, not in the caller's folder
     world = opts.nodes * (opts.tasks_per_node or max(opts.gpus_per_node, 1))
-    cfgs, unavailable = {}, {}
+    cfgs, plans, unavailable = {}, {}, {}
     for row in rows:
-        cfg = manifest.resolve(row, overrides)
         try:
-            check_available(cfg, f"row {row!r}")
+            cfgs[row], plans[row] = resolve_row(manifest, row, overrides, world, where=f"row {row!r}")
+        except BatchPlanError as e:
+            raise RunError(f"manifest {manifest.path}, row {row!r}: {e}") from None
         except RunError as e:  # not built yet (NotAvailableError), or the model cannot be built
             unavailable[row] = str(e)
-            continue
-        try:
-            batch_plan(cfg["train"], world)
-        except RunError as e:
-            raise RunError(f"manifest {manifest.path}, row {row!r}: {e}") from None
-        cfgs[row] = cfg
     if unavailable and not skip_unavailable:
         lines = "\n  ".join(unavailable.values())
         raise NotAvailableError(f"not submitting anything: {len(unavailable)} row(s) cannot run yet:\n  {lines}\n"
@@ -177,7 +171,7 @@ def submit(manifest, rows, overrides, opts, results=records.RESULTS, dry_run=Fal
         for k, v in params.items():
             print(f"  {k}: {v}", file=out)
         for row, job in jobs.items():
-            _, accumulation, total = batch_plan(cfgs[row]["train"], world)
+            _, accumulation, total = plans[row]
             print(f"{row}: srun (x{world}) {job.command(manifest.name)}   "
                   f"[total batch {total} = {cfgs[row]['train']['batch_size']} x {world} x {accumulation} "
                   f"accumulation]", file=out)
@@ -213,7 +207,7 @@ def submit(manifest, rows, overrides, opts, results=records.RESULTS, dry_run=Fal
     for row, handle in submitted.items():
         job_id = str(handle.job_id)
         ids[row] = job_id
-        _, accumulation, total = batch_plan(cfgs[row]["train"], world)
+        _, accumulation, total = plans[row]
         records.add_slurm_job(records.run_dir(*manifest.record_of(row), results), {
             "job_id": job_id, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "command": jobs[row].command(manifest.name), "overrides": list(overrides),
@@ -251,7 +245,8 @@ def status_rows(manifest, results=records.RESULTS):
         else:
             state = "not in queue"
         beat = records.heartbeat_holder(directory)
-        rows.append({"row": name, "status": records.status(directory), "last_epoch": records.last_epoch(directory),
+        run = records.read_run(directory)
+        rows.append({"row": name, "status": run.state, "last_epoch": run.last_epoch,
                      "slurm_job": job or "-", "slurm_state": state,
                      "submissions": len(records.slurm_jobs(directory)),
                      "host": beat.get("host") if beat else None})

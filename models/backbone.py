@@ -46,7 +46,7 @@ def _swin_t(stochastic_depth_prob):
 SWIN = {"swin_t": (_swin_t, tvm.Swin_T_Weights.IMAGENET1K_V1, [96, 192, 384, 768])}
 BACKBONE_NAMES = sorted(RESNETS) + sorted(SWIN)
 STAGES = ["layer1", "layer2", "layer3", "layer4"]
-# FrozenBatchNorm2d (the reference) for ImageNet-initialised backbones; trainable BatchNorm2d helps
+# FrozenBatchNorm2d (the authors' code) for ImageNet-initialised backbones; trainable BatchNorm2d helps
 # a backbone trained from a random initialisation (the CPU demo).
 NORMS = {"frozen_bn": FrozenBatchNorm2d, "batch_norm": nn.BatchNorm2d}
 AUTOCAST_DTYPES = {None: None, "bfloat16": torch.bfloat16}
@@ -210,7 +210,7 @@ class Backbone(_StagedBackbone):
     """ResNet trunk. forward(images, padding_mask) returns a list of (feature, mask) pairs, one per
     requested stage (in order), where mask is the nearest-downsampled padding mask (True = padding).
 
-    freeze_at: 0 trains everything, 1 freezes the stem (the reference: detectron2 freeze_at=1), 2 the
+    freeze_at: 0 trains everything, 1 freezes the stem (the authors': detectron2 freeze_at=1), 2 the
     stem and layer1 (original DETR), and so on. Frozen BatchNorm2d layers also keep their statistics.
     """
 
@@ -304,10 +304,10 @@ class SwinBackbone(_StagedBackbone):
     """torchvision Swin-T (embed 96, depths 2-2-6-2, heads 3-6-12-24, window 7). forward(images,
     padding_mask) returns a list of (feature (B, C, h, w), mask) pairs, one per requested stage.
 
-    As the detection Swin of the reference (detectron2/detrex), each returned stage gets its own new
+    As the detection Swin of the authors' code (detectron2/detrex), each returned stage gets its own new
     LayerNorm (`out_norms`, default init; the classification checkpoint's final `norm` is not used), and
-    stochastic depth rises linearly over the blocks from 0 to `drop_path` (the reference: 0.1).
-    freeze_at: 0 trains everything (the reference's frozen_stages=-1), 1 freezes the patch embedding,
+    stochastic depth rises linearly over the blocks from 0 to `drop_path` (the authors': 0.1).
+    freeze_at: 0 trains everything (the authors' frozen_stages=-1), 1 freezes the patch embedding,
     k > 1 also the first k-1 stages with their patch merging. Dropping later stages as for ResNets.
     pad_to_patch: zero-pad the image on the bottom/right to a multiple of the patch size (4) first,
     as detectron2's PatchEmbed does (the KS-DETR Swin-T models); without it the patch embedding

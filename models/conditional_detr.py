@@ -1,6 +1,6 @@
 """Conditional-DETR (Meng et al., ICCV 2021) with optional knowledge sharing in the last encoder layer.
 
-As the reference configuration (detrex Conditional-DETR, spec section 7, family C): a plain post-norm
+As the authors' configuration (detrex Conditional-DETR; docs/authors_code.md, "Family settings"): a plain post-norm
 DETR encoder (the sine encoding added to queries and keys in every layer, no query scaling), learned
 query embeddings as positional queries with zero content queries, one 2-d reference point per query
 predicted from its query embedding and shared by all decoder layers, conditional cross-attention
@@ -12,23 +12,21 @@ attention weights and in the FFN), ReLU, sine temperature 10000, focal loss with
 The conditional decoder layer defined here is also DAB-DETR's (and DN-DETR's): DAB only changes what
 goes into it (4-d anchors, per-layer positional queries, modulated sine embeddings).
 """
-import math
-
 import torch
 from torch import nn
 
 from . import ks_encoder as ks
 from .backbone import build_backbone, eval_padding_mask
-from .layers import (MLP, EncoderLayer, attend, box_sine_embedding, inverse_sigmoid, make_activation,
+from .layers import (MLP, EncoderLayer, FFNLayer, attend, box_sine_embedding, detection_heads, inverse_sigmoid,
                      merge_heads, sdpa_mask, split_heads, xavier_init_)
 from .position_encoding import PositionEmbeddingSine
 
 
-class ConditionalDecoderLayer(nn.Module):
+class ConditionalDecoderLayer(FFNLayer):
     """Conditional self- and cross-attention with separate content/position projections (no packed
     in-projection), post-norm. In the cross-attention each head's query is [content ; projected sine
     embedding of the reference] and its key [content ; position], so the q/k head dim is twice the
-    value head dim (and the softmax scale 1/sqrt(2 d_head), as in the reference). The first layer
+    value head dim (and the softmax scale 1/sqrt(2 d_head), as in detrex). The first layer
     also adds the positional query and key to the content parts. Dropout acts on the attention
     weights and inside the FFN (after the activation and after the second linear layer)."""
 
@@ -41,10 +39,7 @@ class ConditionalDecoderLayer(nn.Module):
         self.ca_q_content, self.ca_k_content, self.ca_k_pos, self.ca_v = linear(), linear(), linear(), linear()
         self.ca_q_pos = linear() if is_first else None
         self.ca_q_sine, self.ca_out = linear(), linear()
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.activation = make_activation(activation)
-        self.ffn_dropout1, self.ffn_dropout2 = nn.Dropout(dropout), nn.Dropout(dropout)
+        self._add_ffn(d_model, dim_feedforward, dropout, activation)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
 
     def forward(self, tgt, memory, memory_pos, query_pos, query_sine, memory_padding_mask, self_attn_mask=None):
@@ -64,9 +59,7 @@ class ConditionalDecoderLayer(nn.Module):
         k = torch.cat([split_heads(k, h), split_heads(k_pos, h)], -1)
         out = attend(q, k, split_heads(self.ca_v(memory), h), sdpa_mask(memory_padding_mask), p)
         tgt = self.norm2(tgt + self.ca_out(merge_heads(out)))
-
-        ffn = self.linear2(self.ffn_dropout1(self.activation(self.linear1(tgt))))
-        return self.norm3(tgt + self.ffn_dropout2(ffn))
+        return self.ffn_block(tgt, self.norm3)
 
 
 class ConditionalEncoder(nn.Module):
@@ -112,22 +105,31 @@ class ConditionalDecoder(nn.Module):
         return torch.stack(hidden), refs
 
 
-class ConditionalDETR(nn.Module):
-    """forward(images, padding_mask, targets=None, with_teachers=None) -> output dict (see
+class SingleScaleDETR(nn.Module):
+    """What the single-scale models (Conditional-, DAB-, DN-DETR) set up before their encoder: the KS
+    settings, the backbone's last stage with a 1x1 input projection, the sine position encoding.
+
+    forward(images, padding_mask, targets=None, with_teachers=None) -> output dict (see
     models.ks_encoder.assemble_outputs). Teachers run in training, or in evaluation when
     with_teachers=True; they need `targets` (their `boxes_xyxy`)."""
 
-    def __init__(self, cfg, num_classes):
+    def __init__(self, cfg, pos_offset=0.0):
         super().__init__()
-        d, nhead = cfg["hidden_dim"], cfg["nheads"]
-        self.ks_mode = ks.check_ks_mode(cfg["ks"]["mode"])
-        self.teacher_layers = cfg["ks"]["teacher_layers"]
-        self.teacher_mask = ks.check_teacher_mask(cfg["ks"]["mask"])
+        d = cfg["hidden_dim"]
+        self.ks_mode, self.teacher_layers, self.teacher_mask = ks.settings(cfg["ks"])
         self.eval_padding, self.decoder_padding_mask = cfg["eval_padding"], cfg["decoder_padding_mask"]
         self.backbone = build_backbone(cfg["backbone"], (cfg["backbone"]["last_stage"],))
         self.input_proj = nn.Conv2d(self.backbone.num_channels[-1], d, kernel_size=1)
         self.position = PositionEmbeddingSine(d // 2, temperature=cfg["pos_temperature"], normalize=True,
-                                              offset=cfg["pos_offset"])
+                                              offset=pos_offset)
+
+
+class ConditionalDETR(SingleScaleDETR):
+    """Conditional-DETR as the module docstring describes; forward as SingleScaleDETR's."""
+
+    def __init__(self, cfg, num_classes):
+        super().__init__(cfg, cfg["pos_offset"])
+        d, nhead = cfg["hidden_dim"], cfg["nheads"]
         layer_args = (d, nhead, cfg["dim_feedforward"], cfg["dropout"], cfg["activation"])
         self.encoder = ConditionalEncoder(*layer_args, cfg["enc_layers"], self.ks_mode)
         self.decoder = ConditionalDecoder(*layer_args, cfg["dec_layers"])
@@ -137,11 +139,7 @@ class ConditionalDETR(nn.Module):
         ks.init_ks_parameters(self.encoder)
 
         self.query_embed = nn.Embedding(cfg["num_queries"], d)
-        self.class_embed = nn.Linear(d, num_classes)
-        self.bbox_embed = MLP(d, d, 4, 3)
-        nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
-        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
-        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+        self.class_embed, self.bbox_embed = detection_heads(d, num_classes)
 
     def forward(self, images, padding_mask, targets=None, with_teachers=None):
         teachers = ks.teachers_wanted(self.ks_mode, self.training, with_teachers)
@@ -149,7 +147,7 @@ class ConditionalDETR(nn.Module):
             padding_mask = eval_padding_mask(padding_mask, self.eval_padding)
         (feature, mask), = self.backbone(images, padding_mask)
         src = self.input_proj(feature)
-        # float32 as the reference, float64 when the whole model runs in float64 (numerical checks)
+        # float32 as detrex, float64 when the whole model runs in float64 (numerical checks)
         pos = self.position(mask, torch.promote_types(src.dtype, torch.float32)).flatten(2).transpose(1, 2)
         fg = ks.token_fg_mask(targets, images.shape[-2:], src.shape[-2:], mask,
                                 self.teacher_mask) if teachers else None
@@ -170,8 +168,7 @@ class ConditionalDETR(nn.Module):
                               -1).sigmoid()
             return [{"pred_logits": c, "pred_boxes": b} for c, b in zip(logits, boxes)]
 
-        branches = ks.decode_branches(decode, memory, teacher_memories, self.training)
-        return ks.assemble_outputs(branches, self.teacher_layers)
+        return ks.decode_outputs(decode, memory, teacher_memories, self.training, self.teacher_layers)
 
 
 def build(cfg, num_classes):

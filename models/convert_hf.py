@@ -51,7 +51,7 @@ deviation shows in a forward pass; tests/test_hf_parity.py):
   attention weights and in the FFN, as here); DabDetrConfig's default dropout is 0.1 (the DAB
   reference: 0.0); ConditionalDetr's non-timm backbone freezes every backbone parameter (its filter
   looks for "stage.1", which transformers' "stages.1" names never contain), DabDetr freezes none,
-  while the reference freezes the stem only (freeze_at=1); inverse_sigmoid uses eps 1e-5 in
+  while the authors' code freezes the stem only (freeze_at=1); inverse_sigmoid uses eps 1e-5 in
   transformers and here by default, 1e-3 in detrex (differs only within 1e-3 of 0 or 1;
   model.inverse_sigmoid_eps).
 
@@ -67,10 +67,10 @@ tests/test_hf_parity_deformable.py:
   only); neither the original nor detrex does.
 - Decoder self-attention dropout: transformers drops the attention output (`dropout`, as the
   original, which also drops the attention weights) and the attention weights with
-  `attention_dropout` (default 0.0); detrex (the reference) drops the attention weights (0.1) only.
+  `attention_dropout` (default 0.0); detrex (the authors' code) drops the attention weights (0.1) only.
   Training only.
 - Backbone: transformers' non-timm ResNet is frozen completely (its filter looks for "stage.1",
-  which "stages.1" names never contain); the original trains layer2-4, the reference everything but
+  which "stages.1" names never contain); the original trains layer2-4, the authors' code everything but
   the stem (freeze_at=1). Training only.
 - Equal in inference: the sine encoding (offset -0.5, temperature 10000, normalised), the valid-ratio
   scaled reference points, the extra level's padding mask (nearest-downsampled image mask), the

@@ -3,13 +3,13 @@
 Every output (each student decoder layer and each kept teacher layer) gets its own matching and the
 same weighted loss: class_weight * sigmoid focal loss + bbox_weight * L1 + giou_weight * GIoU loss,
 each normalised by the number of target boxes in the (global) batch. Equal weights across outputs,
-as the reference (section 5).
+as the authors' code (docs/authors_code.md, "Decoder passes and losses").
 
 Denoising (DN-DETR family): when the outputs carry `dn_meta`, every output that has a DN part
 (`dn_pred_logits`, `dn_pred_boxes`: the student layers and the kept teacher layers) also gets the same
 three losses on it, against the boxes its DN queries were made from (fixed-index matching, no
 Hungarian matching), normalised by num_boxes x groups, with the same weights; the focal loss covers
-every DN slot (padding slots count as background), as the reference (detrex DNCriterion).
+every DN slot (padding slots count as background), as detrex's DNCriterion.
 Keys: `loss_class_dn`, `loss_class_dn_0`, `loss_class_dn_attn3`, ...
 """
 import torch

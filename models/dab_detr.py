@@ -1,21 +1,18 @@
 """DAB-DETR (Liu et al., ICLR 2022) with optional knowledge sharing in the last encoder layer.
 
-As the reference configuration (detrex DAB-DETR, spec section 7, family D): 4-d anchor-box queries
+As the authors' configuration (detrex DAB-DETR; docs/authors_code.md, "Family settings"): 4-d anchor-box queries
 with zero content queries, conditional cross-attention whose positional query is the anchor's sine
 embedding modulated by the predicted width/height, iterative anchor refinement with one box head
 shared by all decoder layers, element-wise query scaling of the positional encoding in the encoder
 (from each layer's input) and decoder, post-norm layers with PReLU FFNs, a final decoder LayerNorm.
 """
-import math
-
 import torch
 from torch import nn
 
 from . import ks_encoder as ks
-from .backbone import build_backbone, eval_padding_mask
-from .conditional_detr import ConditionalDecoderLayer
-from .layers import MLP, EncoderLayer, box_sine_embedding, inverse_sigmoid, xavier_init_
-from .position_encoding import PositionEmbeddingSine
+from .backbone import eval_padding_mask
+from .conditional_detr import ConditionalDecoderLayer, SingleScaleDETR
+from .layers import MLP, EncoderLayer, box_sine_embedding, detection_heads, inverse_sigmoid, xavier_init_
 
 
 class DABEncoder(nn.Module):
@@ -76,21 +73,12 @@ class DABDecoder(nn.Module):
         return torch.stack(hidden), torch.stack(references)
 
 
-class DABDETR(nn.Module):
-    """forward(images, padding_mask, targets=None, with_teachers=None) -> output dict (see
-    models.ks_encoder.assemble_outputs). Teachers run in training, or in evaluation when
-    with_teachers=True; they need `targets` (their `boxes_xyxy`)."""
+class DABDETR(SingleScaleDETR):
+    """DAB-DETR as the module docstring describes; forward as SingleScaleDETR's."""
 
     def __init__(self, cfg, num_classes):
-        super().__init__()
+        super().__init__(cfg)  # the sine encoding without offset (model.pos_offset is not read)
         d, nhead = cfg["hidden_dim"], cfg["nheads"]
-        self.ks_mode = ks.check_ks_mode(cfg["ks"]["mode"])
-        self.teacher_layers = cfg["ks"]["teacher_layers"]
-        self.teacher_mask = ks.check_teacher_mask(cfg["ks"]["mask"])
-        self.eval_padding, self.decoder_padding_mask = cfg["eval_padding"], cfg["decoder_padding_mask"]
-        self.backbone = build_backbone(cfg["backbone"], (cfg["backbone"]["last_stage"],))
-        self.input_proj = nn.Conv2d(self.backbone.num_channels[-1], d, kernel_size=1)
-        self.position = PositionEmbeddingSine(d // 2, temperature=cfg["pos_temperature"], normalize=True)
         layer_args = (d, nhead, cfg["dim_feedforward"], cfg["dropout"], cfg["activation"])
         self.encoder = DABEncoder(*layer_args, cfg["enc_layers"], self.ks_mode)
         self.box_eps = cfg["inverse_sigmoid_eps"]
@@ -103,15 +91,11 @@ class DABDETR(nn.Module):
         anchors = torch.randn(nq, 4)
         if cfg["dab"]["random_anchor_xy"]:
             anchors[:, :2] = inverse_sigmoid(torch.rand(nq, 2))
-        # Split so the centres can really be frozen (freeze_anchor_xy); the reference's
+        # Split so the centres can really be frozen (freeze_anchor_xy); detrex's
         # `freeze_anchor_box_centers` sets requires_grad on a `.data` view, which leaves them trainable.
         self.anchor_xy = nn.Parameter(anchors[:, :2], requires_grad=not cfg["dab"]["freeze_anchor_xy"])
         self.anchor_wh = nn.Parameter(anchors[:, 2:])
-        self.class_embed = nn.Linear(d, num_classes)
-        self.bbox_embed = MLP(d, d, 4, 3)
-        nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
-        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
-        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+        self.class_embed, self.bbox_embed = detection_heads(d, num_classes)
 
     def encode(self, images, padding_mask, targets, teachers):
         """Backbone and encoder: (student memory, {teacher: memory}, pos, flattened padding mask)."""
@@ -147,8 +131,7 @@ class DABDETR(nn.Module):
             layers = [{"pred_logits": c, "pred_boxes": b} for c, b in zip(logits, boxes)]
             return layers if dn is None else [dn.split(layer) for layer in layers]
 
-        branches = ks.decode_branches(decode, memory, teacher_memories, self.training)
-        out = ks.assemble_outputs(branches, self.teacher_layers)
+        out = ks.decode_outputs(decode, memory, teacher_memories, self.training, self.teacher_layers)
         if dn is not None:
             out["dn_meta"] = dn.meta()
         return out

@@ -1,6 +1,6 @@
 """Deformable-DETR (Zhu et al., ICLR 2021) with optional knowledge sharing in the last encoder layer.
 
-As the reference configuration (detrex Deformable-DETR, spec section 7, family F):
+As the authors' configuration (detrex Deformable-DETR; docs/authors_code.md, "Family settings"):
 - Features: the last three ResNet stages (strides 8, 16, 32), each through a 1x1 conv + GroupNorm(32)
   input projection, plus one extra level from a 3x3 stride-2 conv + GroupNorm on the last stage's
   output (stride 64): `model.deformable.num_levels` = 4 levels. Each level's padding mask is the
@@ -25,7 +25,6 @@ box, detached; 2-d references become boxes after the first layer), as the DN-Def
 The whole forward runs on CPU with the PyTorch path of models.ops.ms_deform_attn.
 """
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
@@ -33,11 +32,11 @@ from torch import nn
 
 from . import ks_encoder as ks
 from .backbone import STAGES, build_backbone, downsample_mask, eval_padding_mask
-from .layers import (MLP, DeformableEncoderLayer, MSDeformAttn, MultiheadAttention, box_from_delta,
-                     make_activation, xavier_init_)
+from .layers import (DeformableEncoderLayer, FFNLayer, MSDeformAttn, MultiheadAttention, box_from_delta,
+                     detection_heads, xavier_init_)
 from .position_encoding import PositionEmbeddingSine
 
-GROUP_NORM_GROUPS = 32  # the reference's input projections use GroupNorm(32, d)
+GROUP_NORM_GROUPS = 32  # detrex's input projections (ChannelMapper) use GroupNorm(32, d)
 
 
 def backbone_stages(last_stage, num_levels):
@@ -61,7 +60,7 @@ def input_projections(in_channels, d_model, num_levels):
         projections.append(nn.Sequential(nn.Conv2d(c, d_model, kernel_size=3, stride=2, padding=1),
                                          nn.GroupNorm(GROUP_NORM_GROUPS, d_model)))
         c = d_model
-    for proj in projections:  # the reference's neck init
+    for proj in projections:  # detrex's neck init
         nn.init.xavier_uniform_(proj[0].weight)
         nn.init.zeros_(proj[0].bias)
     return nn.ModuleList(projections)
@@ -107,7 +106,7 @@ class DeformableEncoder(nn.Module):
         return ks.run_last_layer(self.layers[-1], x, pos, key_padding_mask, fg, **levels)
 
 
-class DeformableDecoderLayer(nn.Module):
+class DeformableDecoderLayer(FFNLayer):
     """Post-norm: self-attention (queries and keys get the positional query; dropout on the attention
     weights, as detrex), deformable cross-attention on the memory (dropout on its output), FFN
     (dropout after the activation and after the second linear layer)."""
@@ -117,10 +116,7 @@ class DeformableDecoderLayer(nn.Module):
         self.self_attn = MultiheadAttention(d_model, nhead, dropout)
         self.cross_attn = MSDeformAttn(d_model, n_levels, nhead, n_points)
         self.cross_dropout = nn.Dropout(dropout)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.activation = make_activation(activation)
-        self.ffn_dropout1, self.ffn_dropout2 = nn.Dropout(dropout), nn.Dropout(dropout)
+        self._add_ffn(d_model, dim_feedforward, dropout, activation)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
 
     def forward(self, tgt, query_pos, reference_points, memory, memory_padding_mask, spatial_shapes,
@@ -132,8 +128,7 @@ class DeformableDecoderLayer(nn.Module):
         cross = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
                                 memory_padding_mask)
         tgt = self.norm2(tgt + self.cross_dropout(cross))
-        ffn = self.linear2(self.ffn_dropout1(self.activation(self.linear1(tgt))))
-        return self.norm3(tgt + self.ffn_dropout2(ffn))
+        return self.ffn_block(tgt, self.norm3)
 
 
 class DeformableDecoder(nn.Module):
@@ -201,13 +196,11 @@ class DeformableDETR(nn.Module):
         d, nhead = cfg["hidden_dim"], cfg["nheads"]
         dc = cfg["deformable"]
         n_levels, n_points, self.box_refine = dc["num_levels"], dc["n_points"], dc["box_refine"]
-        self.ks_mode = ks.check_ks_mode(cfg["ks"]["mode"])
-        self.teacher_layers = cfg["ks"]["teacher_layers"]
-        self.teacher_mask = ks.check_teacher_mask(cfg["ks"]["mask"])
+        self.ks_mode, self.teacher_layers, self.teacher_mask = ks.settings(cfg["ks"])
         self.eval_padding = cfg["eval_padding"]
         if not cfg["decoder_padding_mask"]:
             raise ValueError("model.decoder_padding_mask: false is for the Conditional/DAB/DN-DETR decoders; the "
-                             "deformable decoders mask padded values (as the reference does)")
+                             "deformable decoders mask padded values (as detrex does)")
         self.backbone = build_backbone(cfg["backbone"], backbone_stages(cfg["backbone"]["last_stage"], n_levels))
         self.input_proj = input_projections(self.backbone.num_channels, d, n_levels)
         self.position = PositionEmbeddingSine(d // 2, temperature=cfg["pos_temperature"], normalize=True,
@@ -217,7 +210,7 @@ class DeformableDETR(nn.Module):
         self.encoder = DeformableEncoder(*layer_args, cfg["enc_layers"], n_levels, n_points, self.ks_mode)
         self.box_eps = cfg["inverse_sigmoid_eps"]
         self.decoder = self.decoder_class(*layer_args, cfg["dec_layers"], n_levels, n_points, box_eps=self.box_eps)
-        # the reference's transformer init: xavier everywhere, then the deformable attention's own
+        # detrex's transformer init: xavier everywhere, then the deformable attention's own
         # init, then (here) the KS layer's
         xavier_init_(self.encoder)
         xavier_init_(self.decoder)
@@ -228,10 +221,7 @@ class DeformableDETR(nn.Module):
         nn.init.normal_(self.level_embed)
         self.make_queries(cfg, num_classes)
 
-        class_head, box_head = nn.Linear(d, num_classes), MLP(d, d, 4, 3)
-        nn.init.constant_(class_head.bias, -math.log((1 - 0.01) / 0.01))
-        nn.init.zeros_(box_head.layers[-1].weight)
-        nn.init.zeros_(box_head.layers[-1].bias)
+        class_head, box_head = detection_heads(d, num_classes)
         if self.box_refine:  # one pair of heads per decoder layer
             self.class_embed = nn.ModuleList(copy.deepcopy(class_head) for _ in range(cfg["dec_layers"]))
             self.bbox_embed = nn.ModuleList(copy.deepcopy(box_head) for _ in range(cfg["dec_layers"]))
@@ -280,7 +270,7 @@ class DeformableDETR(nn.Module):
         row-major and concatenated in level order; the GT Fg-Bg mask of the teachers follows the
         same order (models.ks_encoder.token_fg_mask_levels)."""
         sources, masks = self.multi_scale_features(images, padding_mask)
-        # float32 as the reference, float64 when the whole model runs in float64 (numerical checks)
+        # float32 as detrex, float64 when the whole model runs in float64 (numerical checks)
         pos_dtype = torch.promote_types(sources[0].dtype, torch.float32)
         pos = torch.cat([self.position(m, pos_dtype).flatten(2).transpose(1, 2) + self.level_embed[level]
                          for level, m in enumerate(masks)], 1)
@@ -316,8 +306,7 @@ class DeformableDETR(nn.Module):
                 layers.append({"pred_logits": class_head(h), "pred_boxes": boxes})
             return layers if dn is None else [dn.split(layer) for layer in layers]
 
-        branches = ks.decode_branches(decode, enc.memory, enc.teacher_memories, self.training)
-        out = ks.assemble_outputs(branches, self.teacher_layers)
+        out = ks.decode_outputs(decode, enc.memory, enc.teacher_memories, self.training, self.teacher_layers)
         if dn is not None:
             out["dn_meta"] = dn.meta()
         return out

@@ -1,15 +1,15 @@
-"""Denoising (DN) queries, as DN-DETR (Li et al., CVPR 2022) in the reference's form (detrex
-GenerateDNQueries, used by DN-DETR and DN-Deformable-DETR; spec sections 5 and 7).
+"""Denoising (DN) queries, as DN-DETR (Li et al., CVPR 2022) in detrex's form (GenerateDNQueries in
+detrex/layers/denoising.py, used by DN-DETR and DN-Deformable-DETR; docs/authors_code.md, "Denoising").
 
 Per training iteration the ground truth of the batch is repeated in `groups` groups. Each group holds
 `single_pad` = (most boxes in one image of the batch) slots; image b's box j of group g sits at query
 g * single_pad + j, slots beyond an image's box count are padding (zero content, zero unsigmoided
 box, and never a loss target). The DN queries come first, the matching queries after them.
 - Labels: each is replaced, with probability `label_noise`, by a label drawn uniformly from the
-  num_classes + 1 entries of the label embedding (the reference draws from its num_classes + 1
+  num_classes + 1 entries of the label embedding (detrex draws from its num_classes + 1
   embedding rows, so the "no object" row can be drawn too; the original DN-DETR draws real classes).
 - Boxes (normalised cxcywh): the centre moves by up to box_noise * (w/2, h/2), the size by up to
-  box_noise * (w, h), uniformly; then clamped to [0, 1] and un-sigmoided (eps 1e-3, the reference's).
+  box_noise * (w, h), uniformly; then clamped to [0, 1] and un-sigmoided (eps 1e-3, detrex's).
 - Content queries: the label embedding (d - 1 channels) plus an indicator channel, 1 for DN queries
   and 0 for the matching queries, whose content is the embedding of the "no object" label num_classes.
 - Self-attention mask: matching queries cannot see any DN query, a DN group cannot see another group;
@@ -27,7 +27,7 @@ from torch import nn
 
 from .layers import inverse_sigmoid
 
-DN_EPS = 1e-3  # inverse_sigmoid eps of the reference (detrex) for the noised boxes
+DN_EPS = 1e-3  # detrex's inverse_sigmoid eps for the noised boxes
 
 
 def dn_attention_mask(groups, single_pad, num_queries, device=None):
@@ -91,6 +91,24 @@ class DenoisingQueries(nn.Module):
         self.num_classes, self.groups = num_classes, groups
         self.label_noise, self.box_noise = label_noise, box_noise
         self.label_embed = nn.Embedding(num_classes + 1, d_model - 1)
+
+    @classmethod
+    def from_config(cls, cfg, num_classes):
+        """From a model configuration: its hidden_dim and `dn` section (groups, label_noise, box_noise)."""
+        dn = cfg["dn"]
+        return cls(num_classes, cfg["hidden_dim"], dn["groups"], dn["label_noise"], dn["box_noise"])
+
+    def prepend(self, content, anchors, targets, model_name):
+        """The decoder queries of a training batch: its DN queries before the matching queries
+        (content (B, Q, d), unsigmoided anchors (B, Q, 4)). Returns (content, anchors, the
+        self-attention mask, the DNBatch); the matching queries alone (mask and batch None) when
+        there is nothing to denoise."""
+        if targets is None:
+            raise ValueError(f"{model_name} training needs the ground truth for its denoising queries: pass targets")
+        dn = self(targets, anchors.shape[1])
+        if dn is None:  # no box in the whole batch (or model.dn.groups = 0)
+            return content, anchors, None, None
+        return torch.cat([dn.content, content], 1), torch.cat([dn.anchors.to(anchors), anchors], 1), dn.attn_mask, dn
 
     def content(self, labels, indicator):
         emb = self.label_embed(labels)

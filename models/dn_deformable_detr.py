@@ -1,7 +1,7 @@
 """DN-Deformable-DETR (Li et al., CVPR 2022: DN-DETR on DAB-Deformable-DETR) with optional knowledge
 sharing in the last encoder layer.
 
-As the reference configuration (detrex DN-Deformable-DETR, spec section 7, family G): the multi-scale
+As the authors' configuration (detrex DN-Deformable-DETR; docs/authors_code.md, "Family settings"): the multi-scale
 features, encoder (KS layer included) and deformable decoder layers of Deformable-DETR
 (models.deformable_detr), with
 - 4-d anchor-box queries: 300 learned boxes (unsigmoided, nn.Embedding's N(0, 1) init, trainable)
@@ -18,7 +18,7 @@ features, encoder (KS layer included) and deformable decoder layers of Deformabl
   criterion (as DN-DETR, models.dn_detr).
 Family settings as config values: FFN 2048, ReLU, dropout 0.0, no final decoder LayerNorm. No DN
 queries outside training. (`box_refine: false` keeps the anchors of every layer and shares one pair of
-heads, an ablation the reference does not run.)
+heads, an ablation the authors do not run.)
 """
 import torch
 from torch import nn
@@ -51,9 +51,7 @@ class DNDeformableDETR(DeformableDETR):
 
     def __init__(self, cfg, num_classes):
         super().__init__(cfg, num_classes)
-        dn = cfg["dn"]
-        self.denoising = DenoisingQueries(num_classes, cfg["hidden_dim"], dn["groups"], dn["label_noise"],
-                                          dn["box_noise"])
+        self.denoising = DenoisingQueries.from_config(cfg, num_classes)
 
     def make_queries(self, cfg, num_classes):
         self.tgt_embed = nn.Embedding(cfg["num_queries"], cfg["hidden_dim"] - 1)  # + the indicator channel
@@ -69,14 +67,8 @@ class DNDeformableDETR(DeformableDETR):
         anchors = self.refpoint_embed.weight.expand(batch_size, -1, -1)
         if not self.training:
             return content, None, anchors.sigmoid(), None, None
-        if targets is None:
-            raise ValueError("DN-Deformable-DETR training needs the ground truth for its denoising queries: "
-                             "pass targets")
-        dn = self.denoising(targets, anchors.shape[1])
-        if dn is None:  # no box in the whole batch (or model.dn.groups = 0)
-            return content, None, anchors.sigmoid(), None, None
-        return (torch.cat([dn.content, content], 1), None, torch.cat([dn.anchors.to(anchors), anchors], 1).sigmoid(),
-                dn.attn_mask, dn)
+        content, anchors, self_attn_mask, dn = self.denoising.prepend(content, anchors, targets, "DN-Deformable-DETR")
+        return content, None, anchors.sigmoid(), self_attn_mask, dn
 
 
 def build(cfg, num_classes):

@@ -1,6 +1,6 @@
 """DN-DETR (Li et al., CVPR 2022): DAB-DETR plus denoising training, with optional knowledge sharing.
 
-As the reference configuration (detrex DN-DETR, spec section 7, family N): everything of DAB-DETR
+As the authors' configuration (detrex DN-DETR; docs/authors_code.md, "Family settings"): everything of DAB-DETR
 (models.dab_detr), except that
 - the matching queries' content is the label embedding of "no object" with indicator 0 (DAB: zeros);
 - in training, `model.dn.groups` groups of noised ground-truth queries (label noise
@@ -10,7 +10,7 @@ As the reference configuration (detrex DN-DETR, spec section 7, family N): every
   every decoder pass of every branch gets the same DN queries and mask) as `dn_pred_logits` /
   `dn_pred_boxes`, and `dn_meta` tells the criterion the layout for the DN losses.
 The family's anchors are not frozen and keep nn.Embedding's N(0, 1) init for all four coordinates
-(the reference's freeze_anchor_box_centers=False: set model.dab.random_anchor_xy and freeze_anchor_xy
+(the authors' freeze_anchor_box_centers=False: set model.dab.random_anchor_xy and freeze_anchor_xy
 to false). No DN queries outside training: inference is DAB-DETR's.
 """
 import torch
@@ -25,9 +25,7 @@ class DNDETR(DABDETR):
 
     def __init__(self, cfg, num_classes):
         super().__init__(cfg, num_classes)
-        dn = cfg["dn"]
-        self.denoising = DenoisingQueries(num_classes, cfg["hidden_dim"], dn["groups"], dn["label_noise"],
-                                          dn["box_noise"])
+        self.denoising = DenoisingQueries.from_config(cfg, num_classes)
 
     def queries(self, batch_size, targets):
         """Matching queries ("no object" content, learned anchors), preceded in training by the DN
@@ -37,13 +35,7 @@ class DNDETR(DABDETR):
         anchors = anchors.expand(batch_size, -1, -1)
         if not self.training:
             return content, anchors, None, None
-        if targets is None:
-            raise ValueError("DN-DETR training needs the ground truth for its denoising queries: pass targets")
-        dn = self.denoising(targets, anchors.shape[1])
-        if dn is None:  # no box in the whole batch (or model.dn.groups = 0)
-            return content, anchors, None, None
-        return (torch.cat([dn.content, content], 1), torch.cat([dn.anchors.to(anchors), anchors], 1),
-                dn.attn_mask, dn)
+        return self.denoising.prepend(content, anchors, targets, "DN-DETR")
 
 
 def build(cfg, num_classes):

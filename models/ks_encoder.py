@@ -17,7 +17,12 @@ A with teacher values (Q, K, V^t); attn3 = teacher attention sharing the student
 Teachers run only where asked for (training, or evaluation with GT masks for Fig. 4). Without them
 the KS layer is exactly the plain encoder layer: student outputs are bit-identical to a model built
 without any teacher parameters, and no ground truth is needed.
+
+What the authors' code does for each part, with their file paths: docs/authors_code.md.
 """
+import inspect
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,7 +30,7 @@ from torch import nn
 from .layers import DeformableEncoderLayer, EncoderLayer, attend, merge_heads, sdpa_mask, split_heads
 
 STUDENT = "attn1"
-# Teacher branches per mode, in the reference's order (its feat_t = [A^t V, A V^t]).
+# Teacher branches per mode, in the authors' order (their feat_t = [A^t V, A V^t]).
 TEACHER_BRANCHES = {
     "none": (),
     "triple": ("attn3", "attn2"),
@@ -52,11 +57,16 @@ def check_teacher_mask(mask):
     return mask
 
 
+def settings(ks_cfg):
+    """(mode, teacher_layers, teacher mask) of a model configuration's `ks` section, checked."""
+    return check_ks_mode(ks_cfg["mode"]), ks_cfg["teacher_layers"], check_teacher_mask(ks_cfg["mask"])
+
+
 # --------------------------------------------------------------------------------------------------
-# GT Fg-Bg mask (reference section 1)
+# GT Fg-Bg mask (docs/authors_code.md, "GT Fg-Bg mask")
 
 def fg_canvas(boxes, batch_hw):
-    """Rasterise boxes on the padded-batch canvas, as the reference does box by box:
+    """Rasterise boxes on the padded-batch canvas, as the authors' code does box by box:
     canvas[b, int(y1):int(y2), int(x1):int(x2)] = 1 (int() truncates, a floor for the non-negative
     coordinates of boxes clamped to their image; half-open, so the last partial row and column are
     left out and a box under one pixel wide after flooring can be empty). Overlaps union.
@@ -99,18 +109,19 @@ def fg_mask(boxes, batch_hw, feature_hw, padding_mask=None):
 
 def fg_mask_levels(boxes, batch_hw, level_hws, padding_masks=None):
     """Multi-scale masks: each level resized independently from the one full-resolution canvas
-    (reference section 1.6). Returns a list of (B, h_l, w_l) bool masks in level order."""
+    (as the authors' code). Returns a list of (B, h_l, w_l) bool masks in level order."""
     canvas = fg_canvas(boxes, batch_hw)
     padding_masks = padding_masks or [None] * len(level_hws)
     return [resize_canvas(canvas, hw, pm) for hw, pm in zip(level_hws, padding_masks)]
 
 
 # --------------------------------------------------------------------------------------------------
-# Teacher feature and the KS encoder layer (reference sections 2 and 3)
+# Teacher feature and the KS encoder layer (docs/authors_code.md: "sMLP", "Triple and dual attention,
+# standard layer")
 
 class SMLP(nn.Module):
     """sMLP of paper Eq. 9: X^t = X * (1 - M) + ReLU(X W + b) * M. Background tokens pass unchanged.
-    One Linear(d, d) with PyTorch's default init (the reference keeps it out of the xavier loop)."""
+    One Linear(d, d) with PyTorch's default init (the authors' code keeps it out of the xavier loop)."""
 
     def __init__(self, d_model):
         super().__init__()
@@ -144,8 +155,37 @@ def attend_shared_map(q, k, v, vt, mask, dropout_p):
     return y[..., :dh], y[..., dh:]
 
 
+@dataclass
+class Inspection:
+    """What a KS layer computes for some query tokens (`inspect`), batch first; nq = len(queries).
+
+    teacher_feature: X^t (B, N, d), the sMLP output of every token.
+    student, teacher: for the standard layer the softmax attention rows of A and A^t (B, heads, nq,
+    N); for the deformable layer the attention weights of A and A^t (B, nq, heads, levels, points).
+    teacher is None where the mode has no teacher attention (share-A: Attn2 uses A).
+    locations: deformable layer only, the sampling locations (B, nq, heads, levels, points, 2),
+    normalised (x, y), shared by the student and the teachers.
+    """
+    teacher_feature: torch.Tensor
+    student: torch.Tensor
+    teacher: torch.Tensor | None
+    locations: torch.Tensor | None = None
+
+
+def attention_rows(q, k, key_padding_mask=None, queries=None):
+    """softmax(q k^T / sqrt(d_head)) for the query tokens `queries` (default all): (B, heads, nq, Nk)
+    from per-head q, k (B, heads, N, d_head); zero at padding keys (key_padding_mask (B, Nk) True)."""
+    if queries is not None:
+        q = q[:, :, queries]
+    logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    if key_padding_mask is not None:
+        logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    return logits.softmax(-1)
+
+
 class KSEncoderLayer(EncoderLayer):
-    """Plain post-norm encoder layer plus teacher branches (reference section 3).
+    """Plain post-norm encoder layer plus teacher branches (docs/authors_code.md, "Triple and dual
+    attention, standard layer").
 
     The student parameters keep the plain layer's names, so the state dict minus `teacher.*` is a
     baseline layer's. All branches share the out-projection, the residual from the student input X
@@ -166,7 +206,7 @@ class KSEncoderLayer(EncoderLayer):
 
     @torch.no_grad()
     def reset_ks_parameters(self):
-        """The reference packs the student and teacher in-projections into one (k*d x d) matrix
+        """The authors' code packs the student and teacher in-projections into one (k*d x d) matrix
         (k = 6 triple, 5 share-V, 4 share-A) and xavier-initialises it as a whole, so its bound is
         sqrt(6 / ((k+1) d)) for student and teacher rows alike. The sMLP keeps PyTorch's default
         init. Call this after any xavier loop over the transformer."""
@@ -200,8 +240,7 @@ class KSEncoderLayer(EncoderLayer):
             else:
                 ys["attn2"] = attend(q, k, vt, mask)
         if "attn3" in self.branches:
-            qt, kt = (split_heads(t, nhead) for t in self.teacher.qk_proj(xt + pos).chunk(2, dim=-1))
-            ys["attn3"] = attend(qt, kt, v, mask, p)
+            ys["attn3"] = attend(*self._teacher_qk(xt, pos), v, mask, p)
         if self.training and STUDENT not in ys:
             ys[STUDENT] = attend(q, k, v, mask, p)
         # Outside training the student runs the plain layer below, exactly as at inference.
@@ -211,9 +250,25 @@ class KSEncoderLayer(EncoderLayer):
         student = outs.pop(STUDENT) if STUDENT in outs else super().forward(x, pos, key_padding_mask)
         return student, outs
 
+    def _teacher_qk(self, xt, pos):
+        """Per-head Q^t, K^t of the teacher attention map (Attn3), from X^t + P."""
+        return tuple(split_heads(t, self.self_attn.nhead) for t in self.teacher.qk_proj(xt + pos).chunk(2, dim=-1))
+
+    def inspect(self, x, pos, key_padding_mask, fg, queries=None):
+        """The attention maps of this layer for the query tokens `queries` (indices into N; default
+        all), as forward uses them outside training (no dropout); forward's fused attention returns
+        no map. Inputs as forward's. Returns an Inspection."""
+        qk = x + pos
+        q, k, _ = self.self_attn.project(qk, qk, x)
+        xt = self.teacher.smlp(x, fg)
+        teacher = None
+        if self.teacher.qk_proj is not None:
+            teacher = attention_rows(*self._teacher_qk(xt, pos), key_padding_mask, queries)
+        return Inspection(xt, attention_rows(q, k, key_padding_mask, queries), teacher)
+
 
 # --------------------------------------------------------------------------------------------------
-# The deformable KS encoder layer (reference section 4)
+# The deformable KS encoder layer (docs/authors_code.md, "Triple attention, deformable layer")
 
 class DeformableTeacherParameters(nn.Module):
     """Every parameter that exists only for the teachers of a deformable KS layer: the sMLP, the
@@ -253,7 +308,7 @@ class KSDeformableEncoderLayer(DeformableEncoderLayer):
 
     @torch.no_grad()
     def reset_ks_parameters(self):
-        """The reference's effective init: its transformer-wide xavier loop runs after the teacher
+        """The authors' effective init: their transformer-wide xavier loop runs after the teacher
         init and only the student MSDA is re-initialised afterwards, so the teacher attention-weights
         head ends up xavier (not zero like the student's) with zero bias, the teacher value
         projection xavier with zero bias; the sMLP keeps PyTorch's default init. Call this after any
@@ -292,6 +347,21 @@ class KSDeformableEncoderLayer(DeformableEncoderLayer):
         student = outs.pop(STUDENT) if STUDENT in outs else super().forward(*plain_inputs)
         return student, outs
 
+    def inspect(self, x, pos, key_padding_mask, reference_points, spatial_shapes, level_start_index, fg,
+                queries=None):
+        """The sampling locations and attention weights of this layer for the query tokens `queries`
+        (indices into S; default all), as forward computes them. Inputs as forward's. Returns an
+        Inspection."""
+        attn = self.self_attn
+        rows = slice(None) if queries is None else queries
+        q = (x + pos)[:, rows]
+        xt = self.teacher.smlp(x, fg)
+        teacher = None
+        if self.teacher.attention_weights is not None:
+            teacher = attn.weights((xt + pos)[:, rows], self.teacher.attention_weights)
+        return Inspection(xt, attn.weights(q), teacher,
+                          attn.locations(q, reference_points[:, rows], spatial_shapes))
+
 
 def make_encoder_layer(mode, d_model, nhead, dim_feedforward, dropout=0.0, activation="relu"):
     """The last encoder layer for a KS mode: plain for `none`, KSEncoderLayer otherwise."""
@@ -311,7 +381,7 @@ def make_deformable_encoder_layer(mode, d_model, nhead, dim_feedforward, dropout
 
 KS_LAYERS = (KSEncoderLayer, KSDeformableEncoderLayer)
 
-# The reference's KS layer packs the student's and the teachers' in-projections into one matrix of
+# The authors' KS layer packs the student's and the teachers' in-projections into one matrix of
 # k x d rows (its in_proj_weight.chunk(k)): Q, K, V, then the teachers' Q^t, K^t (share-V), V^t
 # (share-A) or Q^t, K^t, V^t (triple). Here they are separate modules of the layer: runs of d-row
 # blocks -> parameter name.
@@ -321,7 +391,7 @@ PACKED_IN_PROJ = {
     "dual_share_v": (("self_attn.in_proj", 3), ("teacher.qk_proj", 2)),
     "dual_share_a": (("self_attn.in_proj", 3), ("teacher.v_proj", 1)),
 }
-# The deformable KS layer's teacher heads, by their names in the reference's layer (its
+# The deformable KS layer's teacher heads, by their names in the authors' layer (its
 # attention_weights_teacher, value_proj_teacher) -> names here, and the branch each serves.
 DEFORMABLE_TEACHER_HEADS = {"attention_weights_teacher": ("teacher.attention_weights", "attn3"),
                             "value_proj_teacher": ("teacher.value_proj", "attn2")}
@@ -329,7 +399,7 @@ SMLP_LINEAR = "teacher.smlp.linear"  # the sMLP's Linear(d, d) in a KS layer
 
 
 def packed_in_proj_mode(rows, d_model):
-    """The KS mode of an encoder layer from the rows of its packed (reference) in-projection, or
+    """The KS mode of an encoder layer from the rows of its packed (authors') in-projection, or
     None when no mode has that many."""
     for mode, runs in PACKED_IN_PROJ.items():
         if rows == d_model * sum(n for _, n in runs):
@@ -338,7 +408,7 @@ def packed_in_proj_mode(rows, d_model):
 
 
 def split_packed_in_proj(mode, tensor, d_model):
-    """A packed in-projection weight (k d, d) or bias (k d,) of the reference -> {parameter name in
+    """A packed in-projection weight (k d, d) or bias (k d,) of the authors' layer -> {parameter name in
     this project's layer (without .weight/.bias): its rows}, for a layer of `mode`."""
     runs = PACKED_IN_PROJ[check_ks_mode(mode)]
     parts = tensor.split([n * d_model for _, n in runs])
@@ -346,11 +416,43 @@ def split_packed_in_proj(mode, tensor, d_model):
 
 
 def deformable_mode(teacher_heads):
-    """The KS mode of a deformable encoder layer from the reference's teacher heads it has (names of
+    """The KS mode of a deformable encoder layer from the authors' teacher heads it has (names of
     DEFORMABLE_TEACHER_HEADS), or None when no mode has exactly those."""
     branches = {DEFORMABLE_TEACHER_HEADS[h][1] for h in teacher_heads}
     modes = [m for m, b in TEACHER_BRANCHES.items() if set(b) == branches]
     return modes[0] if modes else None
+
+
+def ks_layers(model):
+    """The KS layers of a model (or of any module), in module order."""
+    return [m for m in model.modules() if isinstance(m, KS_LAYERS)]
+
+
+def ks_layer(model):
+    """The model's KS layer (its last encoder layer), or None for a model without teachers."""
+    layers = ks_layers(model)
+    return layers[-1] if layers else None
+
+
+def teacher_branches(model):
+    """The teacher branches of a model, in the order of its `teacher_outputs`; () without teachers."""
+    layer = ks_layer(model)
+    return layer.branches if layer is not None else ()
+
+
+def branch_output(outputs, branch):
+    """One branch's predictions (pred_logits, pred_boxes) in a model's output dict: the dict itself
+    for the student, a teacher's last decoder layer (of a forward with teachers) otherwise."""
+    return outputs if branch == STUDENT else outputs["teacher_outputs"][branch][-1]
+
+
+def named_inputs(layer, args, kwargs):
+    """{parameter name: value} of one call of a KS layer (as a forward hook receives it): x, pos,
+    key_padding_mask, fg and, for a deformable layer, reference_points, spatial_shapes,
+    level_start_index; the names `inspect` takes."""
+    bound = inspect.signature(layer.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
 
 
 def run_last_layer(layer, x, pos, key_padding_mask, fg, **layer_inputs):
@@ -371,8 +473,8 @@ class MemoryDistance:
     ||Z_s||} (NaN before any teacher forward)."""
 
     def __init__(self, model):
-        self.layers = [m for m in model.modules() if isinstance(m, KS_LAYERS)]
-        self.branches = self.layers[-1].branches if self.layers else ()
+        self.layers = ks_layers(model)
+        self.branches = teacher_branches(model)
         self._sums = torch.zeros(len(self.branches) + 1, dtype=torch.float64)
         self._hooks = []
 
@@ -389,7 +491,7 @@ class MemoryDistance:
         student, teachers = output
         if not teachers:
             return
-        padding = args[2] if len(args) > 2 else kwargs.get("key_padding_mask")
+        padding = named_inputs(module, args, kwargs)["key_padding_mask"]
         keep = torch.ones(student.shape[:2], dtype=torch.bool, device=student.device) if padding is None else ~padding
         s = student.detach().double()[keep]
         parts = [(teachers[b].detach().double()[keep] - s).square().sum() for b in self.branches]
@@ -405,10 +507,9 @@ class MemoryDistance:
 
 
 def init_ks_parameters(module):
-    """Re-applies the reference's KS init to every KS layer below `module` (after xavier loops)."""
-    for m in module.modules():
-        if isinstance(m, KS_LAYERS):
-            m.reset_ks_parameters()
+    """Re-applies the authors' KS init to every KS layer below `module` (after xavier loops)."""
+    for m in ks_layers(module):
+        m.reset_ks_parameters()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -468,7 +569,7 @@ def decode_branches(decode, student_memory, teacher_memories, training):
 def assemble_outputs(branch_outputs, teacher_layers="last"):
     """The model's output dict: the student's last decoder layer as `pred_*`, its other layers as
     `aux_outputs`, and, when teachers ran, `teacher_outputs` {branch: [layer outputs]} holding the
-    last decoder layer (the reference) or all of them (teacher_layers='all', paper Eq. 10)."""
+    last decoder layer (the authors' code) or all of them (teacher_layers='all', paper Eq. 10)."""
     if teacher_layers not in TEACHER_LAYERS:
         raise ValueError(f"teacher_layers must be one of {TEACHER_LAYERS}, got {teacher_layers!r}")
     student = branch_outputs[STUDENT]
@@ -479,3 +580,9 @@ def assemble_outputs(branch_outputs, teacher_layers="last"):
     if teachers:
         out["teacher_outputs"] = teachers
     return out
+
+
+def decode_outputs(decode, student_memory, teacher_memories, training, teacher_layers="last"):
+    """The model's output dict from the decoder run on every branch: decode_branches, then
+    assemble_outputs."""
+    return assemble_outputs(decode_branches(decode, student_memory, teacher_memories, training), teacher_layers)

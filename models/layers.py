@@ -102,28 +102,41 @@ class MultiheadAttention(nn.Module):
         return self.out_proj(merge_heads(out))
 
 
-class _PostNormEncoderLayer(nn.Module):
-    """The part every encoder layer here shares: norm1 after the attention residual, then
-    LN(x + FFN(x)) with dropout after the activation and after the second linear layer."""
+class FFNLayer(nn.Module):
+    """The FFN block of every encoder and decoder layer here, post-norm: norm(x + FFN(x)) with
+    dropout after the activation and after the second linear layer. Its modules are attributes of
+    the layer itself (linear1, linear2, activation, ffn_dropout1, ffn_dropout2), as in the DETR
+    family's state dicts; each layer adds its own norms."""
 
-    def _add_norms_and_ffn(self, d_model, dim_feedforward, dropout, activation):
+    def _add_ffn(self, d_model, dim_feedforward, dropout, activation):
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.activation = make_activation(activation)
         self.ffn_dropout1 = nn.Dropout(dropout)
         self.ffn_dropout2 = nn.Dropout(dropout)
+
+    def ffn_block(self, x, norm):
+        return norm(x + self.ffn_dropout2(self.linear2(self.ffn_dropout1(self.activation(self.linear1(x))))))
+
+
+class _PostNormEncoderLayer(FFNLayer):
+    """The part every encoder layer here shares: norm1 after the attention residual, then
+    LN(x + FFN(x)) (norm2)."""
+
+    def _add_norms_and_ffn(self, d_model, dim_feedforward, dropout, activation):
+        self._add_ffn(d_model, dim_feedforward, dropout, activation)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
 
     def ffn(self, x):
         """LN(x + FFN(x)); x is the output of norm1."""
-        return self.norm2(x + self.ffn_dropout2(self.linear2(self.ffn_dropout1(self.activation(self.linear1(x))))))
+        return self.ffn_block(x, self.norm2)
 
 
 class EncoderLayer(_PostNormEncoderLayer):
     """Post-norm transformer encoder layer: LN(x + SelfAttn(x + pos, x + pos, x)), then
     LN(x + FFN(x)). Dropout acts on the attention weights and inside the FFN (after the activation
-    and after the second linear layer); the attention output itself has none (the reference's
+    and after the second linear layer); the attention output itself has none (detrex's
     proj_drop is 0)."""
 
     def __init__(self, d_model, nhead, dim_feedforward, dropout=0.0, activation="relu"):
@@ -154,6 +167,16 @@ def box_sine_embedding(boxes, num_feats=128, temperature=10000):
     if boxes.shape[-1] == 4:
         parts += [embed(boxes[..., 2]), embed(boxes[..., 3])]
     return torch.cat(parts, dim=-1)
+
+
+def detection_heads(d_model, num_classes):
+    """A class head (bias at the focal-loss prior 0.01) and a 3-layer box head whose last layer starts
+    at zero, as the DETR family initialises them."""
+    class_head, box_head = nn.Linear(d_model, num_classes), MLP(d_model, d_model, 4, 3)
+    nn.init.constant_(class_head.bias, -math.log((1 - 0.01) / 0.01))
+    nn.init.zeros_(box_head.layers[-1].weight)
+    nn.init.zeros_(box_head.layers[-1].bias)
+    return class_head, box_head
 
 
 def xavier_init_(module):
@@ -202,7 +225,7 @@ class MSDeformAttn(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        """The reference's init: zero offset weights and a bias that puts head h's points on the ray
+        """detrex's init: zero offset weights and a bias that puts head h's points on the ray
         at angle 2 pi h / n_heads (scaled to the unit square's border), point p at p + 1 times that
         step; zero attention weights (uniform attention); xavier value/output projections."""
         nn.init.zeros_(self.sampling_offsets.weight)
@@ -267,7 +290,7 @@ class MSDeformAttn(nn.Module):
 class DeformableEncoderLayer(_PostNormEncoderLayer):
     """Post-norm deformable encoder layer: LN(x + dropout(MSDeformAttn(x + pos, refs, x))), then
     LN(x + FFN(x)), with dropout on the attention output and inside the FFN (after the activation
-    and after the second linear layer), as the reference (detrex)."""
+    and after the second linear layer), as detrex."""
 
     def __init__(self, d_model, nhead, dim_feedforward, dropout=0.0, activation="relu", n_levels=4, n_points=4):
         super().__init__()

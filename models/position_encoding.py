@@ -21,7 +21,7 @@ class PositionEmbeddingSine(nn.Module):
         self.normalize, self.scale, self.offset, self.eps = normalize, scale, offset, eps
 
     def forward(self, mask, dtype=torch.float32):
-        """mask (B, h, w) True at padding. Computed in float32 (the reference) unless `dtype` asks
+        """mask (B, h, w) True at padding. Computed in float32 (as detrex) unless `dtype` asks
         for more (a float64 model in numerical checks)."""
         not_mask = ~mask
         y = not_mask.cumsum(1, dtype=dtype)

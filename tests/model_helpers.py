@@ -12,7 +12,7 @@ TINY = {
     "num_queries": 12, "eval_topk": 20,
     "backbone": {"name": "resnet18", "weights": None, "freeze_at": 0},
 }
-# The family settings of the reference (spec section 7) that differ from DEFAULTS (DAB-DETR's).
+# The authors' family settings (docs/authors_code.md, "Family settings") that differ from DEFAULTS (DAB-DETR's).
 FAMILIES = {
     "conditional_detr": {"dropout": 0.1, "activation": "relu", "pos_temperature": 10000,
                          "loss": {"class_weight": 2.0}},
@@ -38,7 +38,7 @@ def tiny_config(variant="dab_detr", ks_mode="none", **model):
 
 
 def family_config(variant, ks_mode="none", **model):
-    """tiny_config with the reference's family settings of `variant`, then `model` on top."""
+    """tiny_config with the authors' family settings of `variant`, then `model` on top."""
     cfg = merge(DEFAULTS, {"model": {**copy.deepcopy(TINY), "variant": variant}}, "test config")
     cfg = merge(cfg, {"model": copy.deepcopy(FAMILIES[variant])}, "test family config")
     cfg = merge(cfg, {"model": model}, "test config")
@@ -93,7 +93,7 @@ def check_train_step(variant, ks_mode, **model):
     assert len(out["aux_outputs"]) == L - 1
     teachers = out.get("teacher_outputs", {})
     assert list(teachers) == list(TEACHER_BRANCHES[ks_mode])
-    assert all(len(layers) == 1 for layers in teachers.values())  # the reference keeps the last layer
+    assert all(len(layers) == 1 for layers in teachers.values())  # the authors' code keeps the last layer
     losses = criterion(out, targets)
     assert torch.isfinite(losses["loss"])
     torch.testing.assert_close(losses["loss"], sum(losses[f"loss_{b}"] for b in ["attn1", *teachers]))

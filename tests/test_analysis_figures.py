@@ -21,7 +21,7 @@ def entry(epoch, train, evals=None):
 
 @pytest.fixture
 def toy(tmp_path):
-    """Manifest 'toy': base (done), ks (incomplete, baseline base), lonely (no baseline, not run)."""
+    """Manifest 'toy': base (done), ks (interrupted, baseline base), lonely (no baseline, not started)."""
     path = tmp_path / "toy.yaml"
     path.write_text(yaml.safe_dump({"rows": [
         {"name": "base", "config": {"model": {"ks": {"mode": "none"}}}},
@@ -50,9 +50,9 @@ def test_fig4_data_equal_records(toy):
     manifest, results = toy
     fig, series = fig4(manifest, "ks", results)
     expected = {"Baseline": ([0, 2], [10.0, 15.1]),
-                "Attn1 (incomplete)": ([0, 2], [12.0, 17.0]),  # epoch 1 is NaN: left out
-                "Attn2 (incomplete)": ([0, 1, 2], [30.0, 35.0, 41.0]),
-                "Attn3 (incomplete)": ([0, 1, 2], [25.0, 28.0, 33.0])}
+                "Attn1 (interrupted)": ([0, 2], [12.0, 17.0]),  # epoch 1 is NaN: left out
+                "Attn2 (interrupted)": ([0, 1, 2], [30.0, 35.0, 41.0]),
+                "Attn3 (interrupted)": ([0, 1, 2], [25.0, 28.0, 33.0])}
     assert list(series) == list(expected)
     ax = fig.axes[0]
     drawn = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.get_lines()}
@@ -94,7 +94,7 @@ def test_curves_data_equal_records(toy, capsys):
     assert series["ks"]["Attn1"] == ([0, 2], [10.0, 8.0])
     assert series["ks"]["Attn3"] == ([0, 1, 2], [11.0, 10.0, 9.0])
     ax = [a for a in fig.axes if a.get_visible()][1]
-    assert ax.get_title() == "ks (incomplete)"
+    assert ax.get_title() == "ks (interrupted)"
     lines = {ln.get_label(): list(ln.get_ydata()) for ln in ax.get_lines()}
     assert lines == {"total": [30.0, 27.0, 24.0], "Attn1": [10.0, 8.0], "Attn2": [9.0, 8.0, 7.0],
                      "Attn3": [11.0, 10.0, 9.0]}

@@ -6,7 +6,6 @@ import pandas as pd
 import pytest
 import yaml
 
-from analysis import AnalysisError, read_log
 from analysis.__main__ import main
 from analysis.tables import load_paper, paper_report, report, write_tables
 from experiments import records
@@ -20,10 +19,10 @@ def metrics(ap, **others):
 
 
 def write_run(results, manifest, row, state, log=(), final=None):
-    """A run record: state 'done' (log, eval.json, DONE), 'incomplete' (log only), 'failed'."""
+    """A run record: state 'done' (log, eval.json, DONE), 'interrupted' (log only), 'failed'."""
     d = records.run_dir(manifest, row, results)
     d.mkdir(parents=True)
-    if state != "incomplete":
+    if state != "interrupted":
         records.write_yaml(d / "config.yaml", {"row": row})
     lines = [{"epoch": e, "lr": 1e-4, "train": {"loss": 10.0 - e}, **({"eval": ev} if ev else {}), "time_s": 1.0}
              for e, ev in log]
@@ -42,7 +41,7 @@ def write_manifest(path, rows):
 
 @pytest.fixture
 def table1(tmp_path):
-    """A Table-1 manifest covering done, incomplete, failed, not run, NaN and a row outside the paper."""
+    """A Table-1 manifest covering done, interrupted, failed, not started, NaN and a row outside the paper."""
     manifest = write_manifest(tmp_path / "t1.yaml", [
         {"name": "dab_r50", "paper": {"table": 1, "row": 5, "source": "rerun"}},
         {"name": "ks_dab_r50", "baseline": "dab_r50", "paper": {"table": 1, "row": 6, "source": "rerun"}},
@@ -59,7 +58,7 @@ def table1(tmp_path):
     write_run(results, "t1", "ks_dab_r50", "done", [(0, None), (1, {"attn1": metrics(0.437)})],
               {"attn1": metrics(0.437, APs=float("nan")), "attn2": metrics(0.55), "attn3": metrics(0.53)})
     write_run(results, "t1", "dab_r101", "done", [(0, {"attn1": metrics(0.44)})], {"attn1": metrics(0.44)})
-    write_run(results, "t1", "ks_dab_r101", "incomplete",
+    write_run(results, "t1", "ks_dab_r101", "interrupted",
               [(e, {"attn1": metrics(0.777)}) for e in range(8)])  # must never show 77.7
     write_run(results, "t1", "ks_dndef_r50", "done", [(0, {"attn1": metrics(0.3)})],
               {"attn1": metrics(float("nan"))})
@@ -116,15 +115,15 @@ def test_table_numbers_and_flags(table1):
     assert line(df, row="dab_r101")["paper_source"] == "cited"
 
     inc = line(df, row="ks_dab_r101")
-    assert (inc["status"], inc["last_epoch"]) == ("incomplete (epoch 7)", 7)
+    assert (inc["status"], inc["last_epoch"]) == ("interrupted (epoch 7)", 7)
     assert all(math.isnan(inc[f"{k}_{m}"]) for k in ("repro", "diff", "gain_repro") for m in records.METRICS)
     assert inc["gain_paper_AP"] == 1.3
 
     nan = line(df, row="ks_dndef_r50")
     assert nan["status"] == "done" and math.isnan(nan["repro_AP"]) and nan["gain_paper_AP"] == 3.1
     assert math.isnan(nan["gain_repro_AP"])  # its baseline was never run
-    assert nan["baseline_status"] == "not run"
-    assert line(df, row="dndef_r50")["status"] == "not run"
+    assert nan["baseline_status"] == "not started"
+    assert line(df, row="dndef_r50")["status"] == "not started"
     assert line(df, row="cond_r50")["status"] == "failed"
     assert math.isnan(line(df, row="cond_r50")["repro_AP"])
     assert line(df, model="KS-Conditional-DETR-R50")["status"] == "no manifest row"
@@ -143,9 +142,9 @@ def test_written_files(table1):
     assert "43.9 → 43.7 (-0.2)" in lines["KS-DAB-DETR-R50"]
     assert "23.9 → n/a (n/a)" in lines["KS-DAB-DETR-R50"]
     assert lines["KS-DAB-DETR-R50"].endswith("| +0.9 | +1.6 |")
-    assert "incomplete (epoch 7)" in lines["KS-DAB-DETR-R101"]
-    assert "77.7" not in markdown and "66.6" not in markdown  # incomplete and failed runs show no numbers
-    assert "| cited | not run |" in lines["DN-Deformable-DETR-R50"]
+    assert "interrupted (epoch 7)" in lines["KS-DAB-DETR-R101"]
+    assert "77.7" not in markdown and "66.6" not in markdown  # interrupted and failed runs show no numbers
+    assert "| cited | not started |" in lines["DN-Deformable-DETR-R50"]
     assert "46.5 → n/a (n/a)" in lines["KS-DN-Deformable-DETR-R50"]
     assert lines["KS-DN-Deformable-DETR-R50"].endswith("| +3.1 |  |")
     assert "| failed |" in lines["Conditional-DETR-R50"]
@@ -171,7 +170,7 @@ def test_no_runs_renders_paper(tmp_path):
     df = pd.read_csv(tmp_path / "results" / "tables" / "table1.csv")
     assert len(df) == 26 and df["paper_AP"].tolist() == load_paper(1)["AP"].tolist()
     assert df["repro_AP"].isna().all()
-    assert df.loc[5, "status"] == "not run" and df.loc[0, "status"] == "no manifest row"
+    assert df.loc[5, "status"] == "not started" and df.loc[0, "status"] == "no manifest row"
     assert "| 43.9 | 64.2 | 46.8 | 23.9 | 48.0 | 62.2 | +0.9 |  |" in markdown
     assert not any("→" in ln for ln in markdown.splitlines() if ln.startswith("| "))
 
@@ -201,7 +200,7 @@ def test_runs_table_with_teachers(tmp_path):
     assert df.loc[4, "branch"] == "attn1_moved" and df.loc[4, "AP"] == 2.1 and math.isnan(df.loc[4, "gain_AP"])
     assert df.loc[1, "AP"] == 31.2 and df.loc[1, "gain_AP"] == 1.1 and math.isnan(df.loc[0, "gain_AP"])
     assert df.loc[2, "AP"] == 40.5 and math.isnan(df.loc[2, "gain_AP"])
-    assert df.loc[5, "status"] == "not run" and math.isnan(df.loc[5, "AP"])
+    assert df.loc[5, "status"] == "not started" and math.isnan(df.loc[5, "AP"])
     markdown = write_tables(str(manifest), results)
     assert "| ks / attn2 (teacher, GT mask) |  | done | 40.5 |" in markdown
     assert "| ks / attn3 (teacher, GT mask) |  | done | n/a |" in markdown
@@ -225,8 +224,8 @@ def test_malformed_log_line(table1, capsys):
     manifest, results = table1
     log = records.run_dir("t1", "ks_dab_r101", results) / "log.jsonl"
     log.write_text(log.read_text().replace('{"epoch": 3', '{"epoch": 3,,', 1))
-    with pytest.raises(AnalysisError, match=r"log\.jsonl, line 4"):
-        read_log(log)
+    with pytest.raises(records.DamagedLog, match=r"log\.jsonl, line 4"):
+        records.read_log(log)
     assert main(["tables", "--manifest", str(manifest), "--results", str(results)]) == 2
     err = capsys.readouterr().err
     assert str(log) in err and "line 4" in err
@@ -235,12 +234,12 @@ def test_malformed_log_line(table1, capsys):
 def test_nan_in_log_is_read(tmp_path):
     path = tmp_path / "log.jsonl"
     path.write_text(json.dumps({"epoch": 0, "eval": {"attn1": {"AP": float("nan")}}}) + "\n")
-    assert math.isnan(read_log(path)[0]["eval"]["attn1"]["AP"])
+    assert math.isnan(records.read_log(path)[0]["eval"]["attn1"]["AP"])
 
 
 def test_learning_report_from_records(tmp_path):
     """analysis learning: AP50 against AP50 on other images, their ratio from the unrounded values,
-    the class loss of the first and last epoch, minutes; rows not run or not finished stay empty."""
+    the class loss of the first and last epoch, minutes; rows not started or not finished stay empty."""
     from analysis.learning import learning_report, write_learning
 
     manifest = write_manifest(tmp_path / "ladder.yaml", [{"name": "a", "note": "first | setting"},
@@ -255,15 +254,15 @@ def test_learning_report_from_records(tmp_path):
         line["train"]["loss_class"] = loss
         line["time_s"] = 90.0
     records.write_log(d / "log.jsonl", lines)
-    write_run(results, "ladder", "b", "incomplete", [(1, None)])
+    write_run(results, "ladder", "b", "interrupted", [(1, None)])
     name, df = learning_report(str(manifest), results)
     a, b, c = (df.iloc[i] for i in range(3))
     assert (a["AP50"], a["AP50_moved"], a["AP50_attn3"], a["AP"]) == (65.4, 0.4, 70.0, 12.3)
     assert a["ratio"] == round(0.6543 / 0.00449, 1) == 145.7  # not 65.4 / 0.4
     assert (a["loss_class_first"], a["loss_class_last"], a["minutes"]) == (0.481, 0.307, 3.0)
     assert math.isnan(a["AP50_attn2"]) and a["setting"] == "first | setting"
-    assert b["status"] == "incomplete (epoch 1)" and math.isnan(b["AP50"]) and b["epochs"] == 1
-    assert c["status"] == "not run" and math.isnan(c["AP50"]) and math.isnan(c["minutes"])
+    assert b["status"] == "interrupted (epoch 1)" and math.isnan(b["AP50"]) and b["epochs"] == 1
+    assert c["status"] == "not started" and math.isnan(c["AP50"]) and math.isnan(c["minutes"])
     markdown = write_learning(str(manifest), results)
     assert "| a | first \\| setting | done | 2 | 65.4 | 0.4 | 145.7 |  | 70.0 | 12.3 | 0.481 → 0.307 | 3.0 |" in markdown
     assert (results / "tables" / "ladder_learning.csv").is_file()
@@ -287,7 +286,7 @@ def test_seed_rows_get_mean_and_spread(tmp_path):
         write_run(results, "seeds", f"base_seed{seed}", "done", [(1, b)], b)
         if seed < 2:
             write_run(results, "seeds", f"ks_seed{seed}", "done", [(1, k)], k)
-    write_run(results, "seeds", "ks_seed2", "incomplete", [(1, None)])
+    write_run(results, "seeds", "ks_seed2", "interrupted", [(1, None)])
     markdown = write_tables(str(manifest), results)
     assert "## Over training seeds" in markdown
     sdf = pd.read_csv(results / "tables" / "seeds_seeds.csv")

@@ -20,7 +20,7 @@ from experiments.__main__ import main
 from experiments.build import model_config
 from experiments.config import DEFAULTS, Manifest, merge
 from experiments.errors import RunError
-from experiments.evaluation import load_checkpoint
+from experiments.checkpoints import load_checkpoint
 from models import backbone, build_model, model_targets
 from models import ks_encoder as ks
 from models.convert_hf import ConversionError

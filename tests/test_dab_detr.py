@@ -25,7 +25,7 @@ def test_train_step_outputs_and_finite_loss(ks_mode):
     assert len(out["aux_outputs"]) == 2  # dec_layers - 1
     teachers = out.get("teacher_outputs", {})
     assert list(teachers) == list(TEACHER_BRANCHES[ks_mode])
-    assert all(len(layers) == 1 for layers in teachers.values())  # the reference keeps the last layer
+    assert all(len(layers) == 1 for layers in teachers.values())  # the authors' code keeps the last layer
     losses = criterion(out, targets)
     assert torch.isfinite(losses["loss"])
     # 3 student outputs + one per teacher, equal weights: the total is the sum of the branch totals

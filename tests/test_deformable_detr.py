@@ -63,7 +63,7 @@ def layer_inputs(seed=0, B=2):
 
 
 def explicit_branches(layer, x, pos, pad, refs, shapes, starts, fg):
-    """Reference section 4 with plain matmuls: {branch: layer output}."""
+    """The authors' deformable KS layer (docs/authors_code.md) with plain matmuls: {branch: layer output}."""
     a, t = layer.self_attn, layer.teacher
     B, S, _ = x.shape
     L = len(SHAPES)
@@ -146,7 +146,7 @@ def test_ks_layer_dropout_is_drawn_per_branch():
     assert (teachers["attn2"] - student).abs().amax() > 1e-2
 
 
-REFERENCE_TEACHER_COUNTS = {  # reference section 4, at d = 256, 8 heads, 4 levels, 4 points
+REFERENCE_TEACHER_COUNTS = {  # the authors' layer, at d = 256, 8 heads, 4 levels, 4 points
     "triple": {"smlp": 65_792, "attention_weights": 32_896, "value_proj": 65_792},
     "dual_share_v": {"smlp": 65_792, "attention_weights": 32_896},
     "dual_share_a": {"smlp": 65_792, "value_proj": 65_792},
@@ -165,7 +165,7 @@ def test_teacher_parameters_and_init_at_the_reference_size(mode):
     assert n_teacher == sum(counts.values())
     t = layer.teacher
     if t.attention_weights is not None:
-        # xavier (the reference's xavier loop runs after the teacher init), zero bias; the student's is zero
+        # xavier (the authors' xavier loop runs after the teacher init), zero bias; the student's is zero
         w, bound = t.attention_weights.weight, math.sqrt(6 / (256 + 128))
         assert 0.9 * bound < w.abs().max() <= bound and not t.attention_weights.bias.any()
         assert not layer.self_attn.attention_weights.weight.any()
@@ -182,7 +182,7 @@ def test_model_init_leaves_the_teacher_init_of_the_ks_layer():
     assert isinstance(last, KSDeformableEncoderLayer)
     assert last.teacher.smlp.linear.bias.abs().max() > 0  # not xavier'd / zeroed by the model init
     assert last.teacher.attention_weights.weight.abs().max() > 0 and not last.teacher.attention_weights.bias.any()
-    for m in model.modules():  # every student MSDA has the reference's init after the xavier loop
+    for m in model.modules():  # every student MSDA has detrex's init after the xavier loop
         if isinstance(m, MSDeformAttn):
             assert not m.attention_weights.weight.any() and not m.sampling_offsets.weight.any()
             assert m.sampling_offsets.bias.abs().max() == m.n_points  # point p at p+1 steps
@@ -274,7 +274,7 @@ def test_box_refinement_option_gives_per_layer_heads():
 @pytest.mark.parametrize("family,row", [("deformable_detr", "def_r50_12ep"), ("dn_deformable_detr", "dndef_r50_12ep")])
 def test_table1_rows_build_with_the_reference_teacher_parameters(family, row):
     """The Table 1 rows build (on the meta device: no memory, no weights); their KS rows add exactly
-    the reference's teacher parameters (sMLP, teacher value projection and attention-weights head)."""
+    the authors' teacher parameters (sMLP, teacher value projection and attention-weights head)."""
     manifest = Manifest("table1")
     counts = {}
     for name in (row, row + "_ks"):

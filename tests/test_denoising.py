@@ -74,7 +74,7 @@ def test_label_and_box_noise():
     labels = torch.full((1000,), 2)
     noised = gen.noised_labels(labels)
     changed = (noised != labels).float().mean().item()
-    # a replaced label is drawn from K + 1 = 5 rows (the reference's "no object" row included): a
+    # a replaced label is drawn from K + 1 = 5 rows (detrex's "no object" row included): a
     # fifth of the replacements draw the same label again
     assert abs(changed - 0.2 * 4 / 5) < 0.04
     assert set(noised.tolist()) == {0, 1, 2, 3, 4}

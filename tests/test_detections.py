@@ -11,7 +11,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from experiments import distributed, evaluation, records
+from experiments import checkpoints, distributed, evaluation, records
 from experiments.build import build_data
 from experiments.engine import train_row
 from experiments.training import to_device
@@ -50,7 +50,7 @@ def coco_metrics(coco_gt, path, image_ids):
 
 def test_evaluate_hands_back_detections_that_reproduce_the_metrics(trained, tmp_path):
     results, data_root = trained
-    ck = evaluation.load_checkpoint("demo", ROW, overrides=[f"data.root={data_root}"], results=results)
+    ck = checkpoints.load_checkpoint("demo", ROW, overrides=[f"data.root={data_root}"], results=results)
     ctx = distributed.Context(device=torch.device("cpu"))
     _, val_set = build_data(ck.cfg, ctx)
     model = ck.build_model(val_set.num_classes)

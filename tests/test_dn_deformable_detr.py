@@ -1,6 +1,6 @@
 """DN-Deformable-DETR with every KS mode: forward/backward with DN losses on every output that gets a
 loss (teachers included), teacher removal at inference, the DN attention mask at work, iterative box
-refinement with per-layer heads, and queries as the reference (learned content + indicator, learned
+refinement with per-layer heads, and queries as the authors' code (learned content + indicator, learned
 4-d anchors, positional queries from the anchors)."""
 import pytest
 import torch

@@ -100,5 +100,5 @@ def test_dn_content_queries_and_anchors():
     # matching content: the "no object" label embedding with indicator 0, for every query
     expected = torch.cat([model.denoising.label_embed.weight[3], torch.zeros(1)])
     torch.testing.assert_close(content, expected.expand(2, 12, -1))
-    # the family's anchors (freeze_anchor_box_centers=False in the reference): none frozen
+    # the family's anchors (freeze_anchor_box_centers=False in the authors' config): none frozen
     assert model.anchor_xy.requires_grad and model.anchor_wh.requires_grad

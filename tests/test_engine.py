@@ -6,7 +6,7 @@ import shlex
 import pytest
 import torch
 
-from experiments import engine, evaluation, records
+from experiments import checkpoints, engine, evaluation, records
 from experiments.engine import train_row
 from experiments.errors import NotAvailableError, RunError
 
@@ -256,7 +256,7 @@ def test_eval_command_writes_a_new_file_and_leaves_the_record(tmp_path, data_roo
     # the checkpoint holds every weight: evaluating needs no pretrained backbone file
     import models.backbone
 
-    ck = evaluation.load_checkpoint("demo", "ks_def_r18", results=tmp_path)
+    ck = checkpoints.load_checkpoint("demo", "ks_def_r18", results=tmp_path)
     monkeypatch.setattr(models.backbone, "SYNTHETIC_WEIGHTS", tmp_path / "gone.pth")
     model = ck.build_model(num_classes=5)
     state = model.state_dict()

@@ -206,7 +206,7 @@ def test_conditional_detr_auxiliary_loss_mode_deviates():
 
 def test_training_time_differences_of_transformers_are_as_documented():
     """Training-only deviations (see models/convert_hf.py): transformers' non-timm ConditionalDetr
-    backbone freezes every parameter, DabDetr's none; the reference freezes the stem only."""
+    backbone freezes every parameter, DabDetr's none; the authors' code freezes the stem only."""
     cond, dab = hf_model("conditional_detr"), hf_model("dab_detr")
     assert not any(p.requires_grad for p in cond.model.backbone.parameters())
     assert all(p.requires_grad for p in dab.model.backbone.parameters())

@@ -191,7 +191,7 @@ def test_transformers_ties_the_class_heads_of_a_refinement_model():
 
 def test_transformers_drops_the_encoder_input_in_training():
     """transformers' deviation (training only): dropout on the encoder's input features; the
-    original and the reference feed them unchanged, as here."""
+    original and the authors' code feed them unchanged, as here."""
     hf = hf_model(dropout=0.5)
     seen = {}
     hf.model.encoder.register_forward_pre_hook(lambda m, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]),
@@ -215,8 +215,8 @@ def test_transformers_drops_the_encoder_input_in_training():
 
 
 def test_training_time_settings_of_transformers_are_as_documented():
-    """transformers' non-timm ResNet backbone is frozen completely (the reference: stem only), and its
-    decoder self-attention weights get `attention_dropout`, 0.0 by default (the reference: 0.1)."""
+    """transformers' non-timm ResNet backbone is frozen completely (the authors' code: stem only), and its
+    decoder self-attention weights get `attention_dropout`, 0.0 by default (the authors' code: 0.1)."""
     hf = hf_model()
     assert not any(p.requires_grad for p in hf.model.backbone.parameters())
     assert transformers.DeformableDetrConfig().attention_dropout == 0.0

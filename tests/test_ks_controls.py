@@ -66,7 +66,7 @@ def test_last_layer_losses_are_each_branch_last_decoder_layer(variant):
             expected = expected + sum(w[k] * losses[f"{k}_dn{suffix}"] for k in w)
         torch.testing.assert_close(losses[f"loss_last_layer_{branch}"], expected.detach())
         assert not losses[f"loss_last_layer_{branch}"].requires_grad
-    # the reference keeps one teacher layer: the teacher's branch total is its last layer
+    # the authors' code keeps one teacher layer: the teacher's branch total is its last layer
     torch.testing.assert_close(losses["loss_last_layer_attn3"], losses["loss_attn3"].detach())
 
 

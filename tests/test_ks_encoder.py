@@ -30,7 +30,7 @@ def test_smlp_leaves_background_unchanged():
 
 
 def explicit_branches(layer, x, pos, pad, fg):
-    """The reference's formulas with plain matmuls in float64: {branch: layer output}."""
+    """The authors' formulas with plain matmuls in float64: {branch: layer output}."""
     layer = layer.double()
     x, pos = x.double(), pos.double()
     d, h = D, HEADS
@@ -126,7 +126,7 @@ def test_joint_xavier_init_of_packed_projections(mode, rows):
     torch.manual_seed(0)
     d = 256
     layer = KSEncoderLayer(mode, d, 8, 2048)
-    bound = math.sqrt(6 / ((rows + 1) * d))  # xavier over the reference's packed (rows*d x d) matrix
+    bound = math.sqrt(6 / ((rows + 1) * d))  # xavier over the authors' packed (rows*d x d) matrix
     weights = [layer.self_attn.in_proj.weight] + [p.weight for p in (layer.teacher.qk_proj, layer.teacher.v_proj)
                                                   if p is not None]
     for w in weights:

@@ -1,5 +1,5 @@
-"""GT Fg-Bg mask semantics (reference section 1) on hand-computed cases and against a loop
-implementation that follows the reference line by line."""
+"""GT Fg-Bg mask semantics (docs/authors_code.md, "GT Fg-Bg mask") on hand-computed cases and against a
+loop implementation that follows the authors' code line by line."""
 import torch
 import torch.nn.functional as F
 
@@ -7,7 +7,7 @@ from models.ks_encoder import fg_canvas, fg_mask, fg_mask_levels
 
 
 def reference_mask(boxes, batch_hw, feature_hw, padding_mask=None):
-    """The reference's procedure, box by box: int64 cast, half-open slices, bilinear with
+    """The authors' procedure, box by box: int64 cast, half-open slices, bilinear with
     align_corners=True, then .bool()."""
     H, W = batch_hw
     canvas = torch.zeros(len(boxes), H, W)

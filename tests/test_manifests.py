@@ -1,5 +1,5 @@
-"""The Table 1/2 manifests against the paper's tables and the reference's settings
-(../shared/spec/ks_detr_reference.md, section 7)."""
+"""The Table 1/2 manifests against the paper's tables and the authors' settings
+(docs/authors_code.md, "Family settings")."""
 import pandas as pd
 import pytest
 
@@ -8,7 +8,7 @@ from experiments.config import Manifest, PAPER_DIR, diff
 BACKBONES = {"R50": "resnet50", "R101": "resnet101", "Swin-T": "swin_t"}
 LR_DROP = {50: [40], 24: [20], 12: [11]}  # 375k/300k, 180k/150k, 90k/82.5k iterations at 7.5k per epoch
 CITED = {1: {3, 7, 9, 19, 23}, 2: {5}}
-# family -> expected model settings (spec section 7, "Family settings")
+# family -> expected model settings (docs/authors_code.md, "Family settings")
 FAMILY = {
     "conditional_detr": {"pos_temperature": 10000, "pos_offset": 0.0, "dim_feedforward": 2048, "activation": "relu",
                          "dropout": 0.1, "loss.class_weight": 2.0},
@@ -46,7 +46,7 @@ def test_every_paper_row_has_a_manifest_row(table):
     assert manifest.paper_table == n
     covered = {row["paper"]["row"] for row in manifest.rows.values()}
     assert covered == set(range(1, len(paper) + 1))
-    assert len(manifest.rows) == len(paper) + (1 if n == 1 else 0)  # + dab_swint_in1k (spec 8.9)
+    assert len(manifest.rows) == len(paper) + (1 if n == 1 else 0)  # + dab_swint_in1k (the cited Swin-T baseline)
     cited = {row["paper"]["row"] for row in manifest.rows.values() if row["paper"]["source"] == "cited"}
     assert cited == CITED[n]
 

@@ -14,11 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-from experiments import engine, records, runs
+from experiments import checkpoints, engine, records, runs
 from experiments.__main__ import main
 from experiments.engine import train_row
 from experiments.errors import RunError
-from experiments.training import Stopped, StopRequest, train_one_epoch
+from experiments.signals import Stopped, StopRequest
+from experiments.training import train_one_epoch
 from tests.test_engine import TINY_RUN, interrupt_during_second_evaluation
 
 REPO = records.REPO
@@ -133,7 +134,7 @@ def saved_linear(path):
     model = nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1])
-    runs.save_checkpoint(path, model, opt, sched, 1, [], {})
+    checkpoints.save_checkpoint(path, model, opt, sched, 1, [], {})
     return model, opt, sched
 
 
@@ -144,7 +145,7 @@ def test_weights_that_are_not_finite_never_replace_a_checkpoint(tmp_path):
     with torch.no_grad():
         model.weight[0, 0] = float("inf")
     with pytest.raises(RunError, match=r"weights at epoch 3, iteration 3 are not finite \(weight\); not saved"):
-        runs.save_checkpoint(path, model, opt, sched, 2, [], {}, step=3)
+        checkpoints.save_checkpoint(path, model, opt, sched, 2, [], {}, step=3)
     assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"]
 
 
@@ -213,7 +214,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, data_root
     assert torch.load(latest, weights_only=False)["step"] == 2
     assert torch.load(previous, weights_only=False)["step"] == 1  # the checkpoint before the latest is kept
     latest.write_bytes(latest.read_bytes()[:1000])  # truncated
-    state, used = runs.read_checkpoint(latest)
+    state, used = checkpoints.read_checkpoint(latest)
     assert used == previous and (state["epoch"], state["step"]) == (1, 1)
     capsys.readouterr()
     damaged = latest.read_bytes()
@@ -229,9 +230,9 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, data_root
     latest.write_bytes(b"")
     with pytest.raises(RunError, match=f"{latest} cannot be read .*the previous checkpoint cannot be used either: "
                                        f"{previous} cannot be read"):
-        runs.read_checkpoint(latest)
+        checkpoints.read_checkpoint(latest)
     with pytest.raises(RunError, match=f"{previous} cannot be read"):  # named also when asked for directly
-        runs.read_checkpoint(previous)
+        checkpoints.read_checkpoint(previous)
 
 
 def test_a_failed_checkpoint_write_leaves_no_temporary_file(tmp_path, monkeypatch):
@@ -248,7 +249,7 @@ def test_a_failed_checkpoint_write_leaves_no_temporary_file(tmp_path, monkeypatc
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(OSError, match="No space left"):
-        runs.save_checkpoint(path, model, opt, sched, 2, [], {})
+        checkpoints.save_checkpoint(path, model, opt, sched, 2, [], {})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"] and path.read_bytes() == good
 
 
@@ -314,7 +315,7 @@ def _handlers_in_a_worker(_):
 
 
 def test_loader_workers_leave_the_signals_to_the_training_process():
-    from experiments.training import ignore_stop_signals
+    from experiments.signals import ignore_stop_signals
 
     loader = torch.utils.data.DataLoader([0], batch_size=None, num_workers=1, collate_fn=_handlers_in_a_worker,
                                          worker_init_fn=ignore_stop_signals)
@@ -585,17 +586,17 @@ class _DiskFullAfter(io.FileIO):
 
 @pytest.mark.parametrize("limit", [1000, 0])
 def test_a_full_disk_during_a_checkpoint_save_is_one_error_naming_the_file_and_space(tmp_path, monkeypatch, limit):
-    path, previous = tmp_path / "checkpoint.pth", tmp_path / runs.PREVIOUS_CHECKPOINT
+    path, previous = tmp_path / "checkpoint.pth", tmp_path / checkpoints.PREVIOUS_CHECKPOINT
     model, opt, sched = saved_linear(path)
-    runs.save_checkpoint(path, model, opt, sched, 2, [], {})  # now checkpoint.pth and checkpoint.prev.pth
+    checkpoints.save_checkpoint(path, model, opt, sched, 2, [], {})  # now checkpoint.pth and checkpoint.prev.pth
     before = {p: p.read_bytes() for p in (path, previous)}
     monkeypatch.setattr(_DiskFullAfter, "limit", limit)
-    monkeypatch.setattr(runs, "open", lambda file, mode: _DiskFullAfter(file, mode.replace("b", "")), raising=False)
+    monkeypatch.setattr(checkpoints, "open", lambda file, mode: _DiskFullAfter(file, mode.replace("b", "")), raising=False)
     with pytest.raises(RunError) as e:
-        runs.save_checkpoint(path, model, opt, sched, 3, [], {})
+        checkpoints.save_checkpoint(path, model, opt, sched, 3, [], {})
     assert isinstance(e.value, OSError) and e.value.errno == errno.ENOSPC
     message = str(e.value)
-    needed = runs._size(len(before[path]))  # the checkpoint it replaces: more than its tensors' bytes
+    needed = checkpoints._size(len(before[path]))  # the checkpoint it replaces: more than its tensors' bytes
     assert re.fullmatch(re.escape(f"the disk is full (No space left on device): the checkpoint {path} cannot be "
                                   f"written; it needs about {needed}, and ") + r"[\d.]+ (bytes|kB|MB|GB) are free "
                         r"there\. The "
@@ -609,8 +610,8 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_error_naming_the_file_and_s
 def test_the_space_a_checkpoint_needs_is_the_size_of_its_tensors():
     state = {"model": {"w": torch.zeros(1000, 250)}, "optimizer": {"state": [torch.zeros(10, dtype=torch.float64)]},
              "epoch": 3}
-    assert runs._state_bytes(state) == 1000 * 250 * 4 + 10 * 8
-    assert [runs._size(n) for n in (12, 2048, 1_000_080, 3_500_000_000)] == ["12 bytes", "2.0 kB", "1.0 MB", "3.5 GB"]
+    assert checkpoints._state_bytes(state) == 1000 * 250 * 4 + 10 * 8
+    assert [checkpoints._size(n) for n in (12, 2048, 1_000_080, 3_500_000_000)] == ["12 bytes", "2.0 kB", "1.0 MB", "3.5 GB"]
 
 
 def test_a_training_process_killed_by_a_signal_is_named():
@@ -639,7 +640,7 @@ def test_a_data_error_in_the_first_epoch_leaves_a_record_that_a_plain_rerun_repl
     monkeypatch.setattr(engine, "train_one_epoch", unreadable)
     with pytest.raises(DataError):
         train_row("demo", "def_r18", args, results=tmp_path)
-    assert (directory / "FAILED").read_text() == f"DataError: {bad}\n" and not runs.has_checkpoint(directory)
+    assert (directory / "FAILED").read_text() == f"DataError: {bad}\n" and not checkpoints.has_checkpoint(directory)
     monkeypatch.undo()
     capsys.readouterr()
     train_row("demo", "def_r18", args, results=tmp_path)  # the image fixed: a plain rerun

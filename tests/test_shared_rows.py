@@ -84,8 +84,8 @@ def test_a_shared_row_trains_once_into_the_other_rows_records(tmp_path):
     # the tables of the sharing manifest read the shared records, and so do eval and the pictures
     df = runs_report(Manifest(path), results)
     student = df[df["branch"] == "attn1"].set_index("manifest_row")
-    assert student.loc["base", "status"] == "done" and student.loc["ks", "status"] == "not run"
-    from experiments.evaluation import load_checkpoint
+    assert student.loc["base", "status"] == "done" and student.loc["ks", "status"] == "not started"
+    from experiments.checkpoints import load_checkpoint
 
     assert load_checkpoint(str(path), "base", results=results).path == directory / "checkpoint.pth"
     # --force would replace the other manifest's record: refused, pointing at it

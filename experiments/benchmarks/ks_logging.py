@@ -26,7 +26,7 @@ from experiments.evaluation import evaluate, make_eval_loader
 from experiments.training import build_optimizer, make_train_loader, optimizer_steps, to_device
 from experiments import distributed
 from models import build_model
-from models.ks_encoder import TEACHER_BRANCHES
+from models.ks_encoder import teacher_branches
 
 
 def main(argv=None):
@@ -41,8 +41,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     cfg = Manifest(args.manifest).resolve(args.row)
-    teachers = TEACHER_BRANCHES[cfg["model"]["ks"]["mode"]]
-    if not teachers:
+    if cfg["model"]["ks"]["mode"] == "none":
         parser.error(f"row {args.row!r} is not a KS row")
     device = pick_device(args.device)
     ctx = distributed.Context(device=device)
@@ -50,6 +49,7 @@ def main(argv=None):
     torch.manual_seed(0)
     model, criterion = build_model(model_config(cfg), train_set.num_classes)
     model.to(device)
+    teachers = teacher_branches(model)
     tc = cfg["train"]
     val_loader = make_eval_loader(val_set, tc["eval_batch_size"] or tc["batch_size"], 0, ctx, args.images)
     topk = cfg["model"]["eval_topk"]

@@ -37,7 +37,7 @@ from experiments.build import model_config, pick_device
 from experiments.config import Manifest
 from experiments.training import build_optimizer
 from models import build_model, is_teacher_parameter
-from models.ks_encoder import TEACHER_BRANCHES
+from models.ks_encoder import teacher_branches
 
 NUM_CLASSES = 91  # COCO's category ids, as the table rows build them
 BACKBONE = "resnet50"
@@ -160,7 +160,7 @@ def count(model, inference=False):
 
 def measure_pair(manifest, variant, base_row, ks_row, size, repeats, device):
     cfg, base, batch = build(manifest, base_row, device, size)
-    ks_cfg, ks, _ = build(manifest, ks_row, device, size)  # the same batch: the rows share train.batch_size
+    _, ks, _ = build(manifest, ks_row, device, size)  # the same batch: the rows share train.batch_size
     steps = {"train_base": partial(train_step, *base, batch), "train_ks": partial(train_step, *ks, batch),
              "infer_base": partial(infer_step, base[0], batch), "infer_ks": partial(infer_step, ks[0], batch)}
     for step in steps.values():  # warm-up
@@ -171,7 +171,7 @@ def measure_pair(manifest, variant, base_row, ks_row, size, repeats, device):
             times[key].append(seconds(step, device))
     median = {k: statistics.median(v) for k, v in times.items()}
     f_dec = decoder_seconds(base, batch, repeats, device) / median["train_base"]
-    teachers = len(TEACHER_BRANCHES[ks_cfg["model"]["ks"]["mode"]])
+    teachers = len(teacher_branches(ks[0]))
     params = (count(base[0]), count(ks[0]), count(ks[0], inference=True))
     del base, ks, steps
     memory = {row: peak_memory(str(manifest.path), row, size, device) for row in (base_row, ks_row)}

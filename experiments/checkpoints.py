@@ -1,0 +1,231 @@
+"""A row's checkpoints: writing them (atomically, never a diverged state, a full disk named with the
+space needed), reading them (the previous one when the latest is damaged) and a row's checkpoint with
+the configuration that rebuilds its model (`load_checkpoint`).
+
+Resuming: checkpoint.pth (written atomically by rank 0 after each epoch's evaluation, and every
+`train.checkpoint_every_iters` steps when set) holds the model, optimizer, scheduler, history and
+configuration. A SLURM timeout or preemption in the middle of an epoch resumes from the last
+checkpoint: the steps since then are trained again (at most one epoch, or checkpoint_every_iters steps).
+"""
+import errno
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from models import build_model
+
+from . import records
+from .build import check_available, model_config
+from .config import DEFAULTS, ConfigError, Manifest, diff, merge, parse_override
+from .errors import RunError, first_names
+
+CHECKPOINT = "checkpoint.pth"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pth"  # the one before, kept as a fallback for a damaged latest
+
+
+def nonfinite_weights(model):
+    """Names of the model's floating-point weights and buffers holding NaN or inf."""
+    return [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+def check_weights(model, where, kept="the checkpoint on disk"):
+    """RunError when the weights hold NaN or inf ("the weights <where> are not finite ...; not
+    saved: <kept> keeps the last finite state"), so that a diverged state is never saved."""
+    bad = nonfinite_weights(model)
+    if bad:
+        raise RunError(f"the weights {where} are not finite ({first_names(bad)}); not saved: {kept} keeps the last "
+                       f"finite state")
+
+
+def save_checkpoint(path, model, optimizer, scheduler, epoch, history, cfg, step=0, partial=None, total_batch=None,
+                    classes=None):
+    """Everything needed to resume after `epoch` completed epochs (and `step` optimizer steps of the
+    next one, `partial` its mean losses so far), and `classes` (CocoDetection.classes(): the names
+    and data-set ids of the labels, so that `predict` needs no data set). Written to a temporary file, fsynced and renamed;
+    the checkpoint it replaces becomes checkpoint.prev.pth. Refuses (RunError) weights that are not
+    finite, so a diverged run never replaces a good checkpoint. A full disk is a DiskFull naming the
+    file and the space it needs; no temporary file is left behind."""
+    path = Path(path)
+    # the engine checks on every process first (DDP: all stop together); this is the last guard
+    check_weights(model, f"at epoch {epoch + 1}, iteration {step}" if step else f"after epoch {epoch}", path)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "partial": partial,
+             "total_batch_size": total_batch, "history": history, "config": cfg, "classes": classes}
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.is_file():
+            os.replace(path, path.with_name(PREVIOUS_CHECKPOINT))
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)  # e.g. a full disk: leave no half-written file behind
+        full = _disk_full(e)
+        if full is None:
+            raise
+        # the tensors are nearly all of a checkpoint; the one it replaces is about as large
+        needed = max(_state_bytes(state), path.stat().st_size if path.is_file() else 0)
+        error = DiskFull(f"the disk is full ({full.strerror or 'no space left'}): the checkpoint {path} cannot be "
+                         f"written; it needs about {_size(needed)}, and {_free(path.parent)} are free there. The "
+                         f"checkpoints already on disk are kept: free some space, then continue with "
+                         f"`run ... --resume`")
+        error.errno = full.errno
+        raise error from None
+
+
+class DiskFull(RunError, OSError):
+    """A checkpoint that a full disk (or an exceeded quota) kept from being written: a RunError whose
+    message says so, which file and how much space it needs; also an OSError (its errno ENOSPC or
+    EDQUOT), for callers that catch those."""
+
+
+def _disk_full(error):
+    """The OSError of a full disk or an exceeded quota behind `error` (torch.save reports a failed write
+    as a RuntimeError of its zip writer, with the OSError as its context), or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _state_bytes(obj):
+    """Bytes of the tensors in a (nested) checkpoint state: about the size of its file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_state_bytes(v) for v in obj)
+    return 0
+
+
+def _size(n):
+    """'1.2 GB', '340.5 MB', '2.0 kB' or '12 bytes'."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _free(folder):
+    try:
+        return _size(shutil.disk_usage(folder).free)
+    except OSError:
+        return "an unknown amount"
+
+
+def _read(path):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - truncated zip, pickle errors, ...: all mean a damaged file
+        raise RunError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                       f"it is damaged or not a checkpoint") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise RunError(f"{path}: not a checkpoint of this project (expected a dict with 'model')")
+    return state
+
+
+def read_checkpoint(path, fallback=True):
+    """(state, path read) of a checkpoint. When `path` is a run's checkpoint.pth and it is missing or
+    damaged, checkpoint.prev.pth (the one before) is read instead (with `fallback`), saying so; a
+    RunError names every file that could not be read."""
+    path = Path(path)
+    previous = path.with_name(PREVIOUS_CHECKPOINT)
+    if not fallback or path.name != CHECKPOINT or not previous.is_file():
+        if not path.is_file():
+            raise RunError(f"no checkpoint at {path}")
+        return _read(path), path
+    problem = f"{path} is missing"
+    if path.is_file():
+        try:
+            return _read(path), path
+        except RunError as e:
+            problem = str(e)
+    try:
+        state = _read(previous)
+    except RunError as e:
+        raise RunError(f"{problem}; the previous checkpoint cannot be used either: {e}") from None
+    print(f"warning: {problem}; using the previous checkpoint {previous} instead", file=sys.stderr, flush=True)
+    return state, previous
+
+
+def set_damaged_aside(path):
+    """Renames a damaged checkpoint to <name>.damaged-<time> (kept for inspection), so that the next
+    save does not rotate it over the previous checkpoint that the run resumed from."""
+    path = Path(path)
+    if path.is_file():
+        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(path, aside)
+        print(f"warning: the damaged {path.name} was renamed to {aside}", file=sys.stderr, flush=True)
+
+
+def has_checkpoint(directory):
+    return any((Path(directory) / name).is_file() for name in (CHECKPOINT, PREVIOUS_CHECKPOINT))
+
+
+
+@dataclass
+class Checkpoint:
+    """A row's checkpoint with the configuration to rebuild its model: the checkpoint's own (its
+    `config`, overrides applied) or, for a checkpoint without one, the manifest row's."""
+    manifest: Manifest
+    row: str
+    path: Path
+    state: dict
+    cfg: dict
+    row_cfg: dict
+    source: str  # where cfg came from, for the records
+
+    def changed_model_keys(self):
+        """Model keys where the checkpoint's configuration differs from the manifest row's."""
+        return [k for k in diff(self.row_cfg, self.cfg) if not k.startswith(("data.", "train."))]
+
+    def build_model(self, num_classes, device="cpu"):
+        """The trained model (evaluation mode) on `device`. The backbone starts from a random
+        initialisation: the checkpoint overwrites every weight, so no pretrained file is needed."""
+        held = self.state.get("num_classes")  # written by import-weights
+        if held is not None and held != num_classes:
+            raise RunError(f"{self.path} holds a model of {held} classes, the data set has {num_classes}")
+        cfg = model_config(self.cfg)
+        cfg["backbone"].update(weights=None, weights_path=None)
+        model, _ = build_model(cfg, num_classes)
+        model.load_state_dict(self.state["model"])
+        return model.to(device).eval()
+
+
+def load_checkpoint(manifest_name, row, checkpoint=None, overrides=(), results=records.RESULTS):
+    """The checkpoint of a row (default: the run's checkpoint.pth) and its configuration; a RunError
+    naming the file when it is missing or not a checkpoint of this project."""
+    manifest = Manifest(manifest_name)
+    row_cfg = manifest.resolve(row)
+    directory = records.run_dir(*manifest.record_of(row), results)
+    if checkpoint:  # a named file: no fallback
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise RunError(f"{row}: no checkpoint at {path}")
+        state, path = read_checkpoint(path, fallback=False)
+    else:  # the run's own: the previous one when the latest is damaged or missing
+        path = directory / CHECKPOINT
+        if not has_checkpoint(directory):
+            raise RunError(f"{row}: no checkpoint at {path}: the row has not finished an epoch here; train it with "
+                           f"`python -m experiments run {manifest.name} --row {row}`, or pass --checkpoint PATH")
+        state, path = read_checkpoint(path)
+    cfg = merge(DEFAULTS, state["config"], f"{path}, config") if state.get("config") else row_cfg
+    source = "the checkpoint" if state.get("config") else f"manifest {manifest.path}"
+    for text in overrides:
+        try:
+            cfg = merge(cfg, parse_override(text), f"override {text!r}")
+        except ConfigError as e:
+            raise ConfigError(f"row {row!r}: {e}") from None
+    check_available(cfg, f"manifest {manifest.path}, row {row!r}")
+    return Checkpoint(manifest, row, path, state, cfg, row_cfg, source)
