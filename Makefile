@@ -11,7 +11,7 @@ TEST_STAMP := $(VENV)/.requirements-test.sha256
 .PHONY: setup setup-test demo test test-slow op gpu-check help
 
 help:
-	@echo "make demo        train + evaluate Deformable-DETR and KS-Deformable-DETR on the synthetic data set (CPU, about 8 min)"
+	@echo "make demo        train + evaluate Deformable-DETR and KS-Deformable-DETR on the synthetic data set (2 CPU cores, 8-15 min by CPU kind)"
 	@echo "make test        run the test suite (CPU; installs requirements-test.txt too)"
 	@echo "make test-slow   run the slow tests (installs requirements-test.txt too)"
 	@echo "make setup       create .venv and install requirements.txt"
