@@ -84,8 +84,9 @@ class SetCriterion(nn.Module):
             dn_idx = dn_indices(targets, dn_meta["groups"], dn_meta["single_pad"])
             dn_num_boxes = num_boxes * dn_meta["groups"]
         result, branch_totals, last_layer = {}, {}, {}
-        for suffix, branch, output in output_names(outputs):
-            indices = self.matcher(output["pred_logits"], output["pred_boxes"], targets)
+        named = output_names(outputs)
+        assignments = self.matcher.match_all([(o["pred_logits"], o["pred_boxes"]) for _, _, o in named], targets)
+        for (suffix, branch, output), indices in zip(named, assignments):
             losses = self.matched_losses(output, targets, indices, num_boxes)
             result.update({k + suffix: v for k, v in losses.items()})
             total = self.weighted(losses)

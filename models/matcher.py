@@ -27,24 +27,39 @@ class HungarianMatcher:
                                          box_convert(target_boxes, "cxcywh", "xyxy"))
         return self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
 
-    @torch.no_grad()
-    @torch.profiler.record_function("matcher")  # its share of a step in profiles (benchmarks/gpu_check.py)
     def __call__(self, pred_logits, pred_boxes, targets):
         """pred_logits (B, Q, K), pred_boxes (B, Q, 4) normalised cxcywh; targets: list of dicts with
         `labels` (T_i,) and `boxes` (T_i, 4) normalised cxcywh. Returns a list of B pairs
         (prediction indices, target indices), int64 tensors of equal length, sorted by prediction."""
-        B, Q, _ = pred_logits.shape
+        return self.match_all([(pred_logits, pred_boxes)], targets)[0]
+
+    @torch.no_grad()
+    @torch.profiler.record_function("matcher")  # its share of a step in profiles (benchmarks/gpu_check.py)
+    def match_all(self, predictions, targets):
+        """The assignments of several sets of predictions of one batch (e.g. every decoder layer of
+        the student and of each teacher) against the same targets: [one __call__ result per
+        (pred_logits, pred_boxes)]. Their cost matrices are copied to the host together, once, not
+        once per output (each copy waits for the device)."""
+        B = predictions[0][0].shape[0]
         sizes = [len(t["labels"]) for t in targets]
         if sum(sizes) == 0:
             empty = torch.empty(0, dtype=torch.int64)
-            return [(empty, empty) for _ in range(B)]
-        # One cost matrix for the whole batch (as DETR), split per image for the assignment.
-        cost = self.cost_matrix(pred_logits.flatten(0, 1).float(), pred_boxes.flatten(0, 1).float(),
-                                torch.cat([t["labels"] for t in targets]),
-                                torch.cat([t["boxes"] for t in targets]).float())
-        cost = cost.view(B, Q, -1).cpu()
-        indices = []
-        for i, c in enumerate(cost.split(sizes, -1)):
-            rows, cols = linear_sum_assignment(c[i].numpy())
-            indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
-        return indices
+            return [[(empty, empty) for _ in range(B)] for _ in predictions]
+        labels = torch.cat([t["labels"] for t in targets])
+        target_boxes = torch.cat([t["boxes"] for t in targets]).float()
+        # One cost matrix per output for its whole batch (as DETR), split per image for the assignment.
+        # Each is computed on its own (vectorised kernels round a batch's last elements differently
+        # when the length changes, which would move near-ties), then all go to the host in one copy.
+        cost = torch.cat([self.cost_matrix(lg.flatten(0, 1).float(), bx.flatten(0, 1).float(), labels, target_boxes)
+                          for lg, bx in predictions]).cpu()
+        out, start = [], 0
+        for pred_logits, _ in predictions:
+            n = pred_logits.shape[0] * pred_logits.shape[1]
+            per_image = cost[start:start + n].view(pred_logits.shape[0], pred_logits.shape[1], -1)
+            start += n
+            indices = []
+            for i, c in enumerate(per_image.split(sizes, -1)):
+                rows, cols = linear_sum_assignment(c[i].numpy())
+                indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+            out.append(indices)
+        return out

@@ -70,3 +70,32 @@ def test_criterion_losses_vanish_on_perfect_predictions_and_count_every_output()
     torch.testing.assert_close(losses["loss"], 2 * losses["loss_attn1"])
     expected = 1.0 * losses["loss_class"] + 5.0 * losses["loss_bbox"] + 2.0 * losses["loss_giou"]
     torch.testing.assert_close(losses["loss_attn1"], expected)
+
+
+def test_all_outputs_are_matched_together_with_one_host_copy(monkeypatch):
+    """match_all (what the criterion uses for every output of a step) gives each output the
+    assignment it gets alone, and copies the costs to the host once."""
+    matcher = HungarianMatcher()
+    targets = random_targets([3, 0, 5])
+    sets = [random_predictions(seed=s) for s in range(4)]
+    together = matcher.match_all(sets, targets)
+    for (logits, boxes), indices in zip(sets, together):
+        alone = matcher(logits, boxes, targets)
+        assert all(torch.equal(a, b) for pa, pb in zip(indices, alone) for a, b in zip(pa, pb))
+
+    copies = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: copies.append(self.shape) or real_cpu(self, *a, **k))
+    criterion = SetCriterion(4, matcher)
+    (l0, b0), (l1, b1), (l2, b2), (l3, b3) = sets
+    outputs = {"pred_logits": l0, "pred_boxes": b0, "aux_outputs": [{"pred_logits": l1, "pred_boxes": b1}],
+               "teacher_outputs": {"attn3": [{"pred_logits": l2, "pred_boxes": b2}],
+                                   "attn2": [{"pred_logits": l3, "pred_boxes": b3}]}}
+    losses = criterion(outputs, targets)
+    assert copies == [(4 * 3 * 7, 8)]  # one copy of every output's costs (4 outputs x B 3 x Q 7, 8 targets)
+    monkeypatch.undo()
+    # the losses equal those of each output matched alone
+    for suffix, _, out in output_names(outputs):
+        alone = criterion.matched_losses(out, targets, matcher(out["pred_logits"], out["pred_boxes"], targets), 8.0)
+        for k, v in alone.items():
+            assert torch.equal(losses[k + suffix], v), k + suffix
