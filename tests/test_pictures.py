@@ -281,3 +281,15 @@ def test_pictures_of_dual_attention_rows(results, variant, mode):
     _, drawn = pictures.detections_figure(trained, [image_id], score=0.0)
     teacher = "attn2" if mode == "dual_share_a" else "attn3"
     assert sorted(branch for _, branch in drawn) == sorted(["attn1", teacher])
+
+
+def test_the_detections_figure_title_clears_the_column_titles(results):
+    trained = pictures.load_trained("demo", "ks_def_r18", results=results)
+    ids = (trained.dataset.ids * 2)[:8]  # the demo's default of 8 images: a tall figure
+    fig, _ = pictures.detections_figure(trained, ids, score=0.3)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    title = fig._suptitle.get_window_extent(renderer)
+    for ax in fig.axes[:3]:  # the top row's column titles
+        column = ax.title.get_window_extent(renderer)
+        assert title.y0 >= column.y1 or title.x1 <= column.x0 or title.x0 >= column.x1, (title, column)
