@@ -25,10 +25,14 @@ def resolve_root(path):
     return str(path if path is None or Path(path).is_absolute() else records.REPO / path)
 
 
-def model_config(cfg):
-    """The `model` section as the model builders take it (weights_path resolved)."""
+def model_config(cfg, pretrained=True):
+    """The `model` section as the model builders take it (weights_path resolved). With `pretrained`
+    False the backbone starts from a random initialisation, for models whose weights come from a
+    checkpoint or do not matter (no pretrained file is needed then)."""
     m = copy.deepcopy(cfg["model"])
-    if m["backbone"].get("weights_path"):
+    if not pretrained:
+        m["backbone"].update(weights=None, weights_path=None)
+    elif m["backbone"].get("weights_path"):
         m["backbone"]["weights_path"] = resolve_root(m["backbone"]["weights_path"])
     return m
 
@@ -71,13 +75,19 @@ def resolve_row(manifest, row, overrides=(), world_size=None, where=None):
     return cfg, None if world_size is None else batch_plan(cfg["train"], world_size)
 
 
+def data_config(cfg):
+    """The `data` section with its paths resolved (relative ones are relative to the repository root)."""
+    data = dict(cfg["data"])
+    for key in ("root", "train_images", "train_annotations", "val_images", "val_annotations"):
+        data[key] = resolve_root(data[key]) if data[key] else data[key]
+    return data
+
+
 def build_data(cfg, ctx=None):
     """(train set, val set) for a run configuration; the synthetic set is generated if missing
     (by rank 0, the others wait). Relative paths are relative to the repository root."""
     ctx = ctx or distributed.Context()
-    data = dict(cfg["data"])
-    for key in ("root", "train_images", "train_annotations", "val_images", "val_annotations"):
-        data[key] = resolve_root(data[key]) if data[key] else data[key]
+    data = data_config(cfg)
     if data["dataset"] == "synthetic":
         if not data["root"]:
             raise RunError("data.root must name a folder for the synthetic data set")

@@ -196,9 +196,7 @@ class Checkpoint:
         held = self.state.get("num_classes")  # written by import-weights
         if held is not None and held != num_classes:
             raise RunError(f"{self.path} holds a model of {held} classes, the data set has {num_classes}")
-        cfg = model_config(self.cfg)
-        cfg["backbone"].update(weights=None, weights_path=None)
-        model, _ = build_model(cfg, num_classes)
+        model, _ = build_model(model_config(self.cfg, pretrained=False), num_classes)
         model.load_state_dict(self.state["model"])
         return model.to(device).eval()
 

@@ -61,10 +61,8 @@ def num_classes(cfg):
 
 def build(cfg):
     """The row's model from a random initialisation (seed 0), evaluation mode, on the CPU."""
-    m = model_config(cfg)
-    m["backbone"].update(weights=None, weights_path=None)
     torch.manual_seed(0)
-    model, _ = build_model(m, num_classes(cfg))
+    model, _ = build_model(model_config(cfg, pretrained=False), num_classes(cfg))
     return model.eval()
 
 
@@ -176,17 +174,17 @@ def groups(manifest, rows):
 def measure(manifest, rows, size, device, repeats, progress=print):
     """One dict per row (manifest order) with its counts, latency and, for rows with a baseline among
     `rows`, the ratios to it."""
+    cfgs = {name: resolve_row(manifest, name)[0] for name in rows}  # resolved and checked, once
     keys = {name: json.dumps([model_config(cfg), num_classes(cfg)], sort_keys=True, default=str)
-            for name, cfg in ((name, manifest.resolve(name)) for name in rows)}
+            for name, cfg in cfgs.items()}
     measured = {}  # model configuration -> numbers
     for group in groups(manifest, rows):
         models = {}
         for name in group:
             if keys[name] in measured or keys[name] in models:
                 continue
-            cfg, _ = resolve_row(manifest, name)
             progress(f"{name}: counting parameters and FLOPs")
-            models[keys[name]] = build(cfg)
+            models[keys[name]] = build(cfgs[name])
             n_train, n_infer, flops, skipped = count(models[keys[name]], *image(size, "cpu"))
             measured[keys[name]] = {"params_train": n_train, "params_infer": n_infer, "flops": flops,
                                     "not_counted": skipped}
@@ -195,8 +193,7 @@ def measure(manifest, rows, size, device, repeats, progress=print):
             for key, runs in latencies(models, size, device, repeats).items():
                 measured[key].update(latency_ms=[1000 * t for t in runs])
     out = []
-    for name in rows:
-        cfg = manifest.resolve(name)
+    for name, cfg in cfgs.items():
         m = measured[keys[name]]
         runs = m["latency_ms"]
         entry = {"row": name, "variant": cfg["model"]["variant"], "backbone": cfg["model"]["backbone"]["name"],

@@ -59,9 +59,7 @@ def import_weights(source, path, manifest_name, row, out=None, overrides=(), for
     problems = found.mismatches(cfg["model"])
     if problems:
         raise ConversionError(f"{path} is {found.summary()}, which {where} does not describe: {'; '.join(problems)}")
-    model_cfg = model_config(cfg)
-    model_cfg["backbone"].update(weights=None, weights_path=None)  # every weight comes from the checkpoint
-    model, _ = build_model(model_cfg, found.num_classes)
+    model, _ = build_model(model_config(cfg, pretrained=False), found.num_classes)  # every weight: the checkpoint's
     target = model.state_dict()
     weights, leftovers = convert(checkpoint, target, str(path))
     model.load_state_dict({**target, **weights})

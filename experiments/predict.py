@@ -25,6 +25,7 @@ import torch
 from torchvision.ops import box_convert
 
 import datasets
+from datasets.coco_eval import BOX_DECIMALS, SCORE_DECIMALS
 from datasets.drawing import draw_detections
 from datasets.images import UnlabelledImages, find_images, read_rgb
 from datasets.synthetic import CATEGORIES
@@ -32,9 +33,9 @@ from models.ks_encoder import STUDENT, branch_output
 from models.postprocess import postprocess
 
 from . import distributed, records
-from .build import resolve_root
-from .errors import RunError
+from .build import data_config
 from .checkpoints import load_checkpoint
+from .errors import RunError
 from .signals import ignore_stop_signals
 from .training import progress
 
@@ -49,43 +50,49 @@ def _collate(batch):
     return padded, failed
 
 
-def _val_annotations(data_cfg):
-    """(image folder, the parsed annotation file) of the row's validation set; a DataError or an
-    OSError / ValueError when it is not on this machine or not readable. Only its 'images' and
-    'categories' are used here, never the annotations."""
-    data = dict(data_cfg)
-    for key in ("root", "val_images", "val_annotations"):
-        data[key] = resolve_root(data[key]) if data[key] else data[key]
-    img_dir, ann_file = datasets.split_paths(data, "val")
-    return Path(img_dir), json.loads(Path(ann_file).read_text())
-
-
 NOT_READABLE = (OSError, ValueError, KeyError, TypeError, datasets.DataError)
 
 
-def _val_image_ids(data_cfg):
-    """{absolute image path: image id} of the row's validation set; {} when it is not on this machine."""
+def _val_annotations(cfg):
+    """(image folder, the parsed annotation file) of the row's validation set, or (None, why) when
+    it is not on this machine or not readable. Only its 'images' and 'categories' are used here,
+    never the annotations."""
     try:
-        img_dir, data = _val_annotations(data_cfg)
+        img_dir, ann_file = datasets.split_paths(data_config(cfg), "val")
+        return Path(img_dir), json.loads(Path(ann_file).read_text())
+    except NOT_READABLE as e:
+        return None, e
+
+
+def _val_image_ids(val):
+    """{absolute image path: image id} of the row's validation set; {} when it is not on this machine."""
+    img_dir, data = val
+    if img_dir is None:
+        return {}
+    try:
         return {str((img_dir / im["file_name"]).resolve()): int(im["id"]) for im in data["images"]}
-    except NOT_READABLE:
+    except (TypeError, KeyError, ValueError):
         return {}
 
 
-def _classes(ck):
+def _classes(ck, val):
     """[{"id", "name"}] by label: the checkpoint's, or for a checkpoint written before checkpoints
     named their classes, the synthetic generator's categories or those of the row's validation
-    annotation file."""
+    annotation file (`val`, from _val_annotations)."""
     if ck.state.get("classes"):
         return ck.state["classes"]
     if ck.cfg["data"]["dataset"] == "synthetic":  # the generator's categories, whichever set it wrote
         return [{"id": c["id"], "name": c["name"]} for c in sorted(CATEGORIES, key=lambda c: c["id"])]
-    try:
-        categories = _val_annotations(ck.cfg["data"])[1]["categories"]
-        return [{"id": int(c["id"]), "name": str(c["name"])} for c in sorted(categories, key=lambda c: c["id"])]
-    except NOT_READABLE as e:
-        raise RunError(f"{ck.path} does not name its classes (it was written before checkpoints did) and the row's "
-                       f"validation annotation file, whose categories would, cannot be read ({e})") from None
+    img_dir, data = val
+    why = data if img_dir is None else None  # _val_annotations' error
+    if why is None:
+        try:
+            categories = data["categories"]
+            return [{"id": int(c["id"]), "name": str(c["name"])} for c in sorted(categories, key=lambda c: c["id"])]
+        except (KeyError, TypeError, ValueError) as e:
+            why = e
+    raise RunError(f"{ck.path} does not name its classes (it was written before checkpoints did) and the row's "
+                   f"validation annotation file, whose categories would, cannot be read ({why})")
 
 
 def _picture_names(paths):
@@ -146,7 +153,8 @@ def predict(manifest, row, inputs, checkpoint=None, score=0.5, out=None, device=
     out = Path(out) if out else default_out(results, ck.manifest.name, row)
     if (out / DETECTIONS).exists():
         raise RunError(f"{out / DETECTIONS} exists: name another --out folder (predictions are never overwritten)")
-    classes = _classes(ck)
+    val = _val_annotations(ck.cfg)  # read once: its categories (older checkpoints) and image ids
+    classes = _classes(ck, val)
     names = [c["name"] for c in classes]
     device = distributed.pick_device(device)
     model = ck.build_model(len(classes), device)
@@ -157,7 +165,7 @@ def predict(manifest, row, inputs, checkpoint=None, score=0.5, out=None, device=
         batch_size=batch_size or tc["eval_batch_size"] or tc["batch_size"], shuffle=False, collate_fn=_collate,
         num_workers=workers, pin_memory=device.type == "cuda",
         worker_init_fn=ignore_stop_signals if workers > 0 else None)
-    image_ids = _val_image_ids(ck.cfg["data"])
+    image_ids = _val_image_ids(val)
     pictures = dict(zip(paths, _picture_names(paths)))
     found, skipped = {}, []
     out.mkdir(parents=True, exist_ok=True)
@@ -182,7 +190,8 @@ def predict(manifest, row, inputs, checkpoint=None, score=0.5, out=None, device=
                 entry["image_id"] = image_id
             xywh = box_convert(det["boxes"], "xyxy", "xywh")
             entry["detections"] = [
-                {"bbox": [round(v, 3) for v in box], "score": round(s, 6), "category_id": classes[label]["id"],
+                {"bbox": [round(v, BOX_DECIMALS) for v in box], "score": round(s, SCORE_DECIMALS),
+                 "category_id": classes[label]["id"],
                  "category_name": classes[label]["name"]}
                 for box, s, label in zip(xywh.tolist(), det["scores"].tolist(), det["labels"].tolist())]
             if draw:

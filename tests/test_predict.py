@@ -13,28 +13,19 @@ from datasets import DataError
 from datasets.images import find_images, read_rgb
 from experiments import predict as predict_module
 from experiments.__main__ import main
-from experiments.engine import train_row
-from .test_engine import TINY_RUN
-
-ROW = "ks_def_r18"
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """(results folder, validation image folder) of the demo's KS row trained for one tiny epoch."""
-    results = tmp_path_factory.mktemp("results")
-    data_root = tmp_path_factory.mktemp("data") / "synthetic"
-    train_row("demo", ROW, TINY_RUN + [f"data.root={data_root}", "train.epochs=1", "train.lr_drop=[]"],
-              results=results)
-    return results, data_root / "val"
-
+from .test_detections import ROW, trained  # noqa: F401 - the fixture: the demo's KS row, one tiny epoch
 
 def by_score(dets):
     return sorted(dets, key=lambda d: (-d["score"], d["category_id"], d["bbox"]))
 
 
+def val_images(data_root):
+    return data_root / "val"
+
+
 def test_predict_on_validation_images_gives_the_evaluations_detections(trained, tmp_path, capsys):
-    results, val_dir = trained
+    results, data_root = trained
+    val_dir = val_images(data_root)
     main(["eval", "demo", "--row", ROW, "--results", str(results)])
     evaluated = json.loads(next((results / "runs" / "demo" / ROW).glob("eval-*/detections-attn1.json")).read_text())
     out = tmp_path / "pred"
@@ -63,7 +54,8 @@ def test_predict_on_validation_images_gives_the_evaluations_detections(trained, 
 
 
 def test_the_drawn_boxes_are_the_returned_ones(trained, tmp_path, monkeypatch):
-    results, val_dir = trained
+    results, data_root = trained
+    val_dir = val_images(data_root)
     drawn = {}
     draw = predict_module.draw_picture
 
@@ -90,7 +82,8 @@ def test_the_drawn_boxes_are_the_returned_ones(trained, tmp_path, monkeypatch):
 
 
 def test_unreadable_files_are_named_and_skipped(trained, tmp_path, capsys):
-    results, val_dir = trained
+    results, data_root = trained
+    val_dir = val_images(data_root)
     folder = tmp_path / "mine" / "sub"
     folder.mkdir(parents=True)
     good = sorted(val_dir.iterdir())[1]
@@ -153,7 +146,8 @@ def test_images_are_read_as_a_viewer_shows_them(tmp_path):
 
 def test_an_exif_turned_image_is_predicted_upright(trained, tmp_path):
     """The same pixels stored turned with an EXIF orientation, or turned by hand: the same detections."""
-    results, val_dir = trained
+    results, data_root = trained
+    val_dir = val_images(data_root)
     upright = np.asarray(Image.open(sorted(val_dir.iterdir())[2]).convert("RGB"))
     exif = Image.Exif()
     exif[0x0112] = 8  # "rotate 90 degrees counter-clockwise to view"
@@ -164,3 +158,16 @@ def test_an_exif_turned_image_is_predicted_upright(trained, tmp_path):
     turned, plain = found[str(tmp_path / "turned.png")], found[str(tmp_path / "upright.png")]
     assert (turned["height"], turned["width"]) == upright.shape[:2]
     assert turned["detections"] == plain["detections"]
+
+
+def test_an_older_checkpoint_without_classes_gets_the_generators(trained, tmp_path):
+    """Checkpoints written before they named their classes: the synthetic generator's categories."""
+    results, data_root = trained
+    state = torch.load(results / "runs" / "demo" / ROW / "checkpoint.pth", weights_only=True)
+    classes = state.pop("classes")
+    torch.save(state, tmp_path / "old.pth")
+    image = sorted(val_images(data_root).iterdir())[0]
+    kwargs = dict(score=0, results=results, draw=False, quiet=True)
+    old, _, _ = predict_module.predict("demo", ROW, [image], tmp_path / "old.pth", out=tmp_path / "a", **kwargs)
+    new, _, _ = predict_module.predict("demo", ROW, [image], out=tmp_path / "b", **kwargs)
+    assert old == new and {d["category_name"] for d in new[str(image)]["detections"]} <= {c["name"] for c in classes}

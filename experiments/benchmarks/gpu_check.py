@@ -222,8 +222,7 @@ def profile(check, device, quick):
     matcher = by_name.get("matcher")
     time_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     top = sorted(events, key=lambda e: getattr(e, time_key, 0), reverse=True)[:15]
-    records.atomic_write(check.out / "profile.txt", events.table(sort_by=time_key.replace("_total", "_total"),
-                                                                row_limit=40))
+    records.atomic_write(check.out / "profile.txt", events.table(sort_by=time_key, row_limit=40))
     return {"images_per_s": round(sum(seen) / wall, 1), "steps": steps, "batch_size": batch_size,
             "data_wait_share": round(sum(waits) / wall, 4),
             "matcher_share_of_cpu": round(matcher.cpu_time_total / total, 4) if matcher else None,
