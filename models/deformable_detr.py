@@ -32,8 +32,8 @@ from torch import nn
 
 from . import ks_encoder as ks
 from .backbone import STAGES, build_backbone, downsample_mask, eval_padding_mask
-from .layers import (DeformableEncoderLayer, FFNLayer, MSDeformAttn, MultiheadAttention, box_from_delta,
-                     detection_heads, xavier_init_)
+from .layers import (DeformableEncoderLayer, Dropout, FFNLayer, MSDeformAttn, MultiheadAttention,
+                     box_from_delta, detection_heads, xavier_init_)
 from .position_encoding import PositionEmbeddingSine
 
 GROUP_NORM_GROUPS = 32  # detrex's input projections (ChannelMapper) use GroupNorm(32, d)
@@ -115,7 +115,7 @@ class DeformableDecoderLayer(FFNLayer):
         super().__init__()
         self.self_attn = MultiheadAttention(d_model, nhead, dropout)
         self.cross_attn = MSDeformAttn(d_model, n_levels, nhead, n_points)
-        self.cross_dropout = nn.Dropout(dropout)
+        self.cross_dropout = Dropout(dropout)
         self._add_ffn(d_model, dim_feedforward, dropout, activation)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
 

@@ -66,8 +66,39 @@ def sdpa_mask(key_padding_mask=None, attn_mask=None):
     return mask
 
 
+def dropout(x, p, training=True):
+    """F.dropout(x, p, training), with the keep mask drawn from torch.rand on CPU: CPU bernoulli_
+    takes about 3x as long as rand (experiments/benchmarks/vs_transformers.py). Same probability
+    (to float32's 2^-24), same scaling by 1 / (1 - p); a different random stream than F.dropout."""
+    if not training or p == 0 or x.device.type != "cpu":
+        return F.dropout(x, p, training)
+    if not 0 <= p <= 1:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if p == 1:
+        return x * 0
+    noise = torch.rand(x.shape, dtype=torch.float32).ge_(p).to(x.dtype).div_(1 - p)
+    return x * noise
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout on `dropout` (same state dict: none)."""
+
+    def forward(self, x):
+        return dropout(x, self.p, self.training)
+
+
 def attend(q, k, v, mask=None, dropout_p=0.0, scale=None):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    """SDPA. With dropout on CPU, SDPA computes the attention map explicitly anyway (its fused CPU
+    kernel has no dropout), so the same map is computed here, with `dropout` drawing on it."""
+    if dropout_p == 0 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    attn = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if mask is not None and mask.dtype == torch.bool:
+        attn = attn.masked_fill(~mask, float("-inf")).softmax(-1)
+        attn = attn.masked_fill(~mask.any(-1, keepdim=True), 0.0)  # a query with no key gets zeros, as SDPA
+    else:
+        attn = (attn if mask is None else attn + mask).softmax(-1)
+    return dropout(attn, dropout_p) @ v
 
 
 class MultiheadAttention(nn.Module):
@@ -112,8 +143,8 @@ class FFNLayer(nn.Module):
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.activation = make_activation(activation)
-        self.ffn_dropout1 = nn.Dropout(dropout)
-        self.ffn_dropout2 = nn.Dropout(dropout)
+        self.ffn_dropout1 = Dropout(dropout)
+        self.ffn_dropout2 = Dropout(dropout)
 
     def ffn_block(self, x, norm):
         return norm(x + self.ffn_dropout2(self.linear2(self.ffn_dropout1(self.activation(self.linear1(x))))))
@@ -295,7 +326,7 @@ class DeformableEncoderLayer(_PostNormEncoderLayer):
     def __init__(self, d_model, nhead, dim_feedforward, dropout=0.0, activation="relu", n_levels=4, n_points=4):
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, nhead, n_points)
-        self.attn_dropout = nn.Dropout(dropout)
+        self.attn_dropout = Dropout(dropout)
         self._add_norms_and_ffn(d_model, dim_feedforward, dropout, activation)
 
     def post_attention(self, x, attn_out):

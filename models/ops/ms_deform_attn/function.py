@@ -89,17 +89,20 @@ def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_lo
     with torch.autocast(value.device.type, enabled=False):
         levels = value.to(dtype).split(sizes, dim=1)
         grids = 2 * sampling_locations.to(dtype) - 1  # grid_sample wants [-1, 1]
-        sampled = []
+        weights = attention_weights.to(dtype).transpose(1, 2).reshape(N * M, 1, Lq, L, P)
+        output = None
+        # Each level's weighted sum is added up at once, never stacking the samples of all levels:
+        # the stack was the largest copy of a training step on CPU.
         for l, (H, W) in enumerate(shapes):
             # (N, H*W, M, D) -> (N*M, D, H, W)
             level = levels[l].flatten(2).transpose(1, 2).reshape(N * M, D, H, W)
             # (N, Lq, M, P, 2) -> (N*M, Lq, P, 2)
             grid = grids[:, :, :, l].transpose(1, 2).flatten(0, 1)
-            sampled.append(F.grid_sample(level, grid, mode="bilinear", padding_mode="zeros",
-                                         align_corners=False))  # (N*M, D, Lq, P)
-        sampled = torch.stack(sampled, dim=-2).flatten(-2)  # (N*M, D, Lq, L*P)
-        weights = attention_weights.to(dtype).transpose(1, 2).reshape(N * M, 1, Lq, L * P)
-        output = (sampled * weights).sum(-1).view(N, M * D, Lq).transpose(1, 2)
+            sampled = F.grid_sample(level, grid, mode="bilinear", padding_mode="zeros",
+                                    align_corners=False)  # (N*M, D, Lq, P)
+            term = (sampled * weights[..., l, :]).sum(-1)  # (N*M, D, Lq)
+            output = term if output is None else output + term
+        output = output.view(N, M * D, Lq).transpose(1, 2)
     return output.to(value.dtype).contiguous()
 
 
