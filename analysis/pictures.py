@@ -4,17 +4,15 @@
     python -m analysis attention --manifest demo --row ks_def_r18 [--image-id 3] [--points 40,60 ...]
 
 `show`: validation images, one column per branch (the student Attn1 and, for a KS row, each teacher
-evaluated with the ground-truth Fg-Bg mask): the post-processed detections above a score (class
-name and score) over the ground truth (white, dashed).
+with the ground-truth Fg-Bg mask): the post-processed detections above a score (class name and
+score) over the ground truth (white, dashed).
 
 `attention`: the KS layer (the last encoder layer) for a few query tokens of one validation image:
-for standard attention the student's attention row A = softmax(q k^T / sqrt(d_head)) and the
-teacher's A^t from its own projections of X^t + P (Attn3's Q^t K^t), averaged over heads or one
-row per head; for deformable attention the sampling locations (shared by student and teacher) with
-the student's and the teacher's attention weights. Beside them the GT Fg-Bg mask on the token grid
-and how far the sMLP moves each token (|X^t - X|; it changes the foreground tokens only). The layer
-itself gives them (its `inspect`, models.ks_encoder), from its inputs of one forward (captured with
-a forward hook), for the chosen queries only.
+the student's attention row A = softmax(q k^T / sqrt(d_head)) and the teacher's A^t (Attn3's Q^t
+K^t on X^t + P), per head or averaged, or for deformable attention the shared sampling locations
+with both attention weights; beside them the GT mask on the token grid and |X^t - X| (the sMLP changes foreground tokens only). The layer's
+own `inspect` (models.ks_encoder) computes them from its inputs of one forward (a forward hook),
+for the chosen queries only.
 
 Both read the row's checkpoint (default: its checkpoint.pth) and write PNG and PDF under
 <results>/figures/. The functions return the figure and the data drawn, which the tests compare

@@ -47,13 +47,10 @@ class CocoDetection(torch.utils.data.Dataset):
     Crowd annotations are dropped; boxes are clamped to the image and empty ones removed. Images are
     used in their stored pixel frame (an EXIF orientation is not applied; see datasets.images.read_rgb).
 
-    The annotation file is checked when the data set is built (DataError naming the file and the
-    annotation or image id): valid JSON with 'images', 'annotations' and 'categories' lists, every
-    listed image present in img_dir, every category_id among the categories, every bbox four finite
-    numbers. Boxes of zero or negative width or height and boxes partly or wholly outside their image
-    are counted in one note on stderr; such boxes are dropped (or clamped) in the targets and stay in
-    ``self.coco`` for evaluation, as pycocotools does. The first image read with an EXIF orientation
-    is noted (see datasets.images.read_rgb).
+    The annotation file is checked when the data set is built (the module docstring lists what is an
+    error and what a note): a DataError names the file and the annotation or image id; a bbox must be
+    four finite numbers. Boxes dropped or clamped in the targets stay in ``self.coco`` for evaluation,
+    as pycocotools does.
     """
 
     def __init__(self, img_dir, ann_file, transforms=None):

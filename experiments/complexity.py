@@ -3,29 +3,24 @@
     python -m experiments complexity table1 [--rows dab_r50 dab_r50_ks ...] [--size 800 1216]
                                             [--device cpu|cuda] [--repeats 10]
 
-For every row, built from a random initialisation (no weights are loaded; the numbers do not depend
-on them):
+Every row is built from a random initialisation (the numbers do not depend on weights) and measured:
 
-- params_train: every parameter of the model as it trains (a KS row with its teacher projections and
-  sMLP); params_infer: the parameters an inference forward actually reads, recorded while it runs (a
-  torch function mode notes every nn.Parameter handed to an operation), so a KS row counts what its
-  student uses, not what a list of names says it should;
-- GFLOPs of one inference forward of one image of --size (height, width) pixels, counted by
-  torch.utils.flop_counter.FlopCounterMode (matrix products, convolutions, attention; 2 FLOPs per
-  multiply-add, so half these numbers are the "GFLOPs" of papers that count multiply-adds with
-  fvcore). Two operations the counter does not know are counted from their shapes: the deformable
-  sampling (grid_sample; models.ops.ms_deform_attn.sampling_flops) and the CPU kernel of
-  scaled_dot_product_attention. The other operations it skips (normalisation, softmax, reductions;
-  elementwise arithmetic, data movement and views are not named) are named in the notes with their
-  call counts;
+- params_train: every parameter as the model trains (a KS row with its teachers and sMLP);
+  params_infer: the parameters an inference forward actually reads, recorded while it runs (a torch
+  function mode notes every nn.Parameter handed to an operation), not taken from a list of names;
+- GFLOPs of one inference forward of one --size (height, width) image, counted by
+  torch.utils.flop_counter.FlopCounterMode at 2 FLOPs per multiply-add (half of it is the "GFLOPs"
+  of papers that count multiply-adds with fvcore); the deformable sampling (grid_sample;
+  models.ops.ms_deform_attn.sampling_flops) and the CPU kernel of scaled_dot_product_attention are
+  counted from their shapes, and the other operations the counter skips (normalisation, softmax,
+  reductions) are named in the notes with their call counts;
 - latency: the median wall time of an inference forward on --device over --repeats runs after two
-  warm-up runs, with the spread (lowest and highest run). The rows of one group (a baseline and
-  the rows that name it as their baseline) are timed in turn, one forward each, so that drift of
-  the machine hits them alike.
+  warm-ups, with the lowest and highest run; a baseline and the rows that name it are timed in
+  turn, one forward each, so that drift of the machine hits them alike.
 
-Rows whose model configuration is the same (e.g. the 12- and 50-epoch rows of one model) are built
-and timed once. The table goes to <results>/tables/complexity_<manifest>.md and .csv; KS rows have
-the ratios to their baseline.
+Rows with the same model configuration (e.g. 12- and 50-epoch rows) are built and timed once. The
+table goes to <results>/tables/complexity_<manifest>.md and .csv, with KS rows' ratios to their
+baseline.
 """
 import argparse
 import csv

@@ -10,40 +10,13 @@ A run's configuration is built in this order, each level updating the one before
 
 Every level is checked against DEFAULTS: an unknown key, a wrong type, a value below its minimum or
 outside its choices (variants, backbones, KS modes, ...) is an error naming the manifest, the row (or
-family) and the key.
+family) and the key. The manifest format (experiments/<name>.yaml: `rows`, `families`, `same_as`,
+`paper`, ...): docs/experiments.md, "Manifest format".
 
-Manifest format (experiments/<name>.yaml):
-
-    description: free text                      # optional
-    defaults_from: demo                         # optional: start from another manifest's `defaults`
-    paper_table: 1                              # optional: every row must then say which row of
-                                                #   results/paper/table1.csv it reproduces
-    defaults: {model: {...}, data: {...}, train: {...}}        # optional, for every row
-    families_from: synthetic_table1             # optional: also take another manifest's `families`
-                                                #   (their trees, applied on this manifest's defaults)
-    families:                                   # optional: named configuration trees
-      dab_detr: {model: {variant: dab_detr, pos_temperature: 20, ...}}
-    rows:                                       # required, non-empty
-      - name: dab_r50_ks          # required: stable identifier (letters, digits, '_', '-'), unique
-        family: dab_detr          # required when the manifest has `families`: one of them
-        baseline: dab_r50         # optional: the row this one is compared against (KS gain)
-        paper: {table: 1, row: 6, source: rerun}   # required with `paper_table`, optional otherwise
-        note: free text           # optional: what a reader should know (init differences, ...)
-        same_as: demo_seeds/def_r18_seed0          # optional: this row is that row of another
-                                  #   manifest (the same resolved configuration, checked): it is
-                                  #   trained once, into that row's records, which both read
-        config: {model: {ks: {mode: triple}}}      # optional: the row's own settings
-
-`paper.row` is the 1-based row of results/paper/table<table>.csv; `source` says whether the paper's
-number was re-run by the authors with this configuration (`rerun`) or cited from elsewhere (`cited`).
-Schedules are in epochs (`train.epochs`, `train.lr_drop`). `train.batch_size` is the batch of one
-process (one GPU); `train.total_batch_size` (when set) is the batch of one optimizer step, kept by
-gradient accumulation when fewer processes run than it assumes (see experiments/training.py).
-
-`Manifest(name_or_path)`: `.rows` (ordered: name -> row dict, with the keys above), `.row(name)`,
-`.resolve(name, overrides)` (the full configuration), `.record_of(name)` ((manifest, row) whose
-records the row uses: its own, or its `same_as`). `variant_available(name)` says whether a
-variant is built (models.VARIANTS, read at call time since variants are being added).
+`Manifest(name_or_path)`: `.rows` (ordered: name -> row dict), `.row(name)`, `.resolve(name,
+overrides)` (the full configuration), `.record_of(name)` ((manifest, row) whose records the row
+uses: its own, or its `same_as`). `variant_available(name)` says whether a variant is built
+(models.VARIANTS, read at call time since variants are being added).
 """
 import copy
 import math

@@ -47,27 +47,19 @@ def make_eval_loader(dataset, batch_size, num_workers, ctx, max_images=None):
 def evaluate(model, loader, dataset, device, teachers=(), topk=300, max_images=None, desc="eval", ctx=None,
              moved=False, detections=None, memory_distance=None, clip=False):
     """COCO metrics of the student and, with `teachers` (branch names), of each teacher branch's
-    last decoder layer with GT masks. Returns {branch: {AP, AP50, ...}} (on every process; each
-    process evaluates the images of its `loader`, rank 0 computes the metrics). With `moved`, also
-    `attn1_moved`: the student's detections scored on other images (CocoEvaluator.
-    moved_to_other_images), equal to its own AP for a detector that ignores its input.
+    last decoder layer with GT masks: {branch: {AP, AP50, ...}} on every process (each evaluates its
+    `loader`'s images, rank 0 computes the metrics). `moved`: also `attn1_moved`, the student's
+    detections scored on other images (CocoEvaluator.moved_to_other_images).
 
-    `detections`: a dict that rank 0 fills with the detections of every process, per evaluated
-    branch (the student and `teachers`; never `attn1_moved`) in COCO's results format
-    (CocoEvaluator.results(): {"image_id", "category_id" (the data set's own id), "bbox" [x, y, w, h]
-    in original image pixels, "score"}; boxes rounded to 0.001 px and scores to 6 decimals, so that
-    pycocotools computes the returned metrics from them, to about 1e-7); the other processes' dict
-    stays empty. Hand it to `write_detections`, e.g. for a run's final evaluation (on rank 0):
-
-        dets = {}
-        metrics = evaluate(..., detections=dets)
-        write_detections(directory, "", dets)  # detections-attn1.json, ... beside eval.json
+    `detections`: a dict that rank 0 fills with every process's detections per evaluated branch (not
+    `attn1_moved`), as CocoEvaluator.results() gives them (rounded so that pycocotools computes the
+    returned metrics from them, to about 1e-7), for `write_detections`; elsewhere it stays empty.
 
     `clip`: clip the detections to their image (model.eval_clip_boxes; models.postprocess).
 
-    `memory_distance`: a dict filled (on every process) with {teacher branch: ||Z_t - Z_s|| /
-    ||Z_s||}, the relative distance of each teacher's encoder memory from the student's over the
-    evaluated images' tokens (models.ks_encoder.MemoryDistance); needs `teachers`.
+    `memory_distance`: a dict filled on every process with {teacher branch: ||Z_t - Z_s|| / ||Z_s||},
+    each teacher's encoder memory against the student's over the evaluated tokens
+    (models.ks_encoder.MemoryDistance); needs `teachers`.
     """
     ctx = ctx or distributed.Context(device=torch.device(device))
     model.eval()

@@ -3,24 +3,22 @@ stand-in for ImageNet weights on machines where those cannot be downloaded.
 
     python -m experiments pretrain --task segmentation --out models/weights/resnet18_synthetic.pth
 
-Every row of the paper starts from an ImageNet backbone; a detector started from a random backbone
-learns the data set's box statistics long before it learns to read images. The synthetic generator
-(datasets/synthetic.py) can make as many labelled images as wanted, so a backbone can learn to see its
-shapes first. Tasks (`--task`):
+A detector started from a random backbone learns the data set's box statistics long before it
+learns to read images; the generator (datasets/synthetic.py) makes as many labelled images as
+wanted, so a backbone can learn to see its shapes first. Tasks (`--task`):
 
-- `segmentation`: every pixel's class (background or one of the shapes; crowd pixels are ignored),
-  predicted from the last stage by a small head and compared at stride 4. Dense, like detection.
-- `crops`: classification of square crops around objects (with random context) and of background
-  crops into background or one of the shapes, ImageNet-like.
+- `segmentation`: every pixel's class (background or a shape; crowd pixels ignored), predicted from
+  the last stage by a small head and compared at stride 4. Dense, like detection.
+- `crops`: square crops around objects (with random context) and background crops classified into
+  background or a shape, ImageNet-like.
 
-The images come from the generator's *train* stream of `--seed` (default 1, not the demo's 0), so no
-validation image of any seed is ever seen. A pool of `--images` images is drawn once (in parallel
-processes) and augmented on the fly: random scale and crop, horizontal flip.
+A pool of `--images` images is drawn once (in parallel processes) from the generator's *train*
+stream of `--seed` (default 1, not the demo's 0; no validation image of any seed is seen) and
+augmented on the fly (random scale and crop, horizontal flip).
 
-The output file holds the trunk up to `--last-stage` in half precision (torchvision's ResNet key
-names, BatchNorm statistics included) and a `meta` dict with the task, the command and the final
-training metrics. `model.backbone.weights: synthetic` loads it (models/backbone.py); the run records
-its name and sha256 in env.json.
+The output holds the trunk up to `--last-stage` in half precision (torchvision's ResNet keys,
+BatchNorm statistics included) and a `meta` dict (task, command, final training metrics).
+`model.backbone.weights: synthetic` loads it; the run records its name and sha256 in env.json.
 """
 import argparse
 import math

@@ -1,26 +1,13 @@
 """Run records under results/runs/<manifest>/<row>/ (the only files the analysis reads), and their one
 reader (`read_run`).
 
-    config.yaml     the resolved configuration
-    command.txt     the command line(s) that produced the run (one line per start or resume)
-    env.json        git SHA, versions, device, world size, per-process batch, gradient accumulation,
-                    backbone initialisation, and where this start resumed from (rewritten per start)
-    log.jsonl       one JSON line per finished epoch: {"epoch", "lr", "train": {...},
-                    "eval": {"attn1": {AP...}, "attn2": {...}, "attn3": {...}}, "time_s"}
-    eval.json       final COCO metrics per branch (fractions in [0, 1])
-    detections-<branch>.json  the final evaluation's detections in COCO's results format
-    DONE            written last and atomically, after the final evaluation
-    FAILED          the error that stopped the run (removed when it is resumed); an interruption
-                    (Ctrl-C, SLURM timeout or preemption) is not a failure and writes none
-    checkpoint.pth  the latest epoch or step (git-ignored); checkpoint.prev.pth the one before it
-    heartbeat.json  while a process trains the row: {"time", "host", "pid", "slurm_job_id",
-                    "slurm_restart", "epoch", "iteration", "phase"}, refreshed every HEARTBEAT_INTERVAL_S
-                    by a background thread and removed when the process stops
-    slurm.json      the SLURM jobs submitted for the row ({"jobs": [{"job_id", "submitted", ...}]})
-    eval-<time>.json  metrics of `python -m experiments eval` (never eval.json), its detections in
-                    eval-<time>/detections-<branch>.json
-
-Beside each row's folder, `.<row>.lock` (empty) is locked while a launch decides how the row starts.
+Files: config.yaml, command.txt (one line per start or resume), env.json (rewritten per start),
+log.jsonl (one line per finished epoch), eval.json (final metrics per branch, fractions in [0, 1]),
+detections-<branch>.json, DONE (written last), FAILED (removed on resume; an interruption writes
+none), checkpoint.pth and checkpoint.prev.pth, heartbeat.json (refreshed every HEARTBEAT_INTERVAL_S
+while a process trains the row), slurm.json, and eval-<time>.json of `python -m experiments eval`.
+Beside each row's folder, `.<row>.lock` is locked while a launch decides how the row starts. What
+each file holds: docs/experiments.md, "Run records".
 
 Status of a row (`status()`, STATES): "done" (DONE), "failed" (FAILED), "running" (a fresh
 heartbeat), "interrupted" (started, not finished, nothing running: resume it), "not started". A

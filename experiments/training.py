@@ -1,19 +1,18 @@
 """The training loop of one process: seeded data order and augmentation, optimizer, one epoch.
 
-Batches. `train.batch_size` images per process and step; one optimizer step sees
-batch_size x processes x accumulation images, where accumulation = total_batch_size / (batch_size x
-processes) when `train.total_batch_size` is set (else 1). Each micro-batch's loss is weighted by its
-share of the step's (all-reduced) box count, so a step's gradient is the gradient of the criterion on
-the whole step batch: 2 processes x 2 images, 1 process x 2 images x 2 accumulation steps and 1 process
-x 4 images give the same losses and weights (tests/test_distributed.py), up to float rounding and
-up to padding (DETR pads a batch to its largest image, so the way images are grouped into per-process
-batches changes the padding). The authors' code groups batches by aspect ratio (detectron2's
-default); this one does not.
+Batches. `train.batch_size` images per process and step; one optimizer step sees batch_size x
+processes x accumulation images, where accumulation = total_batch_size / (batch_size x processes)
+when `train.total_batch_size` is set (else 1). Each micro-batch's loss is weighted by its share of
+the step's (all-reduced) box count, so a step's gradient is the criterion's on the whole step batch:
+2 processes x 2 images, 1 x 2 x 2 accumulation steps and 1 x 4 give the same losses and weights
+(tests/test_distributed.py), up to float rounding and padding (DETR pads a batch to its largest
+image, so the grouping into per-process batches changes the padding). Unlike the authors'
+detectron2, batches are not grouped by aspect ratio.
 
-Data order and randomness are functions of (seed, epoch, step), not of the process layout: the
-training permutation of an epoch is drawn from (seed, epoch) and split into per-step blocks; the
-augmentation of sample i in epoch e is drawn from (seed, e, i); dropout is reseeded per step and rank.
-So a resumed run continues exactly as an uninterrupted one, at an epoch boundary or (with
+Data order and randomness are functions of (seed, epoch, step), not of the process layout: an
+epoch's permutation is drawn from (seed, epoch) and split into per-step blocks; sample i's
+augmentation in epoch e from (seed, e, i); dropout is reseeded per step and rank. So a resumed run
+continues exactly as an uninterrupted one, at an epoch boundary or (with
 `train.checkpoint_every_iters`) in the middle of an epoch.
 """
 import math

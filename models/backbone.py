@@ -4,20 +4,16 @@ masks per stage.
 Stages are named as torchvision's ResNet ones for every backbone: `layer1`..`layer4` (strides 4, 8,
 16, 32). Single-scale models take the last stage, multi-scale ones the last three.
 
-Weights: `weights: null` gives a random initialisation; `weights: imagenet` loads torchvision's
-ImageNet-1k weights from the torch hub cache (`$TORCH_HOME/hub/checkpoints/`, as torchvision's own
-download would place them) or from `weights_path`; `weights: synthetic` (ResNets) loads a trunk
-pretrained on the synthetic generator by `python -m experiments pretrain` (SYNTHETIC_WEIGHTS, the
-committed file, or `weights_path`), this repository's stand-in for ImageNet on machines without it. Nothing is downloaded here: a missing file is an
-error that names the file and where it comes from. For Swin-T, `weights_path` may also be a checkpoint
-of the official Swin repository (microsoft/Swin-Transformer, e.g. the IN-22k->1k
-`swin_tiny_patch4_window7_224_22kto1k_finetune.pth` that the KS-DETR Swin-T rows load): it is
-converted to torchvision's layout. `backbone.init` says which initialisation was used (run records).
+Weights (`model.backbone.weights`): `null` (random), `imagenet` (torchvision's ImageNet-1k weights
+from the torch hub cache or `weights_path`; for Swin-T also an official Swin repository checkpoint,
+converted on load) or `synthetic` (ResNets: the trunk of `python -m experiments pretrain`,
+SYNTHETIC_WEIGHTS or `weights_path`). Nothing is downloaded here: a missing file is an error that
+names the file and where it comes from. `backbone.init` says which initialisation was used (run
+records).
 
 `autocast: bfloat16` runs the backbone under torch.autocast in bfloat16 and hands float32 features to
-the transformer, which stays in float32. bfloat16 has float32's range, so no loss scaling is needed.
-It pays off on CPUs with AVX512-BF16 or AMX and on GPUs from Ampere on; measure the gain with
-`python -m experiments.benchmarks.backbone_autocast`.
+the transformer, which stays in float32 (no loss scaling needed); measure the gain with
+`python -m experiments.benchmarks.backbone_autocast`. More on both: docs/models.md, "Backbone weights".
 """
 import hashlib
 import os

@@ -9,75 +9,10 @@ same inputs, elementwise equal logits and boxes).
     cfg_overrides = model_config_from_hf(hf_model.config, "dab_detr")   # the matching `model` section
 
 Every Hugging Face tensor is either mapped or skipped for a stated reason, and every non-teacher
-parameter/buffer here is filled: anything else is an error.
-
-What maps, and what differs (transformers 5.x):
-- Backbone. transformers' own ResNet (`ResNetBackbone`, used with a local `ResNetConfig`, no timm) is
-  torchvision's ResNet v1.5 layer for layer when `downsample_in_bottleneck=False` and
-  `downsample_in_first_stage=False` (stride in the 3x3 conv; the stem conv 7x7/2 + max-pool 3x3/2):
-  `embedder.embedder` -> conv1/bn1, `encoder.stages.{s}.layers.{b}.layer.{c}` -> layer{s+1}.{b}.conv{c+1}
-  / bn{c+1}, `shortcut` -> downsample. Its BatchNorms are replaced by frozen ones with the same formula
-  (eps 1e-5) as torchvision's FrozenBatchNorm2d. So the comparison runs from the pixels. The original
-  repositories (and transformers' `use_timm_backbone=True` path, not used here) take torchvision's or
-  timm's ResNet, whose weights are torchvision's layout already.
-- Classes. Checkpoints trained on COCO by the original repositories have 91 outputs indexed by COCO
-  category id; this project's class head is contiguous. `class_index` (the Hugging Face output index of
-  each of this project's classes) selects the rows; by default the heads must have the same size.
-- Packed attention. The encoders' separate q/k/v projections are packed into one in_proj (q, k, v).
-- Deformable-DETR. Names map one to one (`input_proj.{l}` = conv + GroupNorm per level, `level_embed`,
-  `query_position_embeddings` -> query_embed (Q x 2d, positional half first), `reference_points`, the
-  MSDeformAttn linears `sampling_offsets` / `attention_weights` / `value_proj` / `output_proj`); the
-  decoder self-attention's q/k/v are packed. Without box refinement transformers ties the heads of all
-  decoder layers (`class_embed.{l}`, `bbox_embed.{l}`, l > 0, are the layer-0 heads): one shared pair
-  here, the copies checked equal. With box refinement `model.decoder.bbox_embed` is tied to the
-  per-layer `bbox_embed` (checked equal).
-- DAB-DETR. `query_refpoint_embeddings` (Q x 4) is split into anchor_xy / anchor_wh; the decoder's
-  `bbox_embed` is tied to `bbox_predictor` in transformers (one shared box head, as DAB-DETR's
-  iterative refinement); an untied pair cannot be represented here and is an error. The conditional
-  decoder layers are the same module here for both models (models.conditional_detr).
-
-Where transformers deviates from the original repositories (documented, and checked where the
-deviation shows in a forward pass; tests/test_hf_parity.py):
-- ConditionalDetr with `auxiliary_loss=True` feeds the LayerNorm'd output of each decoder layer to the
-  next one (the original feeds the un-normalised output and only normalises the returned copy); with
-  `auxiliary_loss=False` (the default) it matches the original and this project. Parity is therefore
-  run with auxiliary_loss=False; per-layer outputs are rebuilt from `decoder_hidden_states`.
-- DabDetr's attention softmax is computed in float32 even in a float64 model, so float64 parity holds
-  to about 1e-7, not to float64 rounding.
-- DAB-DETR's original sine embedding of the anchors hard-codes 128 features per coordinate (only
-  d_model=256 works); transformers and this project use d_model/2, identical at 256.
-- Training-only differences, invisible to the inference parity: transformers applies dropout to the
-  residual branches (the original repositories too; the KS reference, detrex, applies it to the
-  attention weights and in the FFN, as here); DabDetrConfig's default dropout is 0.1 (the DAB
-  reference: 0.0); ConditionalDetr's non-timm backbone freezes every backbone parameter (its filter
-  looks for "stage.1", which transformers' "stages.1" names never contain), DabDetr freezes none,
-  while the authors' code freezes the stem only (freeze_at=1); inverse_sigmoid uses eps 1e-5 in
-  transformers and here by default, 1e-3 in detrex (differs only within 1e-3 of 0 or 1;
-  model.inverse_sigmoid_eps).
-
-Where transformers' DeformableDetr (5.x) deviates from the original Deformable-DETR repository
-(fundamentalvision/Deformable-DETR) and from the KS reference (detrex); checked in
-tests/test_hf_parity_deformable.py:
-- Box refinement: transformers ties the class heads of all decoder layers to the first one
-  (`_tied_weights_keys` `class_embed.(?![0])\\d+` -> `class_embed.0` also applies with
-  `with_box_refine=True`); the original and detrex give every layer its own class head (clones). The
-  box heads are per layer in both. A converted refinement model therefore has equal per-layer class
-  heads here; inference parity is unaffected.
-- Encoder input dropout: transformers' encoder applies `dropout` to its input features (training
-  only); neither the original nor detrex does.
-- Decoder self-attention dropout: transformers drops the attention output (`dropout`, as the
-  original, which also drops the attention weights) and the attention weights with
-  `attention_dropout` (default 0.0); detrex (the authors' code) drops the attention weights (0.1) only.
-  Training only.
-- Backbone: transformers' non-timm ResNet is frozen completely (its filter looks for "stage.1",
-  which "stages.1" names never contain); the original trains layer2-4, the authors' code everything but
-  the stem (freeze_at=1). Training only.
-- Equal in inference: the sine encoding (offset -0.5, temperature 10000, normalised), the valid-ratio
-  scaled reference points, the extra level's padding mask (nearest-downsampled image mask), the
-  MSDeformAttn PyTorch path (grid_sample, align_corners=False, zero padding; equal to this project's
-  models.ops.ms_deform_attn), inverse_sigmoid eps 1e-5 (the original's too; detrex uses 1e-3).
-  Initialisation differs (transformers: xavier_uniform reference-point layer; detrex xavier_normal);
-  irrelevant to converted weights.
+parameter/buffer here is filled: anything else is an error. `class_index` (the Hugging Face output
+index of each class here) selects class-head rows, e.g. of a COCO checkpoint's 91 outputs; without it
+the heads must have the same size. The key mapping (transformers 5.x) and where transformers deviates
+from the original repositories and from the authors' detrex: docs/transformers_parity.md.
 """
 import torch
 

@@ -10,34 +10,10 @@ detectron2's ResNet-50/101 or Swin-T.
 
 `convert` maps the checkpoint onto `target_state` (a state dict of the model the configuration
 builds; meta tensors are fine for checking shapes). Every entry of the checkpoint is either mapped
-or a leftover with its reason: the training state (`trainer`, `iteration`, `optimizer`,
-`scheduler`), aliases (detrex registers some modules twice; checked equal), buffers this project
-computes itself (checked equal when the target holds values). Anything else, a target tensor left
-unfilled, or a shape that differs is a ConversionError naming the keys.
-
-What maps:
-- Backbone. detectron2's ResNet (`backbone.stem.conv1`, `backbone.res{2..5}.{i}.{conv1,conv2,conv3,
-  shortcut}` with FrozenBatchNorm2d `norm`s; stride in the 3x3 conv, the authors' stride_in_1x1=False)
-  is torchvision's layer for layer: `res{s}` -> `layer{s-1}`, `conv{c}.norm` -> `bn{c}`, `shortcut`
-  -> `downsample.0/1`. detectron2's Swin (`backbone.patch_embed`, `backbone.layers.{i}.blocks.{j}`,
-  `backbone.layers.{i}.downsample`, one LayerNorm `backbone.norm{i}` per returned stage) has the
-  official Swin repository's names, converted by models.backbone.swin_state_dict_from_official;
-  `norm{i}` are the `out_norms` here.
-- Encoder. detrex's `attentions.0.attn` (nn.MultiheadAttention; in the KS layer a packed k*d x d
-  in-projection, split by models.ks_encoder.split_packed_in_proj) or MSDeformAttn (plus the KS
-  layer's `attention_weights_teacher` / `value_proj_teacher`), `ffns.0.layers.0.0` / `.layers.1` ->
-  linear1 / linear2 (PReLU weight `ffns.0.layers.0.1`, aliased as `ffns.0.activation`), `norms.0/1`.
-  The sMLP of `ksgt.smlp_module` goes into the last encoder layer's teacher parameters.
-- Decoder. The conditional self-/cross-attention projections (`query_content_proj`, ...) -> sa_* /
-  ca_*, deformable `attentions.0.attn` / `attentions.1` -> self_attn / cross_attn, `norms.0/1/2`,
-  `post_norm_layer` -> norm, the query-scale and reference heads.
-- Queries and heads. `anchor_box_embed` (Q x 4) -> anchor_xy / anchor_wh, `query_embed`,
-  `query_embedding` (Q x 2d, positional half first), `tgt_embed`, `refpoint_embed`,
-  `transformer.reference_points`, `transformer.level_embeds`, `neck` (ChannelMapper) -> input_proj,
-  `class_embed`, `bbox_embed`, DN's `denoising_generator.label_encoder` -> denoising.label_embed.
-  Deformable-DETR without box refinement registers one head pair under every decoder layer's
-  index (aliases); DAB/DN-DETR and DN-Deformable-DETR register the box heads again under
-  `transformer.decoder.bbox_embed` (aliases).
+or a leftover with its reason (training state, detrex's aliases, buffers computed here); anything
+else, a target tensor left unfilled, or a shape that differs is a ConversionError naming the keys.
+The key mapping (backbone, encoder, decoder, queries and heads): docs/authors_code.md, "Converting
+a checkpoint".
 """
 import re
 from dataclasses import dataclass

@@ -1,28 +1,18 @@
 """Deformable-DETR (Zhu et al., ICLR 2021) with optional knowledge sharing in the last encoder layer.
 
 As the authors' configuration (detrex Deformable-DETR; docs/authors_code.md, "Family settings"):
-- Features: the last three ResNet stages (strides 8, 16, 32), each through a 1x1 conv + GroupNorm(32)
-  input projection, plus one extra level from a 3x3 stride-2 conv + GroupNorm on the last stage's
-  output (stride 64): `model.deformable.num_levels` = 4 levels. Each level's padding mask is the
-  image padding mask nearest-downsampled to it.
-- Positions: sine encoding (temperature 10000, normalised with offset -0.5) of each level plus a
-  learned per-level embedding; the levels are flattened row-major and concatenated in level order.
-- Encoder: post-norm layers of multi-scale deformable self-attention (8 heads, 4 points per level,
-  reference point = each token's own centre, scaled to each level's valid region) and a ReLU FFN of
-  1024; dropout 0.1 on the attention output and in the FFN. The last layer is the KS layer of the
-  configured mode (models.ks_encoder.KSDeformableEncoderLayer).
-- Queries: 300 learned embeddings of 2d channels, split into a positional query and a content query;
-  a linear layer + sigmoid of the positional query gives each query's 2-d reference point.
-- Decoder: post-norm layers of self-attention (positional query added to queries and keys, dropout
-  0.1 on the attention weights), deformable cross-attention on the memory (dropout on its output) and
-  the FFN; no final LayerNorm. Every layer's output goes to the heads.
-- Heads: one class head and one box head shared by all layers (no box refinement, no two-stage); the
-  box head predicts offsets of the reference point's logit (centre) and the box size.
-With `model.deformable.box_refine: true` every decoder layer has its own class and box heads and
-refines the reference (iterative bounding box refinement: the next layer starts from this layer's
-box, detached; 2-d references become boxes after the first layer), as the DN-Deformable family.
-
-The whole forward runs on CPU with the PyTorch path of models.ops.ms_deform_attn.
+- features: 4 levels (`model.deformable.num_levels`), the last three ResNet stages (strides 8-32)
+  through 1x1 conv + GroupNorm and a 3x3 stride-2 conv on the last stage (stride 64); positions are
+  a sine encoding plus a learned level embedding;
+- encoder: post-norm multi-scale deformable self-attention and a ReLU FFN; the last layer is the KS
+  layer (models.ks_encoder.KSDeformableEncoderLayer);
+- queries: 300 embeddings of 2d channels (positional, content), each with a 2-d reference point
+  from its positional half;
+- decoder: self-attention, deformable cross-attention, FFN; no final LayerNorm; every layer's
+  output goes to one class and one box head shared by all layers.
+`model.deformable.box_refine: true` gives every layer its own heads and iterative box refinement,
+as the DN-Deformable family. The whole forward runs on CPU with the PyTorch path of
+models.ops.ms_deform_attn. Layer by layer (heads, points, dropout, masks): docs/models.md.
 """
 import copy
 from dataclasses import dataclass

@@ -1,24 +1,19 @@
 """Denoising (DN) queries, as DN-DETR (Li et al., CVPR 2022) in detrex's form (GenerateDNQueries in
 detrex/layers/denoising.py, used by DN-DETR and DN-Deformable-DETR; docs/authors_code.md, "Denoising").
 
-Per training iteration the ground truth of the batch is repeated in `groups` groups. Each group holds
-`single_pad` = (most boxes in one image of the batch) slots; image b's box j of group g sits at query
-g * single_pad + j, slots beyond an image's box count are padding (zero content, zero unsigmoided
-box, and never a loss target). The DN queries come first, the matching queries after them.
-- Labels: each is replaced, with probability `label_noise`, by a label drawn uniformly from the
-  num_classes + 1 entries of the label embedding (detrex draws from its num_classes + 1
-  embedding rows, so the "no object" row can be drawn too; the original DN-DETR draws real classes).
-- Boxes (normalised cxcywh): the centre moves by up to box_noise * (w/2, h/2), the size by up to
-  box_noise * (w, h), uniformly; then clamped to [0, 1] and un-sigmoided (eps 1e-3, detrex's).
-- Content queries: the label embedding (d - 1 channels) plus an indicator channel, 1 for DN queries
-  and 0 for the matching queries, whose content is the embedding of the "no object" label num_classes.
-- Self-attention mask: matching queries cannot see any DN query, a DN group cannot see another group;
-  DN queries see the matching queries and every slot of their own group (padding included), as in the
-  reference.
-- Losses: every output that gets a loss has its DN part split off (`dn_pred_logits`, `dn_pred_boxes`)
-  and scored against the box it was made from (fixed-index matching, `dn_indices`), normalised by
-  num_boxes x groups, with the normal loss weights (models.criterion).
-No DN queries outside training.
+Per training iteration the ground truth of the batch is repeated in `groups` groups of `single_pad`
+slots (the most boxes of one image in the batch): image b's box j of group g sits at query
+g * single_pad + j; slots beyond an image's box count are padding (zero content and box, never a
+loss target). The DN queries come first, the matching queries after them.
+- Labels are replaced with probability `label_noise` by a draw from the num_classes + 1 rows of the
+  label embedding ("no object" included, as detrex); boxes (cxcywh) move by up to box_noise times
+  half their size (centre) and their size, then are clamped and un-sigmoided (eps 1e-3).
+- Content: the label embedding (d - 1 channels) plus an indicator channel, 1 for DN queries and 0
+  for the matching queries (whose label is "no object", num_classes).
+- Self-attention mask: matching queries see no DN query, a DN group no other group.
+- Losses: the DN part of every output is scored against the box it was made from (fixed-index
+  matching, `dn_indices`), normalised by num_boxes x groups (models.criterion).
+No DN queries outside training. In full: docs/models.md, "Denoising queries".
 """
 from dataclasses import dataclass
 

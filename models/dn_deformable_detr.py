@@ -1,24 +1,18 @@
 """DN-Deformable-DETR (Li et al., CVPR 2022: DN-DETR on DAB-Deformable-DETR) with optional knowledge
 sharing in the last encoder layer.
 
-As the authors' configuration (detrex DN-Deformable-DETR; docs/authors_code.md, "Family settings"): the multi-scale
-features, encoder (KS layer included) and deformable decoder layers of Deformable-DETR
+As the authors' configuration (detrex DN-Deformable-DETR; docs/authors_code.md, "Family settings"): the
+multi-scale features, encoder (KS layer included) and deformable decoder layers of Deformable-DETR
 (models.deformable_detr), with
-- 4-d anchor-box queries: 300 learned boxes (unsigmoided, nn.Embedding's N(0, 1) init, trainable)
-  and learned content queries of d - 1 channels plus an indicator channel (0 for matching queries);
-- per-layer positional queries from the anchors, as DAB-DETR: an MLP of the sine embedding of the
-  layer's reference box (x, y, w, h, scaled by the level-0 valid ratios), times an MLP of the
-  layer's content for every layer but the first;
-- iterative box refinement with a class head and a box head per decoder layer (the next layer starts
-  from this layer's box, detached), `model.deformable.box_refine: true`;
-- denoising training from models.denoising (`model.dn`: groups, label noise, box noise, indicator
-  1): the DN queries go before the matching queries with the self-attention mask of
-  models.denoising, every decoder pass of every KS branch gets the same DN queries and mask, and the
-  DN part of every output is split off as `dn_pred_logits` / `dn_pred_boxes` with `dn_meta` for the
-  criterion (as DN-DETR, models.dn_detr).
-Family settings as config values: FFN 2048, ReLU, dropout 0.0, no final decoder LayerNorm. No DN
-queries outside training. (`box_refine: false` keeps the anchors of every layer and shares one pair of
-heads, an ablation the authors do not run.)
+- 4-d anchor-box queries (300, unsigmoided, trainable) and content queries of d - 1 channels plus
+  an indicator channel;
+- per-layer positional queries from the anchors, as DAB-DETR;
+- iterative box refinement with per-layer heads (`model.deformable.box_refine: true`);
+- denoising training from models.denoising (`model.dn`), the same DN queries and mask for every
+  decoder pass of every KS branch, and the DN part of every output split off for the criterion
+  (`dn_pred_logits`, `dn_pred_boxes`, `dn_meta`), as DN-DETR (models.dn_detr).
+No DN queries outside training. The details, and the family settings that are config values:
+docs/models.md, "DN-Deformable-DETR".
 """
 import torch
 from torch import nn

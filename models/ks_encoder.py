@@ -1,18 +1,17 @@
 """Knowledge sharing (KS-DETR), in one place.
 
-Everything that is KS lives here and every variant takes it from here:
-- the ground-truth foreground/background (Fg-Bg) mask at token resolution (`fg_mask`),
+Every variant takes from here:
+- the ground-truth foreground/background (Fg-Bg) mask at token resolution (`fg_mask`; multi-scale:
+  `token_fg_mask_levels`),
 - the sMLP teacher feature X^t (paper Eq. 9),
-- the last encoder layer with triple or dual attention: `KSEncoderLayer` for standard attention
-  (Conditional-, DAB-, DN-DETR) and `KSDeformableEncoderLayer` for multi-scale deformable attention
-  (Deformable-, DN-Deformable-DETR), with the multi-scale mask of `token_fg_mask_levels`,
-- the bookkeeping around it: when teachers run, running the decoder on every branch, and which
-  outputs get a loss.
+- the last encoder layer with triple or dual attention: `KSEncoderLayer` (standard attention:
+  Conditional-, DAB-, DN-DETR) and `KSDeformableEncoderLayer` (Deformable-, DN-Deformable-DETR),
+- the bookkeeping: when teachers run, the decoder on every branch, which outputs get a loss.
 
-Branch names follow the paper: attn1 = student (Q, K, V); attn2 = shares the student's attention map
-A with teacher values (Q, K, V^t); attn3 = teacher attention sharing the student's values
-(Q^t, K^t, V). Modes: `none` (plain baseline), `triple` (attn1 + attn3 + attn2), `dual_share_v`
-(attn1 + attn3), `dual_share_a` (attn1 + attn2).
+Branches (as the paper): attn1 = student (Q, K, V); attn2 = the student's attention map A with
+teacher values (Q, K, V^t); attn3 = teacher attention sharing the student's values (Q^t, K^t, V).
+Modes: `none` (plain baseline), `triple` (attn1 + attn3 + attn2), `dual_share_v` (attn1 + attn3),
+`dual_share_a` (attn1 + attn2).
 
 Teachers run only where asked for (training, or evaluation with GT masks for Fig. 4). Without them
 the KS layer is exactly the plain encoder layer: student outputs are bit-identical to a model built

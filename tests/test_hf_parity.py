@@ -8,7 +8,7 @@ installs; skipped without it). Every tensor of the Hugging Face
 models is randomised first (LayerNorm and BatchNorm statistics included), so that a swapped or
 forgotten mapping cannot hide behind default values; and every parameter here is shown to influence
 the outputs. Deviations of transformers from the original repositories are documented in
-models/convert_hf.py; the ones visible in a forward pass are checked here (aux-loss mode of
+docs/transformers_parity.md; the ones visible in a forward pass are checked here (aux-loss mode of
 ConditionalDetr; DabDetr runs in float32 only).
 """
 import copy
@@ -205,7 +205,7 @@ def test_conditional_detr_auxiliary_loss_mode_deviates():
 
 
 def test_training_time_differences_of_transformers_are_as_documented():
-    """Training-only deviations (see models/convert_hf.py): transformers' non-timm ConditionalDetr
+    """Training-only deviations (see docs/transformers_parity.md): transformers' non-timm ConditionalDetr
     backbone freezes every parameter, DabDetr's none; the authors' code freezes the stem only."""
     cond, dab = hf_model("conditional_detr"), hf_model("dab_detr")
     assert not any(p.requires_grad for p in cond.model.backbone.parameters())

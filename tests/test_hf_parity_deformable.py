@@ -10,7 +10,7 @@ Needs transformers (a test-only dependency pinned in requirements-test.txt, whic
 installs; skipped without it). Every tensor of the Hugging Face
 models is randomised first (GroupNorm/LayerNorm/BatchNorm statistics and the MSDA linears included).
 Heads (8), levels (4) and points (3) differ, so that a swapped axis cannot pass. Deviations of
-transformers from the original repository are documented in models/convert_hf.py; the ones that show
+transformers from the original repository are documented in docs/transformers_parity.md; the ones that show
 in code are checked here.
 """
 import copy

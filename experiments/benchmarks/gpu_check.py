@@ -5,27 +5,23 @@
 
 Stages, in order, each with its own log under --out and a line in summary.json / summary.md:
 
-1. environment: GPU name, driver, torch and CUDA versions, CPU, date;
-2. build: the MSDeformAttn extension (`python -m models.ops.ms_deform_attn.build`), its build time;
-3. cuda_tests: the `cuda`-marked tests of the op (passed / failed / skipped counts);
-4. step_times: the training step of every distinct table1 row at the table settings (800 x 1216
-   images, the row's per-GPU batch, its autocast), as `experiments.benchmarks.step_time --write`
-   measures it, written to --out/step_times.json (on CUDA also to results/step_times.json, which
-   `list table1 --cost` reads);
-5. profile: the demo's KS row training on the synthetic set with its real loader: images/s, the
-   share of the step spent waiting for data, in the Hungarian matcher (`matcher` record_function)
-   and in host synchronisations (`aten::item`, `aten::_local_scalar_dense`, device-to-host copies),
-   and the top operations by time (torch.profiler);
-6. ddp: one DDP training step of two processes on the one device (NCCL on CUDA, gloo on CPU), or
-   one process when two cannot share it, saying which;
-7. grid: the synthetic_table1 rows trained as several processes sharing the device for the minutes
-   left (`run ... --resume`, records under --out/results, so that a later slot continues them).
+1. environment: GPU, driver, torch and CUDA versions, CPU, date;
+2. build: the MSDeformAttn extension (`python -m models.ops.ms_deform_attn.build`) and its build time;
+3. cuda_tests: the op's `cuda`-marked tests (passed / failed / skipped);
+4. step_times: the training step of every distinct table1 row at the table settings (800 x 1216,
+   the row's per-GPU batch and autocast), as `experiments.benchmarks.step_time --write` measures it,
+   into --out/step_times.json (on CUDA also results/step_times.json, read by `list table1 --cost`);
+5. profile: the demo's KS row on the synthetic set with its real loader (torch.profiler): images/s,
+   the step's shares of data waiting, the Hungarian matcher and host synchronisations, the top ops;
+6. ddp: one DDP step of two processes on the one device (NCCL on CUDA, gloo on CPU), or one process
+   when two cannot share it, saying which;
+7. grid: the synthetic_table1 rows as several processes sharing the device for the minutes left
+   (`run ... --resume`, records under --out/results, so that a later slot continues them).
 
 A stage that fails is recorded with its error and the next one runs. --quick shrinks every stage to
-toy sizes (a couple of rows, 64 x 96 images, a few steps, one tiny grid row): with --device cpu it
-runs in about two minutes and is a test of the default suite, so the command is known to work
-before a GPU is lent. Everything needed to commit the results is under --out (default
-results/gpu_check/<date>-<device name>/).
+toy sizes; with --device cpu it is a test of the default suite (about two minutes), so the command
+is known to work before a GPU is lent. Everything needed to commit the results is under --out
+(default results/gpu_check/<date>-<device name>/).
 """
 import argparse
 import datetime

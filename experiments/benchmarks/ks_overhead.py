@@ -3,24 +3,22 @@
     python -m experiments.benchmarks.ks_overhead [--manifest table1] [--sizes 256 512] [--device cpu|cuda]
                                                  [--variants dab_detr deformable_detr ...] [--repeats 5]
 
-For every variant of the manifest, the first pair of rows on a ResNet-50 (--backbone; a KS row and the
-row it names as its baseline) is built with the same seed from a random initialisation (no weights are loaded) and
-fed the same random batch of the row's `train.batch_size` images of S x S pixels with random boxes.
-Printed per variant and size, all measured in this one run:
+For every variant of the manifest, the first pair of rows on --backbone (a KS row and the row it
+names as its baseline) is built with the same seed from a random initialisation and fed the same
+random batch of `train.batch_size` images of S x S pixels with random boxes. Printed per variant
+and size, all measured in this one run:
 
-- train: forward + loss + backward + optimizer step, the KS row (with its teachers) over the baseline;
-- infer: an evaluation forward without gradients (the KS row runs its student only);
-- the steps of the two rows are interleaved and each time is the median over --repeats steps, so
-  that a machine's drift hits both alike;
-- peak memory of two training steps above what the built model holds before them:
-  max_memory_allocated on CUDA; on CPU (Linux) the peak resident set size of a child process that
-  builds the row and runs the steps, less its size before the first step (the whole peak, torch
-  included, is printed beside it);
-- the parameter counts of both rows, and of the KS row without its teacher parameters (what runs at
-  inference; it should equal the baseline's);
+- train (forward, loss, backward, optimizer step) and infer (an evaluation forward without
+  gradients; the KS row runs its student only): the KS row over the baseline, each the median over
+  --repeats steps, the two rows interleaved so that a machine's drift hits both alike;
+- peak memory of two training steps above what the built model holds: max_memory_allocated on
+  CUDA; on CPU (Linux) the peak resident set size of a child process that builds the row and runs
+  the steps, less its size before the first step (the whole peak, torch included, beside it);
+- the parameter counts of both rows and of the KS row without its teachers (what runs at inference;
+  it should equal the baseline's);
 - f_dec: the decoder's share of the baseline's training step (its forward + backward on the captured
-  inputs, timed alone), and the floor 1 + k f_dec of the train ratio, k being the number of teachers:
-  each teacher adds one pass of the decoder (and of the heads and matching, not counted here).
+  inputs, timed alone), and the floor 1 + k f_dec of the train ratio for k teachers, each adding a
+  decoder pass (and heads and matching, not counted here).
 """
 import argparse
 import json
