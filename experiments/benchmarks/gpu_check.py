@@ -19,7 +19,7 @@ Stages, in order, each with its own log under --out and a line in summary.json /
    (`run ... --resume`, records under --out/results, so that a later slot continues them).
 
 A stage that fails is recorded with its error and the next one runs. --quick shrinks every stage to
-toy sizes; with --device cpu it is a test of the default suite (about two minutes), so the command
+toy sizes; with --device cpu it is a test of the default suite (about 25 s on two cores), so the command
 is known to work before a GPU is lent. Everything needed to commit the results is under --out
 (default results/gpu_check/<date>-<device name>/).
 """
