@@ -241,3 +241,12 @@ def test_converter_refuses_what_it_cannot_represent():
     cfg = model_config_from_hf(hf_config(), "deformable_detr")
     assert cfg["deformable"] == {"num_levels": 4, "n_points": 3, "box_refine": False}
     assert (cfg["pos_temperature"], cfg["pos_offset"], cfg["backbone"]["name"]) == (10000, -0.5, "resnet18")
+
+
+def test_the_step_benchmark_against_transformers_runs_on_the_same_model(capsys):
+    from experiments.benchmarks import vs_transformers
+    vs_transformers.main(["--small", "--size", "64", "--repeats", "1"])
+    out = capsys.readouterr().out
+    difference = float(out.split("differ by at most ")[1].split()[0])
+    assert difference < 1e-4  # float32; the parity test above holds it to 1e-10 in float64
+    assert "train step" in out and "inference" in out and out.count("ours / transformers") == 2

@@ -12,7 +12,8 @@ backbone is frozen too), d 256, 6 encoder + 6 decoder layers, 8 heads, FFN 1024,
 converted into this repository's model (models.convert_hf); each side keeps its own dropout
 placements (docs/transformers_parity.md lists them).
 
-Printed: the training step (forward, loss, backward, AdamW step) and the inference forward of both,
+Printed: the largest difference of the two sides' inference outputs (the same model: about 1e-5
+in float32), the training step (forward, loss, backward, AdamW step) and the inference forward of both,
 the medians of --repeats interleaved steps after one warm-up each, and the ratio ours / transformers.
 --profile adds the top CPU operations of one training forward of each side (torch.profiler), with
 dropout's (`aten::bernoulli_`, `aten::rand_like`) share. Needs transformers (a test requirement):
@@ -96,7 +97,17 @@ def ours_infer(model, batch):
 @torch.no_grad()
 def hf_infer(model, batch):
     model.eval()
-    model(pixel_values=batch[0], pixel_mask=(~batch[1]).long())
+    return model(pixel_values=batch[0], pixel_mask=(~batch[1]).long())
+
+
+@torch.no_grad()
+def output_difference(ours, hf, batch):
+    """Largest absolute difference of the last layer's logits and boxes at inference: the two sides
+    are the same model."""
+    ours.eval()
+    mine, theirs = ours(batch[0], batch[1]), hf_infer(hf, batch)
+    return max((mine["pred_logits"] - theirs.logits).abs().max().item(),
+               (mine["pred_boxes"] - theirs.pred_boxes).abs().max().item())
 
 
 def interleaved(steps, repeats, device):
@@ -158,6 +169,7 @@ def main(argv=None):
     ours_opt, hf_opt = optimizer(ours), optimizer(hf)
     print(f"Deformable-DETR, {args.batch} x {args.size}x{args.size} px, {device}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"same model: inference logits and boxes differ by at most {output_difference(ours, hf, batch):.1e}")
     train = interleaved({"ours": partial(ours_train, ours, criterion, ours_opt, batch),
                          "transformers": partial(hf_train, hf, hf_opt, batch, labels)}, args.repeats, device)
     infer = interleaved({"ours": partial(ours_infer, ours, batch), "transformers": partial(hf_infer, hf, batch)},
