@@ -226,6 +226,17 @@ def _start_records(manifest, row, cfg, overrides, directory, resume, force, ctx)
     return (str(resuming) if resuming else False), state
 
 
+def _trained_at(directory, sha, resuming):
+    """Every commit that trained part of the run, in order (env.json's `git_shas`): a resume keeps the
+    earlier ones, and says so when this commit is another one (its code may compute differently)."""
+    earlier = (records.read_json(directory / "env.json", None) or {}) if resuming else {}
+    shas = list(earlier.get("git_shas") or ([earlier["git_sha"]] if earlier.get("git_sha") else []))
+    if shas and shas[-1] != sha:
+        print(f"note: this run was trained at {shas[-1]} and resumes at {sha}; the record keeps both "
+              f"(env.json git_shas)", flush=True)
+    return shas if shas and shas[-1] == sha else shas + [sha]
+
+
 def _train(cfg, directory, resuming, ctx, plan, built, state=None, heartbeat=None, stop=None):
     """Trains and evaluates a prepared run. `resuming`: the checkpoint file to continue from (its
     `state` when rank 0 has read it already) or False; `built`: _build's data sets, model and
@@ -262,7 +273,9 @@ def _train(cfg, directory, resuming, ctx, plan, built, state=None, heartbeat=Non
     elif ctx.is_main:
         records.write_log(directory / "log.jsonl", [])
     if ctx.is_main:
-        records.write_json(directory / "env.json", environment(cfg, model, ctx, plan, start if resuming else None))
+        env = environment(cfg, model, ctx, plan, start if resuming else None)
+        env["git_shas"] = _trained_at(directory, env["git_sha"], resuming)
+        records.write_json(directory / "env.json", env)
     seed_everything(tc["seed"] + ctx.rank)
 
     net = model

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import DeformableEncoderLayer, EncoderLayer, attend, merge_heads, sdpa_mask, split_heads
+from .layers import (DeformableEncoderLayer, EncoderLayer, attend, attention_map_is_explicit, merge_heads, sdpa_mask,
+                     split_heads)
 
 STUDENT = "attn1"
 # Teacher branches per mode, in the authors' order (their feat_t = [A^t V, A V^t]).
@@ -147,10 +148,14 @@ def attend_shared_map(q, k, v, vt, mask, dropout_p):
     share it. One SDPA call on the concatenated values [V | V^t]; q and k are zero-padded to the
     doubled head dim, with the scale of the true head dim passed explicitly, because unequal q/v
     head dims make SDPA fall back to a slow path that materialises the map
-    (see experiments/benchmarks/triple_attention.py)."""
+    (see experiments/benchmarks/triple_attention.py). Where `attend` computes the map itself (dropout
+    on CPU) the padding would only add work and is left out."""
     dh = q.shape[-1]
-    y = attend(torch.cat([q, torch.zeros_like(q)], -1), torch.cat([k, torch.zeros_like(k)], -1),
-               torch.cat([v, vt], -1), mask, dropout_p, scale=dh ** -0.5)
+    if attention_map_is_explicit(q, dropout_p):
+        y = attend(q, k, torch.cat([v, vt], -1), mask, dropout_p)
+    else:
+        y = attend(torch.cat([q, torch.zeros_like(q)], -1), torch.cat([k, torch.zeros_like(k)], -1),
+                   torch.cat([v, vt], -1), mask, dropout_p, scale=dh ** -0.5)
     return y[..., :dh], y[..., dh:]
 
 

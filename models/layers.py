@@ -76,29 +76,40 @@ def dropout(x, p, training=True):
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if p == 1:
         return x * 0
-    noise = torch.rand(x.shape, dtype=torch.float32).ge_(p).to(x.dtype).div_(1 - p)
+    noise = torch.rand(x.shape, dtype=torch.float32, device=x.device).ge_(p).to(x.dtype).div_(1 - p)
     return x * noise
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout on `dropout` (same state dict: none)."""
+    """nn.Dropout on `dropout` (same state dict: none; `inplace` is not used)."""
 
     def forward(self, x):
         return dropout(x, self.p, self.training)
 
 
+def attention_map_is_explicit(q, dropout_p):
+    """Whether `attend` computes the attention map itself (dropout on CPU) rather than calling SDPA."""
+    return dropout_p > 0 and q.device.type == "cpu"
+
+
 def attend(q, k, v, mask=None, dropout_p=0.0, scale=None):
     """SDPA. With dropout on CPU, SDPA computes the attention map explicitly anyway (its fused CPU
-    kernel has no dropout), so the same map is computed here, with `dropout` drawing on it."""
-    if dropout_p == 0 or q.device.type != "cpu":
+    kernel has no dropout), so the same map is computed here, with `dropout` drawing on it: in
+    float32 for half-precision inputs, as SDPA's math path; a query with no allowed key gets zeros."""
+    if not attention_map_is_explicit(q, dropout_p):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    dtype = q.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
+        mask = mask.float() if mask is not None and mask.is_floating_point() else mask
     attn = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
     if mask is not None and mask.dtype == torch.bool:
-        attn = attn.masked_fill(~mask, float("-inf")).softmax(-1)
-        attn = attn.masked_fill(~mask.any(-1, keepdim=True), 0.0)  # a query with no key gets zeros, as SDPA
+        attn = attn.masked_fill(~mask, float("-inf")).softmax(-1).masked_fill(~mask.any(-1, keepdim=True), 0.0)
     else:
         attn = (attn if mask is None else attn + mask).softmax(-1)
-    return dropout(attn, dropout_p) @ v
+        if mask is not None:
+            attn = attn.nan_to_num(nan=0.0)  # rows of -inf only
+    return (dropout(attn, dropout_p) @ v).to(dtype)
 
 
 class MultiheadAttention(nn.Module):

@@ -75,9 +75,11 @@ def interrupt_during_second_evaluation(monkeypatch, row, data_root, results, *ex
     monkeypatch.setattr(engine, "evaluate", real_evaluate)
 
 
-def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, data_root, monkeypatch):
+def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, data_root, monkeypatch, capsys):
     interrupt_during_second_evaluation(monkeypatch, "ks_def_r18", data_root, tmp_path)
     directory = records.run_dir("demo", "ks_def_r18", tmp_path)
+    started_at = json.loads((directory / "env.json").read_text())
+    assert started_at["git_shas"] == [started_at["git_sha"]]
     assert records.status(directory) == "interrupted"  # an interruption is not a failure: no FAILED
     assert not (directory / "FAILED").exists() and not (directory / records.HEARTBEAT).exists()
     assert [r["epoch"] for r in records.read_log(directory / "log.jsonl")] == [1]
@@ -90,8 +92,13 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, data_root, monkey
     trained = []
     real_train = engine.train_one_epoch
     monkeypatch.setattr(engine, "train_one_epoch", lambda *a, **k: trained.append(a[6]) or real_train(*a, **k))
+    monkeypatch.setattr(records, "git_sha", lambda: "c0ffee0")  # resumed at another commit
+    capsys.readouterr()
     train_row("demo", "ks_def_r18", overrides(data_root), resume=True, results=tmp_path)
     assert trained == ["2/2"]  # only the unfinished epoch
+    env = json.loads((directory / "env.json").read_text())
+    assert env["git_sha"] == "c0ffee0" and env["git_shas"] == [started_at["git_sha"], "c0ffee0"]
+    assert f"trained at {started_at['git_sha']} and resumes at c0ffee0" in capsys.readouterr().out
     assert records.status(directory) == "done"
     assert [r["epoch"] for r in records.read_log(directory / "log.jsonl")] == [1, 2]
     commands = (directory / "command.txt").read_text().splitlines()  # every start is recorded

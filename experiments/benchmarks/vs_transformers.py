@@ -7,7 +7,7 @@ same architecture and weights, in one run.
 transformers' DeformableDetrForObjectDetection is built from a local config (nothing is downloaded):
 an R18-style ResNet backbone (transformers' own ResNet, frozen as transformers builds it, so this side's
 backbone is frozen too), d 256, 6 encoder + 6 decoder layers, 8 heads, FFN 1024, 4 levels, 4 points,
-300 queries, dropout 0.1 with `activation_dropout=0.1`, the Hungarian loss on every decoder layer
+300 queries, dropout 0.1 with `activation_dropout=0.1` (--dropout), the Hungarian loss on every decoder layer
 (`auxiliary_loss=True`) with this repository's matching costs and loss weights. Its weights are
 converted into this repository's model (models.convert_hf); each side keeps its own dropout
 placements (docs/transformers_parity.md lists them).
@@ -33,19 +33,32 @@ from models import build_model
 NUM_CLASSES = 10
 
 
-def hf_model(transformers, size_cfg):
+def whole(value, key):
+    if float(value) != int(value):
+        raise ValueError(f"{key}={value}: transformers' DeformableDetrConfig takes whole numbers here")
+    return int(value)
+
+
+def hf_model(transformers, size_cfg, dropout=0.1):
+    m = DEFAULTS["model"]
+    # transformers fixes these; this repository's defaults must equal them for the losses to match
+    fixed = {"loss.class_weight": (m["loss"]["class_weight"], 1.0), "loss.gamma": (m["loss"]["gamma"], 2.0),
+             "matcher.alpha": (m["matcher"]["alpha"], 0.25), "matcher.gamma": (m["matcher"]["gamma"], 2.0)}
+    for key, (ours, theirs) in fixed.items():
+        if ours != theirs:
+            raise ValueError(f"model.{key} is {ours}; transformers' DeformableDetr uses {theirs}")
     backbone = transformers.ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
                                          layer_type="basic", out_features=["stage2", "stage3", "stage4"])
-    m = DEFAULTS["model"]
     values = dict(
         backbone_config=backbone, d_model=256, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
         decoder_attention_heads=8, encoder_ffn_dim=1024, decoder_ffn_dim=1024, num_queries=300,
         num_labels=NUM_CLASSES, num_feature_levels=4, encoder_n_points=4, decoder_n_points=4,
-        dropout=0.1, activation_dropout=0.1, auxiliary_loss=True,
-        # transformers' config wants integers for these (this repository's values are whole numbers)
-        class_cost=int(m["matcher"]["cost_class"]), bbox_cost=int(m["matcher"]["cost_bbox"]),
-        giou_cost=int(m["matcher"]["cost_giou"]), bbox_loss_coefficient=int(m["loss"]["bbox_weight"]),
-        giou_loss_coefficient=int(m["loss"]["giou_weight"]), focal_alpha=m["loss"]["alpha"])
+        dropout=dropout, activation_dropout=dropout, auxiliary_loss=True,
+        class_cost=whole(m["matcher"]["cost_class"], "matcher.cost_class"),
+        bbox_cost=whole(m["matcher"]["cost_bbox"], "matcher.cost_bbox"),
+        giou_cost=whole(m["matcher"]["cost_giou"], "matcher.cost_giou"),
+        bbox_loss_coefficient=whole(m["loss"]["bbox_weight"], "loss.bbox_weight"),
+        giou_loss_coefficient=whole(m["loss"]["giou_weight"], "loss.giou_weight"), focal_alpha=m["loss"]["alpha"])
     config = transformers.DeformableDetrConfig(**{**values, **size_cfg})
     torch.manual_seed(0)
     return transformers.DeformableDetrForObjectDetection(config)
@@ -146,6 +159,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5, help="interleaved steps per side (default 5)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--dropout", type=float, default=0.1,
+                        help="dropout of both sides (default 0.1; 0 compares the steps without dropout, whose "
+                             "placements differ: the decoder self-attention drops its weights here, its output there)")
     parser.add_argument("--profile", action="store_true", help="print the top operations of a training forward")
     parser.add_argument("--small", action="store_true", help="d 32, 2+2 layers, 12 queries (to try the command)")
     args = parser.parse_args(argv)
@@ -160,14 +176,14 @@ def main(argv=None):
     device = torch.device(args.device)
     small = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
                  num_queries=12) if args.small else {}
-    hf = hf_model(transformers, small)
+    hf = hf_model(transformers, small, args.dropout)
     ours, criterion = our_model(hf)
     hf.to(device)
     ours.to(device)
     batch = random_batch(args.batch, args.size, NUM_CLASSES, device, torch.Generator().manual_seed(0))
     labels = hf_labels(batch[2])
     ours_opt, hf_opt = optimizer(ours), optimizer(hf)
-    print(f"Deformable-DETR, {args.batch} x {args.size}x{args.size} px, {device}, "
+    print(f"Deformable-DETR, {args.batch} x {args.size}x{args.size} px, dropout {args.dropout}, {device}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"same model: inference logits and boxes differ by at most {output_difference(ours, hf, batch):.1e}")
     train = interleaved({"ours": partial(ours_train, ours, criterion, ours_opt, batch),

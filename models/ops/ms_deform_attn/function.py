@@ -91,8 +91,8 @@ def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_lo
         grids = 2 * sampling_locations.to(dtype) - 1  # grid_sample wants [-1, 1]
         weights = attention_weights.to(dtype).transpose(1, 2).reshape(N * M, 1, Lq, L, P)
         output = None
-        # Each level's weighted sum is added up at once, never stacking the samples of all levels:
-        # the stack was the largest copy of a training step on CPU.
+        # The levels' weighted sums are added one after another instead of stacking the samples of
+        # all levels first: that stack was the largest copy of a CPU training step.
         for l, (H, W) in enumerate(shapes):
             # (N, H*W, M, D) -> (N*M, D, H, W)
             level = levels[l].flatten(2).transpose(1, 2).reshape(N * M, D, H, W)
