@@ -1,7 +1,8 @@
 """Benchmark scripts: they print timings and ratios measured in one run (never asserted in tests).
 
-Shared here: timing (CUDA work is waited for before the clock is read), a random detection batch and
-one training step of a model."""
+Shared here: timing (CUDA work is waited for before the clock is read), interleaved medians, a random
+detection batch, and one training step and one inference forward of a model."""
+import statistics
 import time
 
 import torch
@@ -32,6 +33,18 @@ def mean_seconds(step, repeats, device=None):
 
     step()  # warm-up
     return seconds(repeated, device) / repeats
+
+
+def interleaved_medians(steps, repeats, device=None):
+    """{name: median seconds} of the `steps` (name -> callable) run in turn, `repeats` rounds after one
+    warm-up call each, so that a machine's drift hits all of them alike."""
+    for step in steps.values():
+        step()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            times[name].append(seconds(step, device))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def print_ratios(times, base, line):
@@ -65,3 +78,10 @@ def train_step(model, criterion, optimizer, batch):
     optimizer.zero_grad(set_to_none=True)
     criterion(model(images, padding, targets), targets)["loss"].backward()
     optimizer.step()
+
+
+@torch.no_grad()
+def infer_step(model, batch):
+    """One evaluation forward on `batch` (from random_batch), without gradients."""
+    model.eval()
+    model(batch[0], batch[1])

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.benchmarks import random_batch, seconds, train_step
+from experiments.benchmarks import infer_step, interleaved_medians, random_batch, seconds, train_step
 from experiments.build import model_config, pick_device
 from experiments.config import Manifest
 from experiments.training import build_optimizer
@@ -68,12 +68,6 @@ def build(manifest, row, device, size):
     model.to(device)
     batch = random_batch(cfg["train"]["batch_size"], size, NUM_CLASSES, device, torch.Generator().manual_seed(0))
     return cfg, (model, criterion, build_optimizer(model, cfg["train"])), batch
-
-
-@torch.no_grad()
-def infer_step(model, batch):
-    model.eval()
-    model(batch[0], batch[1])
 
 
 def decoder_seconds(trainee, batch, repeats, device):
@@ -161,13 +155,7 @@ def measure_pair(manifest, variant, base_row, ks_row, size, repeats, device):
     _, ks, _ = build(manifest, ks_row, device, size)  # the same batch: the rows share train.batch_size
     steps = {"train_base": partial(train_step, *base, batch), "train_ks": partial(train_step, *ks, batch),
              "infer_base": partial(infer_step, base[0], batch), "infer_ks": partial(infer_step, ks[0], batch)}
-    for step in steps.values():  # warm-up
-        step()
-    times = {key: [] for key in steps}
-    for _ in range(repeats):
-        for key, step in steps.items():  # interleaved
-            times[key].append(seconds(step, device))
-    median = {k: statistics.median(v) for k, v in times.items()}
+    median = interleaved_medians(steps, repeats, device)
     f_dec = decoder_seconds(base, batch, repeats, device) / median["train_base"]
     teachers = len(teacher_branches(ks[0]))
     params = (count(base[0]), count(ks[0]), count(ks[0], inference=True))

@@ -21,12 +21,11 @@ without it the benchmark says so and exits.
 """
 import argparse
 import os
-import statistics
 from functools import partial
 
 import torch
 
-from experiments.benchmarks import random_batch, seconds, synchronize
+from experiments.benchmarks import infer_step, interleaved_medians, random_batch, synchronize, train_step
 from experiments.config import DEFAULTS, merge
 from models import build_model
 
@@ -85,26 +84,12 @@ def optimizer(model):
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4)
 
 
-def ours_train(model, criterion, opt, batch):
-    images, padding, targets = batch
-    model.train()
-    opt.zero_grad(set_to_none=True)
-    criterion(model(images, padding, targets), targets)["loss"].backward()
-    opt.step()
-
-
 def hf_train(model, opt, batch, labels):
     images, padding, _ = batch
     model.train()
     opt.zero_grad(set_to_none=True)
     model(pixel_values=images, pixel_mask=(~padding).long(), labels=labels).loss.backward()
     opt.step()
-
-
-@torch.no_grad()
-def ours_infer(model, batch):
-    model.eval()
-    model(batch[0], batch[1])
 
 
 @torch.no_grad()
@@ -121,17 +106,6 @@ def output_difference(ours, hf, batch):
     mine, theirs = ours(batch[0], batch[1]), hf_infer(hf, batch)
     return max((mine["pred_logits"] - theirs.logits).abs().max().item(),
                (mine["pred_boxes"] - theirs.pred_boxes).abs().max().item())
-
-
-def interleaved(steps, repeats, device):
-    """{name: median seconds} of the steps run in turn, `repeats` rounds after one warm-up each."""
-    for step in steps.values():
-        step()
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            times[name].append(seconds(step, device))
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def profile(step, device, rows=12):
@@ -186,10 +160,10 @@ def main(argv=None):
     print(f"Deformable-DETR, {args.batch} x {args.size}x{args.size} px, dropout {args.dropout}, {device}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"same model: inference logits and boxes differ by at most {output_difference(ours, hf, batch):.1e}")
-    train = interleaved({"ours": partial(ours_train, ours, criterion, ours_opt, batch),
+    train = interleaved_medians({"ours": partial(train_step, ours, criterion, ours_opt, batch),
                          "transformers": partial(hf_train, hf, hf_opt, batch, labels)}, args.repeats, device)
-    infer = interleaved({"ours": partial(ours_infer, ours, batch), "transformers": partial(hf_infer, hf, batch)},
-                        args.repeats, device)
+    infer = interleaved_medians({"ours": partial(infer_step, ours, batch),
+                                 "transformers": partial(hf_infer, hf, batch)}, args.repeats, device)
     for what, t in (("train step", train), ("inference", infer)):
         print(f"{what:10s}  ours {t['ours'] * 1e3:9.1f} ms   transformers {t['transformers'] * 1e3:9.1f} ms   "
               f"ours / transformers {t['ours'] / t['transformers']:.2f}x")
