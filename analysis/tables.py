@@ -259,13 +259,41 @@ def _last_epoch_values(run, section, prefix=""):
     return {k[len(prefix):]: number(v) for k, v in entry.items() if k.startswith(prefix)}
 
 
+def mask_twins(manifest):
+    """{row whose teachers get no mask (model.ks.mask: none): the row whose configuration differs from
+    it only in getting the GT mask}, for the rows that have such a twin."""
+    keys = {}
+    for name in manifest.rows:
+        cfg = manifest.resolve(name)
+        ks = cfg["model"]["ks"]
+        if ks["mode"] != "none":
+            cfg["model"]["ks"] = {k: v for k, v in ks.items() if k != "mask"}
+            keys[name] = (ks["mask"], json.dumps(cfg, sort_keys=True, default=str))
+    with_gt = {key: name for name, (mask, key) in keys.items() if mask == "gt"}
+    return {name: with_gt[key] for name, (mask, key) in keys.items() if mask == "none" and key in with_gt}
+
+
+def _paired_cells(line, prefix, gains):
+    """Mean ± sd, positive count and per-seed list of paired differences `gains` (e.g. "gain_AP" ->
+    gain_AP_mean, _sd, _positive, _n and gains_AP)."""
+    line[f"{prefix}_mean"], line[f"{prefix}_sd"] = _mean_sd(gains)
+    line[f"{prefix}_positive"], line[f"{prefix}_n"] = sum(g > 0 for g in gains), len(gains)
+    name, metric = prefix.rsplit("_", 1)
+    line[f"{name}s_{metric}"] = " ".join(f"{g:+.1f}" for g in gains)
+
+
 def blocks_report(manifest, df, results=records.RESULTS):
     """One line per group of seed rows (groups of one row too), in manifest order, blocks by family:
     the student's metrics as mean and sample standard deviation over the finished rows, the KS gain in
     AP as mean ± sd of the paired per-seed differences (each row minus its `baseline` row) and the
-    number of seeds where it is positive; the teachers' AP (GT mask) and, from each row's last epoch,
-    each branch's last-decoder-layer training loss and the teachers' memory distance, as means."""
+    number of seeds where it is positive; for rows whose teachers get no mask, the same for the gain
+    from the GT mask (the row's GT-mask twin minus the row); the teachers' AP (GT mask) and, from each
+    row's last epoch, each branch's last-decoder-layer training loss and the teachers' memory
+    distance, as means."""
     lines = []
+    twins = mask_twins(manifest)
+    finished = df[(df["branch"] == "attn1") & (df["status"] == "done")]
+    done_ap = dict(zip(finished["manifest_row"], finished["AP"]))
     for group, rows in seed_groups(manifest, smallest=1).items():
         cfg = manifest.resolve(rows[0])
         mode, mask = cfg["model"]["ks"]["mode"], cfg["model"]["ks"]["mask"]
@@ -280,11 +308,10 @@ def blocks_report(manifest, df, results=records.RESULTS):
                 "rows": " ".join(rows), "done": len(student), "of": len(rows)}
         for m in METRICS:
             line[f"{m}_mean"], line[f"{m}_sd"] = _mean_sd(student[m].tolist())
-        gains = [g for g in student["gain_AP"].tolist() if not math.isnan(g)]
-        line["gain_AP_mean"], line["gain_AP_sd"] = _mean_sd(gains)
+        _paired_cells(line, "gain_AP", [g for g in student["gain_AP"].tolist() if not math.isnan(g)])
+        _paired_cells(line, "mask_gain_AP", [minus(done_ap[twins[r]], done_ap[r]) for r in rows
+                                             if r in twins and r in done_ap and twins[r] in done_ap])
         line["AP50_moved_mean"] = _mean_sd(sel.loc[sel["branch"] == MOVED, "AP50"].tolist())[0]
-        line["gain_AP_positive"], line["gain_AP_n"] = sum(g > 0 for g in gains), len(gains)
-        line["gains_AP"] = " ".join(f"{g:+.1f}" for g in gains)
         done = [load_run(*manifest.record_of(r), results) for r in student["manifest_row"]]
         for branch in BRANCHES:
             if branch != "attn1":
@@ -297,11 +324,11 @@ def blocks_report(manifest, df, results=records.RESULTS):
     return pd.DataFrame(lines)
 
 
-def _gain_cells(r):
-    if math.isnan(r["gain_AP_mean"]):
+def _gain_cells(r, prefix="gain_AP"):
+    if math.isnan(r[f"{prefix}_mean"]):
         return ["", ""]
-    return [f"{r['gain_AP_mean']:+.1f}" + ("" if math.isnan(r["gain_AP_sd"]) else f" ± {r['gain_AP_sd']:.1f}"),
-            f"{r['gain_AP_positive']}/{r['gain_AP_n']}"]
+    return [f"{r[f'{prefix}_mean']:+.1f}" + ("" if math.isnan(r[f"{prefix}_sd"]) else f" ± {r[f'{prefix}_sd']:.1f}"),
+            f"{r[f'{prefix}_positive']}/{r[f'{prefix}_n']}"]
 
 
 def _per_branch(r, key, branches):
@@ -310,12 +337,19 @@ def _per_branch(r, key, branches):
     return " / ".join("-" if math.isnan(v) else f"{v:.3f}" for v in values)
 
 
+def _has_mask_gain(bdf):
+    return "mask_gain_AP_mean" in bdf and bdf["mask_gain_AP_mean"].notna().any()
+
+
 def _blocks(bdf):
     """(header, [(variant, cells)]) of the paper-shaped table, and the same for the teacher table."""
     header = ["Method", "Sharing V", "Sharing A", "Done", *METRICS, "AP50 on other images", "KS gain AP",
               "positive gains"]
     teacher_header = ["Method", "Done", "AP Attn1", "AP Attn3", "AP Attn2", "last-layer loss Attn1 / Attn3 / Attn2",
                       "memory distance Attn3 / Attn2"]
+    with_mask_gain = _has_mask_gain(bdf)
+    if with_mask_gain:
+        header += ["gain from the GT mask", "positive"]
     main, teachers = [], []
     repeated = bdf.groupby(["variant", "method"])["group"].transform("count") > 1 if len(bdf) else []
     for (_, r), named in zip(bdf.iterrows(), repeated):
@@ -324,7 +358,7 @@ def _blocks(bdf):
         main.append((r["variant"], [name, "✓" if r["shares_v"] else "", "✓" if r["shares_a"] else "", done,
                                     *[_pm(r[f"{m}_mean"], r[f"{m}_sd"]) for m in METRICS],
                                     "" if math.isnan(r["AP50_moved_mean"]) else _value(r["AP50_moved_mean"]),
-                                    *_gain_cells(r)]))
+                                    *_gain_cells(r)] + (_gain_cells(r, "mask_gain_AP") if with_mask_gain else [])))
         if r["ks_mode"] != "none" and r["done"]:
             teachers.append((r["variant"], [name, done, _value(r["AP_mean"]), _value(r["AP_attn3_mean"]),
                                             _value(r["AP_attn2_mean"]),
@@ -351,7 +385,9 @@ def blocks_markdown(bdf):
            "detections scored on the next validation image (train.eval_moved), the level of a detector that "
            "ignores its input. Sharing V: the teacher attention "
            "Attn3 (Q^t, K^t, V); Sharing A: the teacher values Attn2 (Q, K, V^t); \"no mask\": the teachers "
-           "are given an all-background mask (model.ks.mask: none)."]
+           "are given an all-background mask (model.ks.mask: none)."
+           + (" Gain from the GT mask: each seed's KS row with the GT mask minus the same row with no mask, "
+              "paired the same way." if _has_mask_gain(bdf) else "")]
     if teachers:
         out += ["## Teachers against the student", _markdown_blocks(theader, teachers, 1),
                 "Means over the finished seed rows. AP: the student and each teacher evaluated with the GT "

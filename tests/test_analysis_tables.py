@@ -332,8 +332,10 @@ def test_a_manifest_with_families_gets_blocks_in_the_papers_shape(tmp_path):
                                         loss_last_layer_attn2=1.5)
             entries[-1]["memory_distance"] = {"attn3": 0.1 * (seed + 1), "attn2": 0.5}
             records.write_log(log, entries)
+    no_mask = {"attn1": metrics(0.315), "attn3": metrics(0.30), "attn2": metrics(0.30)}
+    write_run(results, "fam", "dab_no_mask_seed0", "done", [(1, no_mask)], no_mask)
     markdown = write_tables(str(path), results)
-    bdf = pd.read_csv(results / "tables" / "fam_blocks.csv")
+    bdf = pd.read_csv(results / "tables" / "fam_blocks.csv", dtype={"gains_AP": str, "mask_gains_AP": str})
     assert bdf["group"].tolist() == ["dab", "dab_triple", "dab_dual_share_a", "dab_no_mask",
                                      "def", "def_triple", "def_dual_share_a", "def_no_mask"]
     dab, triple_line, share_a, no_mask = (bdf.iloc[i] for i in range(4))
@@ -346,6 +348,11 @@ def test_a_manifest_with_families_gets_blocks_in_the_papers_shape(tmp_path):
     assert (share_a["method"], share_a["shares_v"], share_a["shares_a"], share_a["done"]) == ("dual attention", False,
                                                                                               True, 0)
     assert no_mask["method"] == "triple attention, no mask" and no_mask["teacher_mask"] == "none"
+    # the gain from the GT mask: dab_triple_seed0 (33.0) minus dab_no_mask_seed0 (31.5), its twin
+    assert no_mask["gain_AP_mean"] == pytest.approx(1.5) and no_mask["mask_gain_AP_mean"] == pytest.approx(1.5)
+    assert (no_mask["mask_gain_AP_positive"], no_mask["mask_gain_AP_n"], no_mask["mask_gains_AP"]) == (1, 1, "+1.5")
+    assert triple_line["mask_gain_AP_n"] == 0 and math.isnan(triple_line["mask_gain_AP_mean"])
+    assert "| gain from the GT mask | positive |" in markdown and "| +1.5 | 1/1 | +1.5 | 1/1 |" in markdown
     assert triple_line["AP_attn3_mean"] == pytest.approx(40.0) and triple_line["AP_attn2_mean"] == pytest.approx(36.0)
     assert triple_line["last_layer_loss_attn1_mean"] == pytest.approx(3.0)
     assert triple_line["distance_attn3_mean"] == pytest.approx(0.2)
