@@ -86,5 +86,6 @@ def test_ks_overhead_benchmark_prints_ratios_floor_memory_and_parameters(capsys)
     for label in ("train", "infer", "memory", "params"):
         assert f"\n  {label} " in out
     assert "floor 1 + 2 f_dec" in out and "NOT the baseline's" not in out  # inference parameters equal
+    assert "floor with the KS layer's branches 1 + 2 (f_dec + f_last)" in out
     with pytest.raises(SystemExit, match="no resnet50 baseline/KS pair"):
         ks_overhead.main(["--manifest", "demo", "--sizes", "64", "--device", "cpu"])

@@ -16,9 +16,12 @@ and size, all measured in this one run:
   the steps, less its size before the first step (the whole peak, torch included, beside it);
 - the parameter counts of both rows and of the KS row without its teachers (what runs at inference;
   it should equal the baseline's);
-- f_dec: the decoder's share of the baseline's training step (its forward + backward on the captured
-  inputs, timed alone), and the floor 1 + k f_dec of the train ratio for k teachers, each adding a
-  decoder pass (and heads and matching, not counted here).
+- f_dec and f_last: the shares of the baseline's training step taken by its decoder and by its last
+  encoder layer (each one's forward + backward on inputs captured in a training step, timed alone),
+  and two floors of the train ratio for k teachers: 1 + k f_dec, each teacher adding a decoder pass,
+  and 1 + k (f_dec + f_last), each also adding a branch of the last encoder layer (the KS layer runs
+  the student's and the teachers'; shared projections make a teacher branch somewhat cheaper than
+  the plain layer). Heads, matching and losses of the teachers are in neither.
 """
 import argparse
 import json
@@ -70,12 +73,11 @@ def build(manifest, row, device, size):
     return cfg, (model, criterion, build_optimizer(model, cfg["train"])), batch
 
 
-def decoder_seconds(trainee, batch, repeats, device):
-    """Median time of the decoder's forward + backward alone, on inputs captured in a training step
-    (trainee: model, criterion, optimizer)."""
-    model = trainee[0]
+def module_seconds(trainee, module, batch, repeats, device):
+    """Median time of `module`'s forward + backward alone (a submodule of the trainee's model, e.g.
+    its decoder), on inputs captured in a training step (trainee: model, criterion, optimizer)."""
     seen = {}
-    handle = model.decoder.register_forward_hook(
+    handle = module.register_forward_hook(
         lambda module, args, kwargs, out: seen.update(args=args, kwargs=kwargs), with_kwargs=True)
     try:
         train_step(*trainee, batch)
@@ -88,13 +90,13 @@ def decoder_seconds(trainee, batch, repeats, device):
     args = [leaf(a) for a in seen["args"]]
     kwargs = {k: leaf(v) for k, v in seen["kwargs"].items()}
 
-    def tensors(out):  # the decoders return tensors or (nested) lists of them
+    def tensors(out):  # the modules return tensors or (nested) lists of them
         if torch.is_tensor(out):
             return [out] if out.requires_grad else []
         return [t for item in (out if isinstance(out, (tuple, list)) else ()) for t in tensors(item)]
 
     def step():
-        sum(t.float().mean() for t in tensors(model.decoder(*args, **kwargs))).backward()
+        sum(t.float().mean() for t in tensors(module(*args, **kwargs))).backward()
 
     step()  # warm-up
     return statistics.median(seconds(step, device) for _ in range(repeats))
@@ -156,13 +158,16 @@ def measure_pair(manifest, variant, base_row, ks_row, size, repeats, device):
     steps = {"train_base": partial(train_step, *base, batch), "train_ks": partial(train_step, *ks, batch),
              "infer_base": partial(infer_step, base[0], batch), "infer_ks": partial(infer_step, ks[0], batch)}
     median = interleaved_medians(steps, repeats, device)
-    f_dec = decoder_seconds(base, batch, repeats, device) / median["train_base"]
+    model = base[0]
+    f_dec = module_seconds(base, model.decoder, batch, repeats, device) / median["train_base"]
+    f_last = module_seconds(base, model.encoder.layers[-1], batch, repeats, device) / median["train_base"]
     teachers = len(teacher_branches(ks[0]))
     params = (count(base[0]), count(ks[0]), count(ks[0], inference=True))
-    del base, ks, steps
+    del model, base, ks, steps
     memory = {row: peak_memory(str(manifest.path), row, size, device) for row in (base_row, ks_row)}
     return dict(variant=variant, rows=(base_row, ks_row), size=size, batch=cfg["train"]["batch_size"],
-                teachers=teachers, f_dec=f_dec, floor=1 + teachers * f_dec, params=params,
+                teachers=teachers, f_dec=f_dec, f_last=f_last, floor=1 + teachers * f_dec,
+                floor_with_layer=1 + teachers * (f_dec + f_last), params=params,
                 memory=(memory[base_row], memory[ks_row]), **median)
 
 
@@ -174,6 +179,8 @@ def report(r):
         f"{r['variant']} ({r['rows'][0]} vs {r['rows'][1]}), batch {r['batch']} x {r['size']} px:",
         f"  train  {r['train_base'] * 1e3:8.1f} ms -> {r['train_ks'] * 1e3:8.1f} ms   {train:5.2f}x   "
         f"(floor 1 + {r['teachers']} f_dec = {r['floor']:.2f}, f_dec {r['f_dec']:.2f}; {train / r['floor']:.2f}x the floor)",
+        f"         floor with the KS layer's branches 1 + {r['teachers']} (f_dec + f_last) = {r['floor_with_layer']:.2f}, "
+        f"f_last {r['f_last']:.2f}; {train / r['floor_with_layer']:.2f}x it",
         f"  infer  {r['infer_base'] * 1e3:8.1f} ms -> {r['infer_ks'] * 1e3:8.1f} ms   {infer:5.2f}x",
         f"  memory {base_step / gib:6.2f} GiB -> {ks_step / gib:6.2f} GiB per step   "
         f"{ks_step / max(base_step, 1):5.2f}x   (whole peak {base_peak / gib:.2f} -> {ks_peak / gib:.2f} GiB)",

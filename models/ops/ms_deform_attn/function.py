@@ -60,7 +60,7 @@ FLOPS_PER_SAMPLE = 2 * (4 + 1)
 
 def sampling_flops(sampled_shape):
     """FLOPs of the sampling and weighted sum behind `sampled_shape` sampled values (the grid_sample
-    output of one level on the PyTorch path, (N*M, D, Lq, P); the op over all levels is the sum), which
+    output of one level on the PyTorch path, (N*M, D, P, Lq); the op over all levels is the sum), which
     FLOP counters that know only matrix products and convolutions miss."""
     n = 1
     for side in sampled_shape:
@@ -88,19 +88,20 @@ def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_lo
     # Explicit dtype: autocast must not lower grid_sample or the weighted sum.
     with torch.autocast(value.device.type, enabled=False):
         levels = value.to(dtype).split(sizes, dim=1)
-        grids = 2 * sampling_locations.to(dtype) - 1  # grid_sample wants [-1, 1]
-        weights = attention_weights.to(dtype).transpose(1, 2).reshape(N * M, 1, Lq, L, P)
+        # (N, Lq, M, L, P, 2) -> (L, N*M, P, Lq, 2), each level's grid contiguous: with the points
+        # before the queries, grid_sample's output (N*M, D, P, Lq) and the weights have the long query
+        # axis innermost, where the weighted sum's products and its sum over points run fastest on CPU.
+        grids = (2 * sampling_locations.to(dtype) - 1).permute(3, 0, 2, 4, 1, 5).reshape(L, N * M, P, Lq, 2)
+        weights = attention_weights.to(dtype).permute(3, 0, 2, 4, 1).reshape(L, N * M, 1, P, Lq)
         output = None
         # The levels' weighted sums are added one after another instead of stacking the samples of
         # all levels first: that stack was the largest copy of a CPU training step.
         for l, (H, W) in enumerate(shapes):
             # (N, H*W, M, D) -> (N*M, D, H, W)
             level = levels[l].flatten(2).transpose(1, 2).reshape(N * M, D, H, W)
-            # (N, Lq, M, P, 2) -> (N*M, Lq, P, 2)
-            grid = grids[:, :, :, l].transpose(1, 2).flatten(0, 1)
-            sampled = F.grid_sample(level, grid, mode="bilinear", padding_mode="zeros",
-                                    align_corners=False)  # (N*M, D, Lq, P)
-            term = (sampled * weights[..., l, :]).sum(-1)  # (N*M, D, Lq)
+            sampled = F.grid_sample(level, grids[l], mode="bilinear", padding_mode="zeros",
+                                    align_corners=False)  # (N*M, D, P, Lq)
+            term = (sampled * weights[l]).sum(2)  # (N*M, D, Lq)
             output = term if output is None else output + term
         output = output.view(N, M * D, Lq).transpose(1, 2)
     return output.to(value.dtype).contiguous()
