@@ -178,6 +178,27 @@ def test_pytorch_path_zero_outside_and_edge_values():
     torch.testing.assert_close(out[0, :, 0], torch.tensor([2.0, 1.0, 0.5, 0.0], dtype=torch.float64))
 
 
+@pytest.mark.parametrize("N", [1, 2])
+def test_pytorch_path_backward_gives_grid_sample_contiguous_gradients(N, monkeypatch):
+    """grid_sample's CPU backward and the weighted sum's products are slow on channel-strided
+    gradients, which a batch of one image used to hand them."""
+    contiguous = []
+    grid_sample = function.F.grid_sample
+
+    def recording(*args, **kwargs):
+        out = grid_sample(*args, **kwargs)
+        out.register_hook(lambda grad: contiguous.append(grad.is_contiguous()))
+        return out
+
+    monkeypatch.setattr(function.F, "grid_sample", recording)
+    value, shapes, starts, locations, weights = make_inputs(N=N, M=2, D=3)
+    for t in (value, locations, weights):
+        t.requires_grad_()
+    out = ms_deform_attn_pytorch(value, shapes, starts, locations, weights)
+    out.backward(torch.randn_like(out))
+    assert contiguous == [True] * len(SHAPES)
+
+
 def test_pytorch_path_gradcheck():
     value, shapes, starts, locations, weights = make_inputs(N=1, Lq=2, M=2, D=3,
                                                             shapes=((3, 4), (2, 2)), lo=-0.1, hi=1.1)

@@ -68,6 +68,18 @@ def sampling_flops(sampled_shape):
     return FLOPS_PER_SAMPLE * n
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations,
                            attention_weights):
     """Pure-PyTorch path: one `grid_sample` per level. Runs on any device; the result has the
@@ -91,8 +103,10 @@ def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_lo
         # (N, Lq, M, L, P, 2) -> (L, N*M, P, Lq, 2), each level's grid contiguous: with the points
         # before the queries, grid_sample's output (N*M, D, P, Lq) and the weights have the long query
         # axis innermost, where the weighted sum's products and its sum over points run fastest on CPU.
-        grids = (2 * sampling_locations.to(dtype) - 1).permute(3, 0, 2, 4, 1, 5).reshape(L, N * M, P, Lq, 2)
-        weights = attention_weights.to(dtype).permute(3, 0, 2, 4, 1).reshape(L, N * M, 1, P, Lq)
+        # .contiguous(): for N = 1 the reshapes are strided views (see _ContiguousGrad below).
+        grids = 2 * sampling_locations.to(dtype) - 1  # grid_sample wants [-1, 1]
+        grids = grids.permute(3, 0, 2, 4, 1, 5).reshape(L, N * M, P, Lq, 2).contiguous()
+        weights = attention_weights.to(dtype).permute(3, 0, 2, 4, 1).reshape(L, N * M, 1, P, Lq).contiguous()
         output = None
         # The levels' weighted sums are added one after another instead of stacking the samples of
         # all levels first: that stack was the largest copy of a CPU training step.
@@ -103,7 +117,13 @@ def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_lo
                                     align_corners=False)  # (N*M, D, P, Lq)
             term = (sampled * weights[l]).sum(2)  # (N*M, D, Lq)
             output = term if output is None else output + term
-        output = output.view(N, M * D, Lq).transpose(1, 2)
+        # For N = 1 the gradient of (N, Lq, M*D) would come back through the transpose as a
+        # channel-strided view (undoing the view needs no copy then), and the weighted sum's
+        # products and grid_sample's backward would inherit that layout, as they would the strided
+        # weights: a 1.5x longer CPU training step of Deformable-DETR at batch 1 (the model of
+        # experiments.benchmarks.vs_transformers, 384 px; tests/test_ms_deform_attn.py checks the
+        # layout).
+        output = _ContiguousGrad.apply(output).view(N, M * D, Lq).transpose(1, 2)
     return output.to(value.dtype).contiguous()
 
 
