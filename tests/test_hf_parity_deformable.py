@@ -250,3 +250,6 @@ def test_the_step_benchmark_against_transformers_runs_on_the_same_model(capsys):
     difference = float(out.split("differ by at most ")[1].split()[0])
     assert difference < 1e-4  # float32; the parity test above holds it to 1e-10 in float64
     assert "train step" in out and "inference" in out and out.count("ours / transformers") == 2
+    vs_transformers.main(["--small", "--size", "64", "--repeats", "1", "--profile"])
+    out = capsys.readouterr().out
+    assert "ours, one whole training step" in out and "transformers, one whole training step" in out

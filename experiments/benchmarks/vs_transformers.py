@@ -15,9 +15,9 @@ placements (docs/transformers_parity.md lists them).
 Printed: the largest difference of the two sides' inference outputs (the same model: about 1e-5
 in float32), the training step (forward, loss, backward, AdamW step) and the inference forward of both,
 the medians of --repeats interleaved steps after one warm-up each, and the ratio ours / transformers.
---profile adds the top CPU operations of one training forward of each side (torch.profiler), with
-dropout's (`aten::bernoulli_`, `aten::rand_like`) share. Needs transformers (a test requirement):
-without it the benchmark says so and exits.
+--profile adds the top CPU operations of one training forward and of one whole training step of
+each side (torch.profiler), with dropout's (`aten::bernoulli_`, `aten::rand_like`) share. Needs
+transformers (a test requirement): without it the benchmark says so and exits.
 """
 import argparse
 import os
@@ -136,7 +136,7 @@ def main(argv=None):
     parser.add_argument("--dropout", type=float, default=0.1,
                         help="dropout of both sides (default 0.1; 0 compares the steps without dropout, whose "
                              "placements differ: the decoder self-attention drops its weights here, its output there)")
-    parser.add_argument("--profile", action="store_true", help="print the top operations of a training forward")
+    parser.add_argument("--profile", action="store_true", help="print the top operations of a training forward and of a whole training step")
     parser.add_argument("--small", action="store_true", help="d 32, 2+2 layers, 12 queries (to try the command)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -177,6 +177,10 @@ def main(argv=None):
         print("\ntransformers, one training forward (model + loss):")
         profile(partial(forward, hf, lambda: hf(pixel_values=batch[0], pixel_mask=(~batch[1]).long(),
                                                 labels=labels)), device)
+        print("\nours, one whole training step (forward, loss, backward, AdamW step):")
+        profile(partial(train_step, ours, criterion, ours_opt, batch), device)
+        print("\ntransformers, one whole training step:")
+        profile(partial(hf_train, hf, hf_opt, batch, labels), device)
 
 
 if __name__ == "__main__":
