@@ -181,7 +181,7 @@ def test_pytorch_path_zero_outside_and_edge_values():
 @pytest.mark.parametrize("N", [1, 2])
 def test_pytorch_path_backward_gives_grid_sample_contiguous_gradients(N, monkeypatch):
     """grid_sample's CPU backward and the weighted sum's products are slow on channel-strided
-    gradients, which a batch of one image used to hand them."""
+    gradients, which a batch of one image would hand them (its reshapes are strided views)."""
     contiguous = []
     grid_sample = function.F.grid_sample
 
