@@ -10,8 +10,8 @@ Every row is built from a random initialisation (the numbers do not depend on we
   function mode notes every nn.Parameter handed to an operation), not taken from a list of names;
 - GFLOPs of one inference forward of one --size (height, width) image, counted by
   torch.utils.flop_counter.FlopCounterMode at 2 FLOPs per multiply-add (half of it is the "GFLOPs"
-  of papers that count multiply-adds with fvcore); the deformable sampling (grid_sample;
-  models.ops.ms_deform_attn.sampling_flops) and the CPU kernel of scaled_dot_product_attention are
+  of papers that count multiply-adds with fvcore); the deformable sampling (counted on its
+  PyTorch path, from grid_sample's shapes: models.ops.ms_deform_attn.sampling_flops) and the CPU kernel of scaled_dot_product_attention are
   counted from their shapes, and the other operations the counter skips (normalisation, softmax,
   reductions) are named in the notes with their call counts;
 - latency: the median wall time of an inference forward on --device over --repeats runs after two
@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_c
 
 from datasets.synthetic import CATEGORIES
 from models import build_model
-from models.ops.ms_deform_attn import sampling_flops
+from models.ops.ms_deform_attn import pytorch_path, sampling_flops
 
 from . import records
 from .benchmarks import seconds
@@ -130,7 +130,9 @@ def count(model, *inputs):
     model.requires_grad_(False)
     reads, ops = _ParametersRead(), _OperationsRun()
     flops = FlopCounterMode(display=False, custom_mapping=FORMULAS)
-    with reads, flops, ops:
+    # the deformable sampling on its PyTorch path, whose grid_sample the counter sees (it cannot
+    # see into the compiled kernels)
+    with reads, flops, ops, pytorch_path():
         model(*inputs)
     counted = set(flop_registry) | set(FORMULAS)
     skipped = {str(p).removeprefix("aten."): n for p, n in sorted(ops.calls.items(), key=lambda kv: str(kv[0]))

@@ -11,8 +11,8 @@ As the authors' configuration (detrex Deformable-DETR; docs/authors_code.md, "Fa
 - decoder: self-attention, deformable cross-attention, FFN; no final LayerNorm; every layer's
   output goes to one class and one box head shared by all layers.
 `model.deformable.box_refine: true` gives every layer its own heads and iterative box refinement,
-as the DN-Deformable family. The whole forward runs on CPU with the PyTorch path of
-models.ops.ms_deform_attn. Layer by layer (heads, points, dropout, masks): docs/models.md.
+as the DN-Deformable family. The whole forward runs on CPU (models.ops.ms_deform_attn's CPU
+kernels, or its PyTorch path). Layer by layer (heads, points, dropout, masks): docs/models.md.
 """
 import copy
 from dataclasses import dataclass

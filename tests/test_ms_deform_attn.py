@@ -1,5 +1,6 @@
-"""MSDeformAttn: the PyTorch path against an explicit loop, gradients, dtypes, dispatch, the CUDA
-kernels (emulated on the host, and on a GPU when there is one) and the extension build.
+"""MSDeformAttn: the PyTorch path against an explicit loop, gradients, dtypes, dispatch, the CPU
+kernels, the CUDA kernels (emulated on the host, and on a GPU when there is one) and the extension
+build.
 
 Channel counts D and the backward kernel's lane groups (G = min(32, next power of two >= D);
 the forward kernel has a single code path):
@@ -24,6 +25,7 @@ import pytest
 import torch
 
 import models.ops.ms_deform_attn.build as build
+import models.ops.ms_deform_attn.cpu_kernels as cpu_kernels
 import models.ops.ms_deform_attn.extension as extension
 import models.ops.ms_deform_attn.function as function
 from models.ops.ms_deform_attn import (BUILD_COMMAND, load_extension_from, ms_deform_attn,
@@ -143,10 +145,14 @@ def check_against_pytorch_path(run, inputs, out_tol, grad_tol):
 
 @pytest.fixture
 def restore_extension_state(monkeypatch):
-    """Undo any change the test makes to the loaded extension; the test starts with no fallback
-    notice shown yet, and the process's record of shown notices is put back after it."""
-    for name in ("_extension", "_load_error", "_tried"):
-        monkeypatch.setattr(extension, name, getattr(extension, name))
+    """Undo any change the test makes to the loaded extension and CPU kernels; the test starts
+    with no fallback notice shown yet, and the process's record of shown notices is put back
+    after it."""
+    for module in (extension, cpu_kernels):
+        for name in ("_load_error", "_tried"):
+            monkeypatch.setattr(module, name, getattr(module, name))
+    monkeypatch.setattr(extension, "_extension", extension._extension)
+    monkeypatch.setattr(cpu_kernels, "_kernels", cpu_kernels._kernels)
     monkeypatch.setattr(function, "_notices_shown", set())
 
 
@@ -213,7 +219,7 @@ def test_half_inputs_run_in_float32(dtype):
     grad_output = representable_grad_output(2, 5, 12)
     actual = grads(ms_deform_attn, inputs, grad_output)
     as_float = [t.float() if t.is_floating_point() else t for t in inputs]
-    expected = grads(ms_deform_attn_pytorch, as_float, grad_output)
+    expected = grads(ms_deform_attn, as_float, grad_output)
     assert [t.dtype for t in actual] == [dtype] * 4
     for a, e in zip(actual, expected):  # float32 results rounded once to the input dtype
         torch.testing.assert_close(a, e.to(dtype), rtol=0, atol=0)
@@ -262,30 +268,29 @@ def _failing_extension():
     return types.SimpleNamespace(forward=fail, backward=fail)
 
 
-def test_cpu_tensors_take_pytorch_path_even_with_extension(monkeypatch, restore_extension_state,
-                                                           capfd):
+def test_cpu_tensors_never_reach_the_cuda_extension(monkeypatch, restore_extension_state, capfd):
     monkeypatch.setattr(function, "get_extension", _failing_extension)
     inputs = make_inputs()
     out = ms_deform_attn(*inputs)
-    torch.testing.assert_close(out, ms_deform_attn_pytorch(*inputs), rtol=0, atol=0)
-    assert capfd.readouterr() == ("", "")  # nothing to report: the extension is there
+    torch.testing.assert_close(out, ms_deform_attn_pytorch(*inputs), rtol=1e-12, atol=1e-12)
+    err = capfd.readouterr().err
+    assert "PyTorch path" not in err  # the CPU kernels ran (or, without a compiler, said so)
 
 
 def test_fallback_notice_is_printed_once(monkeypatch, restore_extension_state, capfd):
-    monkeypatch.setattr(function, "get_extension", lambda: None)
-    monkeypatch.setattr(function, "extension_load_error", lambda: "ImportError: not\nbuilt")
+    monkeypatch.setattr(function, "get_cpu_kernels", lambda: None)
+    monkeypatch.setattr(function, "cpu_kernels_load_error", lambda: "OSError: no\ncompiler")
     inputs = make_inputs()
     for _ in range(3):
         ms_deform_attn(*inputs)
     out, err = capfd.readouterr()
     assert out == "" and len(err.splitlines()) == 1, err
-    assert "CPU tensors run on the PyTorch path" in err
-    assert "(ImportError: not built)" in err  # the reason, on one line
-    assert "make op" in err and BUILD_COMMAND in err
+    assert "CPU tensors run on the slower PyTorch path" in err
+    assert "(OSError: no compiler)" in err  # the reason, on one line
+    assert "C++17 compiler" in err and "MSDA_CPU_KERNELS=0" in err
 
 
 FALLBACK_SCRIPT = """\
-import sys; sys.modules['models.ops.ms_deform_attn._C'] = None  # as if never built
 import torch
 from models.ops.ms_deform_attn import ms_deform_attn
 v = torch.ones(1, 4, 1, 2); loc = torch.full((1, 3, 1, 1, 1, 2), 0.5)
@@ -296,14 +301,15 @@ for _ in range(2):
 
 def test_fallback_notice_shows_once_in_a_fresh_process():
     """Without any logging set up (a plain script, a training process), the notice reaches
-    stderr, once for two calls."""
+    stderr, once for two calls; here the CPU kernels are switched off by the environment."""
     proc = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], cwd=REPO, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+                          text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "MSDA_CPU_KERNELS": "0"})
     assert proc.returncode == 0, proc.stderr
     notices = [line for line in proc.stderr.splitlines() if line.startswith("MSDeformAttn:")]
     assert len(notices) == 1, proc.stderr
-    assert "PyTorch path" in notices[0] and "not loaded" in notices[0]
-    assert "make op" in notices[0] and BUILD_COMMAND in notices[0]
+    assert notices[0].endswith("PyTorch path (grid_sample): the CPU kernels are switched off by "
+                               "MSDA_CPU_KERNELS=0"), notices[0]
     assert proc.stdout == ""
 
 
@@ -340,7 +346,156 @@ def test_wrong_arch_error_names_the_fix():
         raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
     ext = types.SimpleNamespace(forward=no_kernel_image, backward=no_kernel_image)
     with pytest.raises(RuntimeError, match="TORCH_CUDA_ARCH_LIST=.*" + BUILD_COMMAND):
-        function._ms_deform_attn_cuda(ext, *make_inputs())
+        function._ms_deform_attn_compiled(ext, *make_inputs())
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU kernels (src/ms_deform_attn_cpu.cpp, compiled on first use by cpu_kernels.py)
+
+
+@pytest.fixture(scope="module")
+def cpu_lib():
+    kernels = cpu_kernels.get_cpu_kernels()
+    if kernels is None:
+        pytest.skip(f"CPU kernels not loaded: {cpu_kernels.cpu_kernels_load_error()}")
+    return kernels
+
+
+def cpu_kernel_grads(kernels, inputs, grad_output):
+    return grads(lambda *args: function._ms_deform_attn_compiled(kernels, *args), inputs,
+                 grad_output)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("D", CHANNELS)
+def test_cpu_kernels_match_pytorch_path(cpu_lib, D, dtype):
+    tol = (F64_TOL, F64_TOL) if dtype == torch.float64 else (F32_TOL, F32_GRAD_TOL)
+    check_against_pytorch_path(lambda inputs, g: cpu_kernel_grads(cpu_lib, inputs, g),
+                               make_inputs(N=2, Lq=3, M=3, D=D, dtype=dtype), *tol)
+
+
+@pytest.mark.parametrize("borders", [False, True], ids=["random", "borders"])
+def test_cpu_kernels_match_loop_reference(cpu_lib, borders):
+    inputs = make_inputs(D=3)
+    if borders:
+        put_border_locations(inputs[3], SHAPES)
+    out = function._ms_deform_attn_compiled(cpu_lib, *inputs)
+    torch.testing.assert_close(out, loop_reference(*inputs), rtol=1e-12, atol=1e-12)
+
+
+def test_cpu_kernels_gradcheck(cpu_lib):
+    value, shapes, starts, locations, weights = make_inputs(N=2, Lq=3, M=2, D=5,
+                                                            shapes=((3, 4), (2, 2)), lo=-0.1, hi=1.1)
+    args = tuple(t.requires_grad_() for t in (value, locations, weights))
+    assert torch.autograd.gradcheck(
+        lambda v, loc, w: function._ms_deform_attn_compiled(cpu_lib, v, shapes, starts, loc, w),
+        args)
+
+
+def test_cpu_kernels_do_not_depend_on_the_thread_count(cpu_lib):
+    """Work is split by head (and, forward, by blocks of 256 queries): every thread count gives
+    the same bits, also with more threads than heads and queries spanning several blocks."""
+    inputs = make_inputs(N=2, Lq=600, M=3, D=8, dtype=torch.float32, shapes=((9, 7), (4, 3)))
+    grad_output = torch.randn(2, 600, 24, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3, 8):
+            torch.set_num_threads(n)
+            results.append(cpu_kernel_grads(cpu_lib, inputs, grad_output))
+    finally:
+        torch.set_num_threads(threads)
+    for result in results[1:]:
+        for name, a, b in zip(NAMES, results[0], result):
+            assert torch.equal(a, b), name
+
+
+def test_cpu_kernels_empty_and_non_contiguous_inputs(cpu_lib):
+    value, shapes, starts, locations, weights = make_inputs(D=8)
+    strided = value.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+    assert not strided.is_contiguous()
+    torch.testing.assert_close(function._ms_deform_attn_compiled(cpu_lib, strided, shapes, starts,
+                                                                 locations, weights),
+                               ms_deform_attn_pytorch(value, shapes, starts, locations, weights),
+                               rtol=1e-12, atol=1e-12)
+    empty = function._ms_deform_attn_compiled(cpu_lib, value, shapes, starts, locations[:, :0],
+                                              weights[:, :0])
+    assert empty.shape == (2, 0, 24)
+
+
+def test_cpu_tensors_take_the_cpu_kernels_unless_told_otherwise(monkeypatch,
+                                                                 restore_extension_state, capfd):
+    calls = []
+
+    class Recording:
+        def forward(self, *args):
+            calls.append("forward")
+            return cpu_kernels.get_cpu_kernels().forward(*args)
+
+    if cpu_kernels.get_cpu_kernels() is None:
+        pytest.skip(f"CPU kernels not loaded: {cpu_kernels.cpu_kernels_load_error()}")
+    monkeypatch.setattr(function, "get_cpu_kernels", Recording)
+    inputs = make_inputs()
+    ms_deform_attn(*inputs)
+    assert calls == ["forward"]
+    with function.pytorch_path():
+        out = ms_deform_attn(*inputs)
+    assert calls == ["forward"]  # not called again
+    torch.testing.assert_close(out, ms_deform_attn_pytorch(*inputs), rtol=0, atol=0)
+    assert capfd.readouterr().err == ""  # a chosen path is not a fallback: no notice
+
+
+def test_cpu_kernels_compile_once_per_source_and_flags(tmp_path, monkeypatch):
+    compiler = cpu_kernels._compiler()
+    path = cpu_kernels.compile_library(tmp_path, compiler)
+    assert path.parent == tmp_path and path.name == cpu_kernels.library_name(compiler)
+    mtime = path.stat().st_mtime_ns
+    assert cpu_kernels.compile_library(tmp_path, compiler) == path  # found, not rebuilt
+    assert path.stat().st_mtime_ns == mtime
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+    monkeypatch.setattr(cpu_kernels, "FLAGS", cpu_kernels.FLAGS + ["-DMSDA_UNUSED"])
+    assert cpu_kernels.library_name(compiler) != path.name  # other flags: another library
+
+
+def test_cpu_kernels_are_built_for_the_cpu_kind(monkeypatch):
+    """-march=native only where the CPU's features are known, and they name the library, so that
+    nodes of other CPU kinds sharing one checkout never load each other's."""
+    compiler = cpu_kernels._compiler()
+    monkeypatch.setattr(cpu_kernels, "cpu_features", lambda: "fpu sse2 avx2")
+    assert "-march=native" in cpu_kernels.compile_flags()
+    avx2 = cpu_kernels.library_name(compiler)
+    monkeypatch.setattr(cpu_kernels, "cpu_features", lambda: "fpu sse2")
+    assert cpu_kernels.library_name(compiler) != avx2
+    monkeypatch.setattr(cpu_kernels, "cpu_features", lambda: "")
+    assert cpu_kernels.compile_flags() == cpu_kernels.FLAGS
+
+
+def test_cpu_kernels_compile_errors_are_recorded_not_raised(tmp_path, monkeypatch,
+                                                            restore_extension_state):
+    failing = tmp_path / "failing-c++"
+    failing.write_text("#!/bin/sh\necho 'fatal error: something is missing' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("CXX", str(failing))
+    monkeypatch.setattr(cpu_kernels, "_cache_dirs", lambda: iter([tmp_path / "cache"]))
+    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    monkeypatch.setattr(cpu_kernels, "_kernels", None)
+    assert cpu_kernels.get_cpu_kernels() is None
+    error = cpu_kernels.cpu_kernels_load_error()
+    assert "failing-c++ failed on ms_deform_attn_cpu.cpp" in error and "something is missing" in error
+    assert list((tmp_path / "cache").iterdir()) == []  # the temporary output was removed
+
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    assert cpu_kernels.get_cpu_kernels() is None
+    assert "'no-such-compiler' (from CXX) not found" in cpu_kernels.cpu_kernels_load_error()
+
+
+def test_cpu_kernels_switched_off_by_the_environment(monkeypatch, restore_extension_state):
+    monkeypatch.setenv("MSDA_CPU_KERNELS", "0")
+    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    monkeypatch.setattr(cpu_kernels, "_kernels", None)
+    assert cpu_kernels.get_cpu_kernels() is None
+    assert cpu_kernels.cpu_kernels_load_error() == "switched off by MSDA_CPU_KERNELS=0"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -585,6 +740,7 @@ def test_cuda_without_extension_falls_back_with_notice(monkeypatch, restore_exte
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     monkeypatch.setattr(function, "get_extension", lambda: None)
+    monkeypatch.setattr(function, "get_cpu_kernels", lambda: None)
     inputs = make_inputs(device="cuda")
     out = ms_deform_attn(*inputs)
     ms_deform_attn(*inputs)
@@ -593,4 +749,4 @@ def test_cuda_without_extension_falls_back_with_notice(monkeypatch, restore_exte
     assert len(err.splitlines()) == 1 and "CUDA tensors run on the slower PyTorch path" in err, err
     ms_deform_attn(*[t.cpu() for t in inputs])  # CPU tensors: a notice of their own, once
     err = capfd.readouterr().err
-    assert len(err.splitlines()) == 1 and "CPU tensors run on the PyTorch path" in err, err
+    assert len(err.splitlines()) == 1 and "CPU tensors run on the slower PyTorch path" in err, err

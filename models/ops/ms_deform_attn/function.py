@@ -1,4 +1,5 @@
-"""Multi-scale deformable attention: the op, its PyTorch path and the dispatch between the two.
+"""Multi-scale deformable attention: the op, its PyTorch path, and the dispatch between the PyTorch
+path and the compiled kernels (CUDA extension, CPU kernels).
 
 Shapes (N batch, S = sum_l H_l * W_l value positions, M heads, D channels per head, Lq queries,
 L levels, P points per level):
@@ -10,16 +11,20 @@ L levels, P points per level):
     attention_weights   (N, Lq, M, L, P), already normalised over L * P
     output              (N, Lq, M * D)
 """
+import contextlib
 import sys
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .cpu_kernels import ENV_SWITCH, cpu_kernels_load_error, get_cpu_kernels, switched_off
 from .extension import BUILD_COMMAND, extension_load_error, get_extension
 
 # Device types ("cpu", "cuda") whose fallback notice this process has printed: one line each.
 _notices_shown = set()
+# Set by `pytorch_path()`: every call takes the PyTorch path.
+_pytorch_path_forced = False
 
 
 def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -46,6 +51,21 @@ def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, 
     for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
         if t.is_floating_point() or t.is_complex():
             raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+
+
+def _check_levels(value, spatial_shapes, level_start_index):
+    """([(H_l, W_l)], [H_l * W_l]) after checking that the levels cover value's S positions and
+    start where `level_start_index` says (this reads both tensors on the host)."""
+    S = value.shape[1]
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    sizes = [h * w for h, w in shapes]
+    if sum(sizes) != S:
+        raise ValueError(f"spatial_shapes {shapes} cover {sum(sizes)} positions but value has S={S}")
+    starts = [sum(sizes[:l]) for l in range(len(shapes))]
+    if level_start_index.tolist() != starts:
+        raise ValueError(f"level_start_index {level_start_index.tolist()} does not match "
+                         f"spatial_shapes {shapes} (expected {starts})")
+    return shapes, sizes
 
 
 def _compute_dtype(*tensors):
@@ -85,16 +105,9 @@ def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_lo
     """Pure-PyTorch path: one `grid_sample` per level. Runs on any device; the result has the
     dtype of `value`. `level_start_index` is only checked against `spatial_shapes`."""
     _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    shapes, sizes = _check_levels(value, spatial_shapes, level_start_index)
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    sizes = [h * w for h, w in shapes]
-    if sum(sizes) != S:
-        raise ValueError(f"spatial_shapes {shapes} cover {sum(sizes)} positions but value has S={S}")
-    starts = [sum(sizes[:l]) for l in range(L)]
-    if level_start_index.tolist() != starts:
-        raise ValueError(f"level_start_index {level_start_index.tolist()} does not match "
-                         f"spatial_shapes {shapes} (expected {starts})")
 
     dtype = _compute_dtype(value, sampling_locations, attention_weights)
     # Explicit dtype: autocast must not lower grid_sample or the weighted sum.
@@ -127,35 +140,38 @@ def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_lo
     return output.to(value.dtype).contiguous()
 
 
-class _MSDeformAttnCUDA(torch.autograd.Function):
-    """The compiled kernels; inputs are contiguous, on one GPU, float32 or float64 alike."""
+class _MSDeformAttnCompiled(torch.autograd.Function):
+    """The compiled kernels (`kernels`: the CUDA extension or the CPU kernels); inputs are
+    contiguous, on one device, float32 or float64 alike."""
 
     @staticmethod
-    def forward(ctx, ext, value, spatial_shapes, level_start_index, sampling_locations,
+    def forward(ctx, kernels, value, spatial_shapes, level_start_index, sampling_locations,
                 attention_weights):
-        ctx.ext = ext
+        ctx.kernels = kernels
         ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations,
                               attention_weights)
-        return ext.forward(value, spatial_shapes, level_start_index, sampling_locations,
-                           attention_weights)
+        return kernels.forward(value, spatial_shapes, level_start_index, sampling_locations,
+                               attention_weights)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        grad_value, grad_locations, grad_weights = ctx.ext.backward(
+        grad_value, grad_locations, grad_weights = ctx.kernels.backward(
             *ctx.saved_tensors, grad_output.contiguous())
         return None, grad_value, None, None, grad_locations, grad_weights
 
 
-def _ms_deform_attn_cuda(ext, value, spatial_shapes, level_start_index, sampling_locations,
-                         attention_weights):
+def _ms_deform_attn_compiled(kernels, value, spatial_shapes, level_start_index, sampling_locations,
+                             attention_weights):
     _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if not value.is_cuda:  # the CPU kernels trust the levels; on a GPU the check would sync
+        _check_levels(value, spatial_shapes, level_start_index)
     dtype = _compute_dtype(value, sampling_locations, attention_weights)
     device = value.device
     try:
         # The casts are recorded by autograd, so gradients reach the inputs in their own dtypes.
-        output = _MSDeformAttnCUDA.apply(
-            ext, value.to(dtype).contiguous(),
+        output = _MSDeformAttnCompiled.apply(
+            kernels, value.to(dtype).contiguous(),
             spatial_shapes.to(device, torch.int64).contiguous(),
             level_start_index.to(device, torch.int64).contiguous(),
             sampling_locations.to(dtype).contiguous(), attention_weights.to(dtype).contiguous())
@@ -169,16 +185,22 @@ def _ms_deform_attn_cuda(ext, value, spatial_shapes, level_start_index, sampling
     return output.to(value.dtype)
 
 
+def _one_line(error):
+    return f" ({' '.join(str(error).split())})" if error else ""  # on one line, whatever it said
+
+
 def _fallback_notice(device):
-    """The one-line notice for the PyTorch path taken on `device` without the extension."""
-    error = extension_load_error()
-    why = f" ({' '.join(str(error).split())})" if error else ""  # on one line, whatever it said
-    build = f"build it with `make op` ({BUILD_COMMAND}; needs nvcc, not a GPU)"
+    """The one-line notice for the PyTorch path taken on `device` without its compiled kernels."""
     if device.type == "cuda":
         return (f"MSDeformAttn: CUDA tensors run on the slower PyTorch path (grid_sample) because "
-                f"the compiled extension is not loaded{why}; {build}")
-    return (f"MSDeformAttn: {device.type.upper()} tensors run on the PyTorch path (grid_sample); "
-            f"the compiled CUDA extension, for CUDA tensors only, is not loaded{why}; {build}")
+                f"the compiled extension is not loaded{_one_line(extension_load_error())}; build "
+                f"it with `make op` ({BUILD_COMMAND}; needs nvcc, not a GPU)")
+    if switched_off():
+        return (f"MSDeformAttn: CPU tensors run on the PyTorch path (grid_sample): the CPU kernels "
+                f"are switched off by {ENV_SWITCH}=0")
+    return (f"MSDeformAttn: CPU tensors run on the slower PyTorch path (grid_sample) because the "
+            f"CPU kernels are not loaded{_one_line(cpu_kernels_load_error())}; they need a C++17 "
+            f"compiler (CXX, or c++/g++ on PATH); {ENV_SWITCH}=0 switches them off")
 
 
 def _note_fallback(device):
@@ -195,21 +217,43 @@ def _note_fallback(device):
         print(notice, file=sys.stderr, flush=True)
 
 
+@contextlib.contextmanager
+def pytorch_path():
+    """Within this context every call takes `ms_deform_attn_pytorch`, whatever is compiled (for
+    FLOP counters, which see grid_sample but not the compiled kernels, and for comparisons)."""
+    global _pytorch_path_forced
+    saved, _pytorch_path_forced = _pytorch_path_forced, True
+    try:
+        yield
+    finally:
+        _pytorch_path_forced = saved
+
+
+def _compiled_kernels(device):
+    """The compiled kernels for `device`, or None."""
+    if device.type == "cuda":
+        return get_extension()
+    if device.type == "cpu":
+        return get_cpu_kernels()
+    return None
+
+
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     """Multi-scale deformable attention, (N, Lq, M * D) in the dtype of `value`.
 
-    CUDA tensors use the compiled kernels when the extension is loaded; CPU tensors, and CUDA
-    tensors without the extension, use `ms_deform_attn_pytorch`; when the extension is not
-    loaded, one line on stderr says so, once per process and device type. Half and bfloat16
-    inputs are computed in float32. On CUDA the value gradient is accumulated with atomicAdd,
-    so it is not bitwise reproducible.
+    CUDA tensors use the CUDA extension when it is loaded, CPU tensors the CPU kernels (compiled
+    on first use, see cpu_kernels.py); otherwise, and inside `pytorch_path()`, the op runs
+    `ms_deform_attn_pytorch`, and when that is for want of the compiled kernels one line on stderr
+    says so, once per process and device type. Half and bfloat16 inputs are computed in float32.
+    On CUDA the value gradient is accumulated with atomicAdd, so it is not bitwise reproducible;
+    on CPU it is.
     """
-    if value.is_cuda:
-        ext = get_extension()
-        if ext is not None:
-            return _ms_deform_attn_cuda(ext, value, spatial_shapes, level_start_index,
-                                        sampling_locations, attention_weights)
-    if get_extension() is None:
-        _note_fallback(value.device)
+    if not _pytorch_path_forced:
+        kernels = _compiled_kernels(value.device)
+        if kernels is not None:
+            return _ms_deform_attn_compiled(kernels, value, spatial_shapes, level_start_index,
+                                            sampling_locations, attention_weights)
+        if value.device.type in ("cpu", "cuda"):
+            _note_fallback(value.device)
     return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations,
                                   attention_weights)

@@ -17,8 +17,6 @@
 #include <thread>
 #include <vector>
 
-using std::floor;
-
 #define __global__
 #define __device__
 #define __forceinline__ inline

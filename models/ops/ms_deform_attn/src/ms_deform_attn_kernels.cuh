@@ -1,8 +1,6 @@
 // CUDA kernels of multi-scale deformable attention (MSDeformAttn).
 //
-// Sampling convention (grid_sample with align_corners=False and zero padding): a normalised
-// location (x, y) maps to the pixel coordinates w = x * W - 0.5, h = y * H - 0.5. A sample
-// contributes only when -1 < h < H and -1 < w < W; corners outside the map read as zero.
+// Sampling convention and bilinear corners: footprint.h.
 //
 // Forward: one thread per output element (n, q, m, c). Neighbouring threads take neighbouring
 // channels of one head, so the value reads of a warp are coalesced.
@@ -16,51 +14,21 @@
 // from run to run.
 //
 // This header holds the kernels only and needs nothing but the CUDA built-ins (blockIdx,
-// blockDim, threadIdx, __shfl_xor_sync, atomicAdd, floor), so the tests can also compile it for
-// the host with an emulated warp (host_emulation.cpp) and check it on machines without a GPU.
+// blockDim, threadIdx, __shfl_xor_sync, atomicAdd) and footprint.h, so the tests can also compile
+// it for the host with an emulated warp (host_emulation.cpp) and check it on machines without a
+// GPU.
 
 #pragma once
 
 #include <cstdint>
+
+#include "footprint.h"
 
 namespace ms_deform_attn {
 namespace kernels {
 
 constexpr int kThreadsPerBlock = 256;
 constexpr unsigned kFullWarpMask = 0xffffffffu;
-
-// Bilinear footprint of one sample on one level.
-template <typename scalar_t>
-struct Footprint {
-  bool inside = false;  // -1 < h < H and -1 < w < W; the other fields are only set when true
-  // Offsets of the corners (h0, w0), (h0, w1), (h1, w0), (h1, w1) from the level's first pixel,
-  // in value elements; -1 for a corner outside the map.
-  int64_t offset[4] = {-1, -1, -1, -1};
-  scalar_t lh = 0, lw = 0;  // fractional parts of h and w
-
-  __device__ __forceinline__ Footprint(scalar_t x, scalar_t y, int H, int W,
-                                       int64_t pixel_stride) {
-    const scalar_t h = y * H - scalar_t(0.5);
-    const scalar_t w = x * W - scalar_t(0.5);
-    inside = h > scalar_t(-1) && w > scalar_t(-1) && h < scalar_t(H) && w < scalar_t(W);
-    if (!inside) return;
-    const scalar_t h_floor = floor(h), w_floor = floor(w);
-    const int h0 = static_cast<int>(h_floor), w0 = static_cast<int>(w_floor);
-    const int h1 = h0 + 1, w1 = w0 + 1;
-    lh = h - h_floor;
-    lw = w - w_floor;
-    const bool h0_in = h0 >= 0, h1_in = h1 < H, w0_in = w0 >= 0, w1_in = w1 < W;
-    if (h0_in && w0_in) offset[0] = (int64_t(h0) * W + w0) * pixel_stride;
-    if (h0_in && w1_in) offset[1] = (int64_t(h0) * W + w1) * pixel_stride;
-    if (h1_in && w0_in) offset[2] = (int64_t(h1) * W + w0) * pixel_stride;
-    if (h1_in && w1_in) offset[3] = (int64_t(h1) * W + w1) * pixel_stride;
-  }
-
-  // Corner value of one channel; `level` points at that channel of the level's first pixel.
-  __device__ __forceinline__ scalar_t corner(const scalar_t* level, int k) const {
-    return offset[k] >= 0 ? level[offset[k]] : scalar_t(0);
-  }
-};
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreadsPerBlock) forward_kernel(
