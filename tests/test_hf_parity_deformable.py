@@ -245,11 +245,12 @@ def test_converter_refuses_what_it_cannot_represent():
 
 def test_the_step_benchmark_against_transformers_runs_on_the_same_model(capsys):
     from experiments.benchmarks import vs_transformers
-    vs_transformers.main(["--small", "--size", "64", "--repeats", "1"])
+    vs_transformers.main(["--small", "--size", "64", "--repeats", "1", "--pytorch-path"])
     out = capsys.readouterr().out
     difference = float(out.split("differ by at most ")[1].split()[0])
     assert difference < 1e-4  # float32; the parity test above holds it to 1e-10 in float64
     assert "train step" in out and "inference" in out and out.count("ours / transformers") == 2
+    assert out.count(f"{vs_transformers.PYTORCH_PATH} ") == 2 and out.count("ours / it") == 2
     vs_transformers.main(["--small", "--size", "64", "--repeats", "1", "--profile"])
     out = capsys.readouterr().out
     assert "ours, one whole training step" in out and "transformers, one whole training step" in out

@@ -3,6 +3,7 @@ same architecture and weights, in one run.
 
     python -m experiments.benchmarks.vs_transformers [--size 384] [--batch 2] [--repeats 5]
                                                      [--device cpu|cuda] [--profile] [--threads N]
+                                                     [--pytorch-path]
 
 transformers' DeformableDetrForObjectDetection is built from a local config (nothing is downloaded):
 an R18-style ResNet backbone (transformers' own ResNet, frozen as transformers builds it, so this side's
@@ -15,6 +16,8 @@ placements (docs/transformers_parity.md lists them).
 Printed: the largest difference of the two sides' inference outputs (the same model: about 1e-5
 in float32), the training step (forward, loss, backward, AdamW step) and the inference forward of both,
 the medians of --repeats interleaved steps after one warm-up each, and the ratio ours / transformers.
+--pytorch-path also times this repository's model with MSDeformAttn on its PyTorch path
+(grid_sample) instead of the compiled kernels, interleaved with the other two.
 --profile adds the top CPU operations of one training forward and of one whole training step of
 each side (torch.profiler), with dropout's (`aten::bernoulli_`, `aten::rand_like`) share. Needs
 transformers (a test requirement): without it the benchmark says so and exits.
@@ -28,8 +31,15 @@ import torch
 from experiments.benchmarks import infer_step, interleaved_medians, random_batch, synchronize, train_step
 from experiments.config import DEFAULTS, merge
 from models import build_model
+from models.ops.ms_deform_attn import pytorch_path
 
 NUM_CLASSES = 10
+PYTORCH_PATH = "ours on MSDeformAttn's PyTorch path"
+
+
+def on_pytorch_path(step):
+    with pytorch_path():
+        return step()
 
 
 def whole(value, key):
@@ -138,6 +148,8 @@ def main(argv=None):
                              "placements differ: the decoder self-attention drops its weights here, its output there)")
     parser.add_argument("--profile", action="store_true", help="print the top operations of a training forward and of a whole training step")
     parser.add_argument("--small", action="store_true", help="d 32, 2+2 layers, 12 queries (to try the command)")
+    parser.add_argument("--pytorch-path", action="store_true",
+                        help="also time this repository's model on MSDeformAttn's PyTorch path")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -160,13 +172,20 @@ def main(argv=None):
     print(f"Deformable-DETR, {args.batch} x {args.size}x{args.size} px, dropout {args.dropout}, {device}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"same model: inference logits and boxes differ by at most {output_difference(ours, hf, batch):.1e}")
-    train = interleaved_medians({"ours": partial(train_step, ours, criterion, ours_opt, batch),
-                         "transformers": partial(hf_train, hf, hf_opt, batch, labels)}, args.repeats, device)
-    infer = interleaved_medians({"ours": partial(infer_step, ours, batch),
-                                 "transformers": partial(hf_infer, hf, batch)}, args.repeats, device)
+    train = {"ours": partial(train_step, ours, criterion, ours_opt, batch),
+             "transformers": partial(hf_train, hf, hf_opt, batch, labels)}
+    infer = {"ours": partial(infer_step, ours, batch), "transformers": partial(hf_infer, hf, batch)}
+    if args.pytorch_path:
+        for sides in (train, infer):
+            sides[PYTORCH_PATH] = partial(on_pytorch_path, sides["ours"])
+    train, infer = (interleaved_medians(sides, args.repeats, device) for sides in (train, infer))
     for what, t in (("train step", train), ("inference", infer)):
         print(f"{what:10s}  ours {t['ours'] * 1e3:9.1f} ms   transformers {t['transformers'] * 1e3:9.1f} ms   "
               f"ours / transformers {t['ours'] / t['transformers']:.2f}x")
+        if PYTORCH_PATH in t:
+            print(f"{'':10s}  {PYTORCH_PATH} {t[PYTORCH_PATH] * 1e3:9.1f} ms   "
+                  f"/ transformers {t[PYTORCH_PATH] / t['transformers']:.2f}x   "
+                  f"ours / it {t['ours'] / t[PYTORCH_PATH]:.2f}x")
     if args.profile:
         def forward(model, call):
             model.train()
