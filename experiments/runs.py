@@ -13,6 +13,8 @@ import torch
 import torchvision
 
 from models import is_teacher_parameter
+from models.layers import MSDeformAttn
+from models.ops.ms_deform_attn import path_taken
 
 from . import records, slurm_jobs
 from .checkpoints import has_checkpoint
@@ -49,6 +51,9 @@ def environment(cfg, model, ctx, plan, resumed_after=None):
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "cpu": cpu_name(),
         "cpu_threads": torch.get_num_threads(),
+        # which MSDeformAttn implementation runs (they differ in rounding); None without the op
+        "ms_deform_attn": path_taken(device) if any(isinstance(m, MSDeformAttn) for m in model.modules())
+        else None,
         "launcher": ctx.source,
         "world_size": ctx.world_size,
         "backend": torch.distributed.get_backend() if ctx.distributed else None,

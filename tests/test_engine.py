@@ -9,6 +9,7 @@ import torch
 from experiments import checkpoints, engine, evaluation, records
 from experiments.engine import train_row
 from experiments.errors import NotAvailableError, RunError
+from models.ops.ms_deform_attn import path_taken
 
 TINY_RUN = ["model.hidden_dim=32", "model.nheads=4", "model.enc_layers=2", "model.dec_layers=2",
             "model.dim_feedforward=64", "model.num_queries=10", "model.eval_topk=20",
@@ -50,6 +51,7 @@ def test_demo_row_trains_evaluates_and_records(tmp_path, data_root, row, branche
     assert env["backbone_init"].startswith("synthetic:resnet18_synthetic.pth sha256:")
     assert (env["teacher_parameters"] > 0) == (row == "ks_def_r18")
     assert env["cpu"] and env["cpu_threads"] == torch.get_num_threads()  # where the time per epoch comes from
+    assert env["ms_deform_attn"] == path_taken("cpu") and env["ms_deform_attn"] in ("CPU kernels", "PyTorch path")
 
     # a finished row is skipped, not retrained or overwritten
     done = (directory / "DONE").read_text()

@@ -437,9 +437,10 @@ def test_cpu_tensors_take_the_cpu_kernels_unless_told_otherwise(monkeypatch,
     monkeypatch.setattr(function, "get_cpu_kernels", Recording)
     inputs = make_inputs()
     ms_deform_attn(*inputs)
-    assert calls == ["forward"]
+    assert calls == ["forward"] and function.path_taken("cpu") == "CPU kernels"
     with function.pytorch_path():
         out = ms_deform_attn(*inputs)
+        assert function.path_taken("cpu") == "PyTorch path"
     assert calls == ["forward"]  # not called again
     torch.testing.assert_close(out, ms_deform_attn_pytorch(*inputs), rtol=0, atol=0)
     assert capfd.readouterr().err == ""  # a chosen path is not a fallback: no notice

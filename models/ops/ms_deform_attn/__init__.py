@@ -11,8 +11,8 @@ first CPU call (a C++17 compiler, a few seconds). Importing this package loads n
 """
 from .cpu_kernels import cpu_kernels_load_error
 from .extension import BUILD_COMMAND, extension_available, extension_load_error, load_extension_from
-from .function import ms_deform_attn, ms_deform_attn_pytorch, pytorch_path, sampling_flops
+from .function import ms_deform_attn, ms_deform_attn_pytorch, path_taken, pytorch_path, sampling_flops
 
 __all__ = ["BUILD_COMMAND", "cpu_kernels_load_error", "extension_available", "extension_load_error",
-           "load_extension_from", "ms_deform_attn", "ms_deform_attn_pytorch", "pytorch_path",
-           "sampling_flops"]
+           "load_extension_from", "ms_deform_attn", "ms_deform_attn_pytorch", "path_taken",
+           "pytorch_path", "sampling_flops"]

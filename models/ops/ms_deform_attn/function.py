@@ -238,6 +238,14 @@ def _compiled_kernels(device):
     return None
 
 
+def path_taken(device):
+    """Which implementation a call with tensors on `device` takes now: "CUDA extension",
+    "CPU kernels" or "PyTorch path" (loading the compiled kernels if not done yet)."""
+    if _pytorch_path_forced or _compiled_kernels(torch.device(device)) is None:
+        return "PyTorch path"
+    return "CUDA extension" if torch.device(device).type == "cuda" else "CPU kernels"
+
+
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     """Multi-scale deformable attention, (N, Lq, M * D) in the dtype of `value`.
 
