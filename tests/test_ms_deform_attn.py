@@ -491,6 +491,24 @@ def test_cpu_kernels_compile_errors_are_recorded_not_raised(tmp_path, monkeypatc
     assert "'no-such-compiler' (from CXX) not found" in cpu_kernels.cpu_kernels_load_error()
 
 
+def test_cpu_kernels_go_elsewhere_when_the_package_is_read_only(tmp_path, monkeypatch,
+                                                                 restore_extension_state):
+    compile_library = cpu_kernels.compile_library
+    read_only, writable = tmp_path / "read-only", tmp_path / "writable"
+
+    def compile_where_allowed(out_dir, compiler=None):
+        if out_dir == read_only:
+            raise PermissionError(f"[Errno 13] Permission denied: '{out_dir}'")
+        return compile_library(out_dir, compiler)
+
+    monkeypatch.setattr(cpu_kernels, "compile_library", compile_where_allowed)
+    monkeypatch.setattr(cpu_kernels, "_cache_dirs", lambda: iter([read_only, writable]))
+    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    monkeypatch.setattr(cpu_kernels, "_kernels", None)
+    kernels = cpu_kernels.get_cpu_kernels()
+    assert kernels is not None and kernels.path.parent == writable
+
+
 def test_cpu_kernels_switched_off_by_the_environment(monkeypatch, restore_extension_state):
     monkeypatch.setenv("MSDA_CPU_KERNELS", "0")
     monkeypatch.setattr(cpu_kernels, "_tried", False)

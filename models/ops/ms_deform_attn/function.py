@@ -106,7 +106,7 @@ def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_lo
     dtype of `value`. `level_start_index` is only checked against `spatial_shapes`."""
     _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     shapes, sizes = _check_levels(value, spatial_shapes, level_start_index)
-    N, S, M, D = value.shape
+    N, _, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
 
     dtype = _compute_dtype(value, sampling_locations, attention_weights)
