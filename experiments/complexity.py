@@ -10,9 +10,9 @@ Every row is built from a random initialisation (the numbers do not depend on we
   function mode notes every nn.Parameter handed to an operation), not taken from a list of names;
 - GFLOPs of one inference forward of one --size (height, width) image, counted by
   torch.utils.flop_counter.FlopCounterMode at 2 FLOPs per multiply-add (half of it is the "GFLOPs"
-  of papers that count multiply-adds with fvcore); the deformable sampling (counted on its
-  PyTorch path, from grid_sample's shapes: models.ops.ms_deform_attn.sampling_flops) and the CPU kernel of scaled_dot_product_attention are
-  counted from their shapes, and the other operations the counter skips (normalisation, softmax,
+  of papers that count multiply-adds with fvcore); the deformable sampling (run on its PyTorch
+  path while counting: grid_sample; models.ops.ms_deform_attn.sampling_flops) and the CPU kernel
+  of scaled_dot_product_attention are counted from their shapes, and the other operations the counter skips (normalisation, softmax,
   reductions) are named in the notes with their call counts;
 - latency: the median wall time of an inference forward on --device over --repeats runs after two
   warm-ups, with the lowest and highest run; a baseline and the rows that name it are timed in
