@@ -143,6 +143,18 @@ def check_against_pytorch_path(run, inputs, out_tol, grad_tol):
                                        **(out_tol if i == 0 else grad_tol))
 
 
+F64_TOL = dict(rtol=1e-10, atol=1e-12)
+F32_TOL = dict(rtol=1e-4, atol=1e-5)
+F32_GRAD_TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+def check_host_kernels_against_pytorch_path(run, D, dtype):
+    """check_against_pytorch_path for kernels run on the host (the CPU kernels, the emulated CUDA
+    kernels), on the inputs and with the tolerances of their dtype."""
+    tol = (F64_TOL, F64_TOL) if dtype == torch.float64 else (F32_TOL, F32_GRAD_TOL)
+    check_against_pytorch_path(run, make_inputs(N=2, Lq=3, M=3, D=D, dtype=dtype), *tol)
+
+
 @pytest.fixture
 def restore_extension_state(monkeypatch):
     """Undo any change the test makes to the loaded extension and CPU kernels; the test starts
@@ -376,9 +388,8 @@ def cpu_kernel_grads(kernels, inputs, grad_output):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("D", CHANNELS)
 def test_cpu_kernels_match_pytorch_path(cpu_lib, D, dtype):
-    tol = (F64_TOL, F64_TOL) if dtype == torch.float64 else (F32_TOL, F32_GRAD_TOL)
-    check_against_pytorch_path(lambda inputs, g: cpu_kernel_grads(cpu_lib, inputs, g),
-                               make_inputs(N=2, Lq=3, M=3, D=D, dtype=dtype), *tol)
+    check_host_kernels_against_pytorch_path(
+        lambda inputs, g: cpu_kernel_grads(cpu_lib, inputs, g), D, dtype)
 
 
 @pytest.mark.parametrize("borders", [False, True], ids=["random", "borders"])
@@ -565,17 +576,11 @@ def host_kernel_grads(lib, inputs, grad_output):
     return out, grad_value, grad_locations, grad_weights
 
 
-F64_TOL = dict(rtol=1e-10, atol=1e-12)
-F32_TOL = dict(rtol=1e-4, atol=1e-5)
-F32_GRAD_TOL = dict(rtol=1e-4, atol=1e-4)
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("D", CHANNELS)
 def test_host_emulated_kernels_match_pytorch_path(host_kernels, D, dtype):
-    tol = (F64_TOL, F64_TOL) if dtype == torch.float64 else (F32_TOL, F32_GRAD_TOL)
-    check_against_pytorch_path(lambda inputs, g: host_kernel_grads(host_kernels, inputs, g),
-                               make_inputs(N=2, Lq=3, M=3, D=D, dtype=dtype), *tol)
+    check_host_kernels_against_pytorch_path(
+        lambda inputs, g: host_kernel_grads(host_kernels, inputs, g), D, dtype)
 
 
 # ---------------------------------------------------------------------------------------------

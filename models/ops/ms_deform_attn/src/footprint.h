@@ -49,6 +49,15 @@ struct Footprint {
     if (h1_in && w1_in) offset[3] = (int64_t(h1) * W + w1) * pixel_stride;
   }
 
+  // Bilinear weights of the four corners, in the order of `offset`.
+  MSDA_INLINE void corner_weights(scalar_t (&w)[4]) const {
+    const scalar_t hl = 1 - lh, wl = 1 - lw;  // weights of the low corners
+    w[0] = hl * wl;
+    w[1] = hl * lw;
+    w[2] = lh * wl;
+    w[3] = lh * lw;
+  }
+
   // Corner value of one channel; `level` points at that channel of the level's first pixel.
   MSDA_INLINE scalar_t corner(const scalar_t* level, int k) const {
     return offset[k] >= 0 ? level[offset[k]] : scalar_t(0);

@@ -49,16 +49,6 @@ void parallel_for(int64_t num_tasks, int num_threads, const Body& body) {
   for (auto& worker : workers) worker.join();
 }
 
-// The four corners' bilinear weights, in Footprint's corner order.
-template <typename T>
-inline void corner_weights(const Footprint<T>& f, T (&w)[4]) {
-  const T hl = 1 - f.lh, wl = 1 - f.lw;
-  w[0] = hl * wl;
-  w[1] = hl * f.lw;
-  w[2] = f.lh * wl;
-  w[3] = f.lh * f.lw;
-}
-
 template <typename T>
 void forward(const T* value, const int64_t* spatial_shapes, const int64_t* level_start_index,
              const T* sampling_locations, const T* attention_weights, T* output, int64_t N,
@@ -83,7 +73,7 @@ void forward(const T* value, const int64_t* spatial_shapes, const int64_t* level
           const Footprint<T> f(loc[0], loc[1], H, W, pixel_stride);
           if (!f.inside) continue;
           T cw[4];
-          corner_weights(f, cw);
+          f.corner_weights(cw);
           for (int k = 0; k < 4; ++k) {
             if (f.offset[k] < 0) continue;
             const T scale = *weight * cw[k];
@@ -124,7 +114,7 @@ void backward(const T* value, const int64_t* spatial_shapes, const int64_t* leve
           T dot[4] = {0, 0, 0, 0};
           if (f.inside) {
             T cw[4];
-            corner_weights(f, cw);
+            f.corner_weights(cw);
             for (int k = 0; k < 4; ++k) {
               if (f.offset[k] < 0) continue;
               const T* __restrict__ v = value + level_offset + f.offset[k];

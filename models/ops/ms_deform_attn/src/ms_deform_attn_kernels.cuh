@@ -56,9 +56,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock) forward_kernel(
     for (int p = 0; p < P; ++p, ++weight, loc += 2) {
       const Footprint<scalar_t> f(loc[0], loc[1], H, W, pixel_stride);
       if (!f.inside) continue;
-      const scalar_t hl = 1 - f.lh, wl = 1 - f.lw;  // weights of the low corners
-      const scalar_t sampled = hl * wl * f.corner(level, 0) + hl * f.lw * f.corner(level, 1) +
-                               f.lh * wl * f.corner(level, 2) + f.lh * f.lw * f.corner(level, 3);
+      scalar_t w[4];
+      f.corner_weights(w);
+      const scalar_t sampled = w[0] * f.corner(level, 0) + w[1] * f.corner(level, 1) +
+                               w[2] * f.corner(level, 2) + w[3] * f.corner(level, 3);
       acc += *weight * sampled;
     }
   }
@@ -101,7 +102,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock) backward_kernel(
       scalar_t g_weight = 0, g_w = 0, g_h = 0;
       if (active && f.inside) {
         const scalar_t hl = 1 - f.lh, wl = 1 - f.lw;
-        const scalar_t corner_weight[4] = {hl * wl, hl * f.lw, f.lh * wl, f.lh * f.lw};
+        scalar_t corner_weight[4];
+        f.corner_weights(corner_weight);
         for (int c = lane; c < D; c += group_size) {
           const scalar_t* level = value + level_offset + c;
           const scalar_t v00 = f.corner(level, 0), v01 = f.corner(level, 1);
