@@ -86,6 +86,18 @@ def test_ks_overhead_benchmark_prints_ratios_floor_memory_and_parameters(capsys)
     for label in ("train", "infer", "memory", "params"):
         assert f"\n  {label} " in out
     assert "floor 1 + 2 f_dec" in out and "NOT the baseline's" not in out  # inference parameters equal
-    assert "floor with the KS layer's branches 1 + 2 (f_dec + f_last)" in out
+    assert "\n  parts  decoder " in out and "(3 branches)" not in out and "; 3 branches), last encoder layer" in out
+    assert "floor of these parts 1 + (their growth) / baseline step = " in out
     with pytest.raises(SystemExit, match="no resnet50 baseline/KS pair"):
         ks_overhead.main(["--manifest", "demo", "--sizes", "64", "--device", "cpu"])
+
+
+def test_ks_overhead_floor_of_the_parts_is_the_baseline_step_plus_their_growth():
+    r = ks_overhead.measure_pair(Manifest("demo"), "deformable_detr", "def_r18", "ks_def_r18", 64, 1,
+                                 ks_overhead.pick_device("cpu"))
+    assert set(r["parts"]) == {"decoder", "last_layer"}
+    assert all(b > 0 and k > 0 for b, k in r["parts"].values())
+    growth = sum(k - b for b, k in r["parts"].values())
+    assert r["floor_parts"] == pytest.approx(1 + growth / r["train_base"], rel=1e-12)
+    assert r["f_dec"] == pytest.approx(r["parts"]["decoder"][0] / r["train_base"], rel=1e-12)
+    assert r["floor"] == pytest.approx(1 + 2 * r["f_dec"], rel=1e-12)

@@ -154,3 +154,60 @@ def test_attend_with_dropout_in_bfloat16_computes_the_map_in_float32(monkeypatch
     sdpa = F.scaled_dot_product_attention(*half, scale=0.25)  # SDPA's CPU path works in float32 too
     error = (out.double() - exact).abs().max().item()
     assert error <= 1.5 * (sdpa.double() - exact).abs().max().item() + 1e-3
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape,budget_maps,mask_shape", [
+    ((3, 4, 30, 40), 3, (1, 1, 30, 40)),  # head runs of one image: (0:3), (3:4) per image
+    ((5, 2, 12, 9), 4, (5, 1, 1, 9)),     # two images per chunk, the last chunk one image
+    ((1, 3, 6, 6), 1, None),              # one map per chunk, a batch of one
+    ((2, 8, 300, 300), None, (2, 1, 1, 300)),  # a decoder batch's map at the default budget
+])
+def test_attend_in_chunks_gives_the_bits_of_the_whole_map(shape, budget_maps, mask_shape, threads, monkeypatch):
+    """The explicit map (dropout on CPU) computed in chunks: the same dropout draws (taken in memory
+    order), the same outputs and gradients, bit for bit, as the map computed whole."""
+    B, H, Nq, Nk = shape
+    map_bytes = Nq * Nk * 4
+    budget = layers.EXPLICIT_MAP_CHUNK_BYTES if budget_maps is None else budget_maps * map_bytes
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(B, H, n, 8, generator=g, requires_grad=True) for n in (Nq, Nk, Nk))
+    mask = None
+    if mask_shape:
+        mask = torch.rand(*mask_shape, generator=g) > 0.3
+        mask[..., 0] = True
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = []
+        for chunk_bytes in (1 << 62, budget):
+            monkeypatch.setattr(layers, "EXPLICIT_MAP_CHUNK_BYTES", chunk_bytes)
+            torch.manual_seed(7)
+            out = attend(q, k, v, mask, 0.2)
+            results.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v))))
+    finally:
+        torch.set_num_threads(previous)
+    assert len(layers.map_chunks(B, H, map_bytes)) > 1  # the chunked run's budget is still set
+    for whole, chunked in zip(*results):
+        assert torch.equal(whole, chunked)
+
+
+@pytest.mark.parametrize("batch,heads,per_chunk,expected", [
+    (2, 8, 16, [(slice(None), slice(None))]),
+    (5, 2, 4, [(slice(0, 2), slice(None)), (slice(2, 4), slice(None)), (slice(4, 5), slice(None))]),
+    (2, 4, 3, [(slice(0, 1), slice(0, 3)), (slice(0, 1), slice(3, 4)),
+               (slice(1, 2), slice(0, 3)), (slice(1, 2), slice(3, 4))]),
+    (1, 2, 0, [(slice(0, 1), slice(0, 1)), (slice(0, 1), slice(1, 2))]),  # a map over budget: one per chunk
+])
+def test_map_chunks_cover_the_maps_in_memory_order(batch, heads, per_chunk, expected, monkeypatch):
+    monkeypatch.setattr(layers, "EXPLICIT_MAP_CHUNK_BYTES", per_chunk * 100)
+    assert layers.map_chunks(batch, heads, 100) == expected
+
+
+def test_attention_chunks_benchmark_times_each_shape_and_finds_the_same_bits(capsys):
+    from experiments.benchmarks import attention_chunks
+    attention_chunks.main(["--repeats", "1"])
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert len(lines) == len(attention_chunks.SHAPES)
+    assert all("x; the same bits" in line and "chunks)" in line for line in lines)
+    with pytest.raises(SystemExit):
+        attention_chunks.main(["--dropout", "0"])

@@ -18,10 +18,12 @@ and size, all measured in this one run:
   it should equal the baseline's);
 - f_dec and f_last: the shares of the baseline's training step taken by its decoder and by its last
   encoder layer (each one's forward + backward on inputs captured in a training step, timed alone),
-  and two floors of the train ratio for k teachers: 1 + k f_dec, each teacher adding a decoder pass,
-  and 1 + k (f_dec + f_last), each also adding a branch of the last encoder layer (the KS layer runs
-  the student's and the teachers'; shared projections make a teacher branch somewhat cheaper than
-  the plain layer). Heads, matching and losses of the teachers are in neither.
+  and the floor of the train ratio for k teachers that the teachers' decoder passes set: 1 + k f_dec;
+- the same two parts of the KS row, timed alike: its decoder (on the k + 1 branches stacked on the
+  batch axis; k + 1 times the baseline's is linear) and its KS layer (the student's and the
+  teachers' branches), each against the baseline's; and the floor that these measured parts set,
+  1 + (KS decoder - decoder + KS layer - last layer) / baseline step. What the KS row's step takes
+  above it is the teachers' heads, matching and losses, the GT mask and the teacher bookkeeping.
 """
 import argparse
 import json
@@ -90,10 +92,11 @@ def module_seconds(trainee, module, batch, repeats, device):
     args = [leaf(a) for a in seen["args"]]
     kwargs = {k: leaf(v) for k, v in seen["kwargs"].items()}
 
-    def tensors(out):  # the modules return tensors or (nested) lists of them
+    def tensors(out):  # the modules return tensors or (nested) lists, tuples and dicts of them
         if torch.is_tensor(out):
             return [out] if out.requires_grad else []
-        return [t for item in (out if isinstance(out, (tuple, list)) else ()) for t in tensors(item)]
+        items = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
+        return [t for item in items for t in tensors(item)]
 
     def step():
         sum(t.float().mean() for t in tensors(module(*args, **kwargs))).backward()
@@ -158,16 +161,18 @@ def measure_pair(manifest, variant, base_row, ks_row, size, repeats, device):
     steps = {"train_base": partial(train_step, *base, batch), "train_ks": partial(train_step, *ks, batch),
              "infer_base": partial(infer_step, base[0], batch), "infer_ks": partial(infer_step, ks[0], batch)}
     median = interleaved_medians(steps, repeats, device)
-    model = base[0]
-    f_dec = module_seconds(base, model.decoder, batch, repeats, device) / median["train_base"]
-    f_last = module_seconds(base, model.encoder.layers[-1], batch, repeats, device) / median["train_base"]
+    # {part: (baseline seconds, KS row seconds)}: forward + backward of each model's own module
+    parts = {name: tuple(module_seconds(trainee, module(trainee[0]), batch, repeats, device) for trainee in (base, ks))
+             for name, module in (("decoder", lambda m: m.decoder), ("last_layer", lambda m: m.encoder.layers[-1]))}
+    f_dec, f_last = (parts[name][0] / median["train_base"] for name in ("decoder", "last_layer"))
     teachers = len(teacher_branches(ks[0]))
     params = (count(base[0]), count(ks[0]), count(ks[0], inference=True))
-    del model, base, ks, steps
+    del base, ks, steps
     memory = {row: peak_memory(str(manifest.path), row, size, device) for row in (base_row, ks_row)}
+    growth = sum(k - b for b, k in parts.values())
     return dict(variant=variant, rows=(base_row, ks_row), size=size, batch=cfg["train"]["batch_size"],
-                teachers=teachers, f_dec=f_dec, f_last=f_last, floor=1 + teachers * f_dec,
-                floor_with_layer=1 + teachers * (f_dec + f_last), params=params,
+                teachers=teachers, f_dec=f_dec, f_last=f_last, floor=1 + teachers * f_dec, parts=parts,
+                floor_parts=1 + growth / median["train_base"], params=params,
                 memory=(memory[base_row], memory[ks_row]), **median)
 
 
@@ -175,12 +180,16 @@ def report(r):
     (base_step, base_peak), (ks_step, ks_peak) = r["memory"]
     gib = 2 ** 30
     train, infer = r["train_ks"] / r["train_base"], r["infer_ks"] / r["infer_base"]
+    dec, last = r["parts"]["decoder"], r["parts"]["last_layer"]
     return "\n".join([
         f"{r['variant']} ({r['rows'][0]} vs {r['rows'][1]}), batch {r['batch']} x {r['size']} px:",
         f"  train  {r['train_base'] * 1e3:8.1f} ms -> {r['train_ks'] * 1e3:8.1f} ms   {train:5.2f}x   "
         f"(floor 1 + {r['teachers']} f_dec = {r['floor']:.2f}, f_dec {r['f_dec']:.2f}; {train / r['floor']:.2f}x the floor)",
-        f"         floor with the KS layer's branches 1 + {r['teachers']} (f_dec + f_last) = {r['floor_with_layer']:.2f}, "
-        f"f_last {r['f_last']:.2f}; {train / r['floor_with_layer']:.2f}x it",
+        f"  parts  decoder {dec[0] * 1e3:.1f} -> {dec[1] * 1e3:.1f} ms ({dec[1] / dec[0]:.2f}x; {r['teachers'] + 1} branches), "
+        f"last encoder layer {last[0] * 1e3:.1f} -> {last[1] * 1e3:.1f} ms ({last[1] / last[0]:.2f}x); "
+        f"f_last {r['f_last']:.2f}",
+        f"         floor of these parts 1 + (their growth) / baseline step = {r['floor_parts']:.2f}; "
+        f"{train / r['floor_parts']:.2f}x it (the rest: {(r['train_ks'] - r['floor_parts'] * r['train_base']) * 1e3:.0f} ms)",
         f"  infer  {r['infer_base'] * 1e3:8.1f} ms -> {r['infer_ks'] * 1e3:8.1f} ms   {infer:5.2f}x",
         f"  memory {base_step / gib:6.2f} GiB -> {ks_step / gib:6.2f} GiB per step   "
         f"{ks_step / max(base_step, 1):5.2f}x   (whole peak {base_peak / gib:.2f} -> {ks_peak / gib:.2f} GiB)",
