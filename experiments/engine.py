@@ -17,6 +17,7 @@ from models import build_model
 from models.ks_encoder import teacher_branches
 
 from . import distributed, records
+from .allocator import keep_freed_memory
 from .build import build_data, model_config, resolve_row
 from .checkpoints import (CHECKPOINT, check_weights, has_checkpoint, read_checkpoint, save_checkpoint,
                           set_damaged_aside)
@@ -62,6 +63,8 @@ def train_row(manifest_name, row, overrides=(), resume=False, force=False, devic
         return train_row(*owner, overrides, resume=resume, force=force, device=device, results=results)
     directory = records.run_dir(manifest.name, row, results)
     ctx = distributed.setup(device)
+    if ctx.device.type == "cpu":  # steps reuse their freed memory instead of faulting in new pages
+        keep_freed_memory()
     stop = StopRequest().install()
     prepared = False
     heartbeat = None  # rank 0's claim on the row, from the decision to start until the end

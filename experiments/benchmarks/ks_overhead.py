@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from experiments.allocator import keep_freed_memory
 from experiments.benchmarks import infer_step, interleaved_medians, random_batch, seconds, train_step
 from experiments.build import model_config, pick_device
 from experiments.config import Manifest
@@ -139,6 +140,7 @@ def child_memory(manifest_name, row, size):
     """Run in a fresh process: the resident set's peak during two CPU training steps above its size
     before them. Linux resets the peak (VmHWM) when 5 is written to /proc/self/clear_refs, so the
     model's construction does not count."""
+    keep_freed_memory()  # as the training engine on CPU
     _, trainee, batch = build(Manifest(manifest_name), row, torch.device("cpu"), size)
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -212,6 +214,8 @@ def main(argv=None):
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
+    if device.type == "cpu":  # as the training engine
+        keep_freed_memory()
     manifest = Manifest(args.manifest)
     pairs = row_pairs(manifest, args.variants, args.backbone)
     print(f"{manifest.name} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "

@@ -1,0 +1,56 @@
+"""glibc's malloc in CPU training: freed memory kept for the next step.
+
+A training step allocates and frees the same large tensors every step. By default glibc's malloc
+gives memory at the top of its heap back to the system once more than its trim threshold is free,
+and serves blocks above its mmap threshold from fresh mappings that it unmaps when they are freed
+(both thresholds follow the largest block freed so far, up to 32 and 64 MiB). Either way the next
+step touches new pages, and the first touch of each page is a page fault that zeroes it. A
+KS-Deformable-DETR training step at 2 x 256 px re-faulted about 120,000 pages (470 MB) per step,
+about a tenth of the step in system time, and sometimes a third
+(experiments/benchmarks/allocator.py measures it).
+
+`keep_freed_memory()` sets the mmap threshold to glibc's cap (32 MiB) and the trim threshold out of
+reach, so blocks up to 32 MiB come from the heap and the heap is never given back: the process keeps
+the resident size of its largest step, which it reaches every step anyway. The training engine sets
+it for CPU runs, and experiments/benchmarks/ks_overhead.py for the CPU steps it times. Elsewhere than glibc (musl, macOS, Windows)
+it does nothing; MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_ or GLIBC_TUNABLES in the
+environment (the user's own choice) or KS_KEEP_FREED_MEMORY=0 leave the allocator as it is.
+"""
+import ctypes
+import os
+import platform
+
+# mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_CAP = 32 << 20  # glibc refuses a larger mmap threshold on 64-bit systems
+TRIM_THRESHOLD = 2 ** 31 - 1  # mallopt takes an int: 2 GiB free at the heap's top before it trims
+USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
+SWITCH = "KS_KEEP_FREED_MEMORY"
+
+_state = None  # what the first call found: "kept", or why not
+
+
+def keep_freed_memory(environ=None):
+    """Keeps freed memory in this process (see the module). Returns "kept" or why it left the
+    allocator alone; only the first call acts, later calls return its answer."""
+    global _state
+    if _state is None:
+        _state = _apply(os.environ if environ is None else environ)
+    return _state
+
+
+def _apply(environ):
+    if environ.get(SWITCH, "1") == "0":
+        return f"{SWITCH}=0"
+    chosen = [name for name in USER_SETTINGS if name in environ]
+    if chosen:
+        return f"set by the environment ({', '.join(chosen)})"
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "not glibc"
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    # mallopt returns 1 on success, 0 for a value it refuses
+    if not (mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_CAP) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
+        return "refused by mallopt"
+    return "kept"
