@@ -1,20 +1,21 @@
 """glibc's malloc in CPU training: freed memory kept for the next step.
 
 A training step allocates and frees the same large tensors every step. By default glibc's malloc
-gives memory at the top of its heap back to the system once more than its trim threshold is free,
-and serves blocks above its mmap threshold from fresh mappings that it unmaps when they are freed
-(both thresholds follow the largest block freed so far, up to 32 and 64 MiB). Either way the next
-step touches new pages, and the first touch of each page is a page fault that zeroes it. A
-KS-Deformable-DETR training step at 2 x 256 px re-faulted about 120,000 pages (470 MB) per step,
-about a tenth of the step in system time, and sometimes a third
+serves blocks above its mmap threshold from fresh mappings that it unmaps when they are freed, and
+gives memory at the top of its heap back to the system once more than its trim threshold is free
+(both thresholds follow the largest block freed so far, up to 32 and 64 MiB; a block above 32 MiB
+is always a fresh mapping). Either way the next step touches new pages, and the first touch of
+each page is a page fault that zeroes it. A KS-Deformable-DETR training step at 2 x 256 px
+re-faulted about 113,000 pages (440 MB) per step, about a tenth of the step in system time
 (experiments/benchmarks/allocator.py measures it).
 
-`keep_freed_memory()` sets the mmap threshold to glibc's cap (32 MiB) and the trim threshold out of
-reach, so blocks up to 32 MiB come from the heap and the heap is never given back: the process keeps
-the resident size of its largest step, which it reaches every step anyway. The training engine sets
-it for CPU runs, and experiments/benchmarks/ks_overhead.py for the CPU steps it times. Elsewhere than glibc (musl, macOS, Windows)
-it does nothing; MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_ or GLIBC_TUNABLES in the
-environment (the user's own choice) or KS_KEEP_FREED_MEMORY=0 leave the allocator as it is.
+`keep_freed_memory()` turns glibc's per-block mappings off and its trim threshold out of reach, so
+every block comes from the heap and the heap is never given back: the process keeps the resident
+size of its largest step, which it reaches every step anyway. The training engine sets it for CPU
+runs, and experiments/benchmarks/ks_overhead.py for the CPU steps it times. Elsewhere than glibc
+(musl, macOS, Windows) it does nothing; MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_,
+MALLOC_MMAP_MAX_ or GLIBC_TUNABLES in the environment (the user's own choice) or
+KS_KEEP_FREED_MEMORY=0 leave the allocator as it is.
 """
 import ctypes
 import os
@@ -22,10 +23,9 @@ import platform
 
 # mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_CAP = 32 << 20  # glibc refuses a larger mmap threshold on 64-bit systems
+M_MMAP_MAX = -4
 TRIM_THRESHOLD = 2 ** 31 - 1  # mallopt takes an int: 2 GiB free at the heap's top before it trims
-USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
+USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "GLIBC_TUNABLES")
 SWITCH = "KS_KEEP_FREED_MEMORY"
 
 _state = None  # what the first call found: "kept", or why not
@@ -51,6 +51,6 @@ def _apply(environ):
     mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     # mallopt returns 1 on success, 0 for a value it refuses
-    if not (mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_CAP) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
+    if not (mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
         return "refused by mallopt"
     return "kept"

@@ -92,58 +92,12 @@ def attention_map_is_explicit(q, dropout_p):
     return dropout_p > 0 and q.device.type == "cpu"
 
 
-# With dropout on CPU, `attend` computes the attention map (B, heads, Nq, Nk) in chunks of whole
-# (image, head) maps of at most this many bytes: scores, softmax, dropout and product of a
-# chunk then stay in the CPU's caches, which a whole map often does not (a decoder batch of 6 images
-# x 8 heads x 300 x 300 queries is 17 MB; experiments/benchmarks/attention_chunks.py measures it).
-# Chunks are taken in memory order, so the dropout draws and the results are those of the whole map.
-EXPLICIT_MAP_CHUNK_BYTES = 4 << 20
-
-
 def attend(q, k, v, mask=None, dropout_p=0.0, scale=None):
     """SDPA. With dropout on CPU, SDPA computes the attention map explicitly anyway (its fused CPU
     kernel has no dropout), so the same map is computed here, with `dropout` drawing on it: in
-    float32 for half-precision inputs, as SDPA's math path; a query with no allowed key gets zeros.
-    q, k, v (B, heads, N, d_head); mask broadcastable to (B, heads, Nq, Nk)."""
+    float32 for half-precision inputs, as SDPA's math path; a query with no allowed key gets zeros."""
     if not attention_map_is_explicit(q, dropout_p):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-    element = max(4, q.element_size())  # the map is float32 for half-precision inputs
-    parts = map_chunks(q.shape[0], q.shape[1], q.shape[-2] * k.shape[-2] * element)
-    if len(parts) == 1:
-        return _explicit_attention(q, k, v, mask, dropout_p, scale)
-    rows = []  # (image slice, its head chunks' outputs)
-    for images, heads in parts:
-        out = _explicit_attention(*(_map_part(t, images, heads) for t in (q, k, v, mask)), dropout_p, scale)
-        if rows and rows[-1][0] == images:
-            rows[-1][1].append(out)
-        else:
-            rows.append((images, [out]))
-    return torch.cat([outs[0] if len(outs) == 1 else torch.cat(outs, 1) for _, outs in rows])
-
-
-def _map_part(t, images, heads):
-    """t[images, heads] of a (B, heads, ...) tensor; a broadcast (size-1) batch or head dim stays whole."""
-    if t is None:
-        return None
-    return t[images if t.shape[0] > 1 else slice(None), heads if t.shape[1] > 1 else slice(None)]
-
-
-def map_chunks(batch, heads, map_bytes):
-    """[(image slice, head slice)] covering a (batch, heads) grid of maps of `map_bytes` each in
-    memory order, each chunk at most EXPLICIT_MAP_CHUNK_BYTES (at least one map): whole images
-    while one image's maps fit, else runs of heads of one image."""
-    per_chunk = max(1, EXPLICIT_MAP_CHUNK_BYTES // max(1, map_bytes))
-    if per_chunk >= batch * heads:
-        return [(slice(None), slice(None))]
-    if per_chunk >= heads:
-        n = per_chunk // heads
-        return [(slice(i, min(i + n, batch)), slice(None)) for i in range(0, batch, n)]
-    return [(slice(i, i + 1), slice(j, min(j + per_chunk, heads))) for i in range(batch)
-            for j in range(0, heads, per_chunk)]
-
-
-def _explicit_attention(q, k, v, mask, dropout_p, scale):
-    """`attend`'s explicit map with dropout (see there)."""
     dtype = q.dtype
     if dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.float(), k.float(), v.float()

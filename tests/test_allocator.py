@@ -15,22 +15,24 @@ from experiments.benchmarks import allocator as allocator_benchmark
 REPO = Path(allocator.__file__).resolve().parents[1]
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
-# Twelve "steps", each mallocing blocks of 4 and 8 MiB (touching every page) that are alive together
-# and then freed, as a training step's tensors are; prints the page faults of each step. By default
-# glibc serves such blocks from fresh mappings or gives the freed top of its heap back (its trim
-# threshold is twice the largest block it has unmapped), so every step faults its pages in anew;
-# with freed memory kept, every step after the first reuses the first one's pages.
+# Twelve "steps", each mallocing blocks of 4 and 8 MiB, or one of 40 MiB (touching every page), that
+# are alive together and then freed, as a training step's tensors are; prints the page faults of each
+# step. By default glibc serves such blocks from fresh mappings (always above 32 MiB) or gives the
+# freed top of its heap back (its trim threshold is twice the largest block it has unmapped), so
+# every step faults its pages in anew; with freed memory kept, every step after the first reuses the
+# first one's pages.
 STEP_FAULTS = """
 import ctypes, json, resource, sys
 from experiments.allocator import keep_freed_memory
 state = keep_freed_memory() if sys.argv[1] == "kept" else "default"
+sizes = [int(mib) for mib in sys.argv[2].split(",")]
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
 faults = []
 for step in range(12):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    blocks = [libc.malloc(mib << 20) for mib in (4, 8, 4, 8, 4, 8)]
-    for block, mib in zip(blocks, (4, 8, 4, 8, 4, 8)):
+    blocks = [libc.malloc(mib << 20) for mib in sizes]
+    for block, mib in zip(blocks, sizes):
         ctypes.memset(block, 1, mib << 20)
     for block in blocks:
         libc.free(block)
@@ -39,18 +41,19 @@ print(json.dumps({"state": state, "faults": faults}))
 """
 
 
-def step_faults(setting):
-    out = subprocess.run([sys.executable, "-c", STEP_FAULTS, setting], capture_output=True, text=True, check=True,
+def step_faults(setting, sizes):
+    out = subprocess.run([sys.executable, "-c", STEP_FAULTS, setting, ",".join(map(str, sizes))], capture_output=True, text=True, check=True,
                          cwd=REPO, env={**{k: v for k, v in os.environ.items() if k not in allocator.USER_SETTINGS},
                                         "PYTHONPATH": str(REPO)})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
-def test_kept_memory_is_reused_where_the_default_faults_in_new_pages():
-    default, kept = step_faults("default"), step_faults("kept")
+@pytest.mark.parametrize("sizes", [(4, 8, 4, 8, 4, 8), (40,)])
+def test_kept_memory_is_reused_where_the_default_faults_in_new_pages(sizes):
+    default, kept = step_faults("default", sizes), step_faults("kept", sizes)
     assert default["state"] == "default" and kept["state"] == "kept"
-    step_pages = (36 << 20) // 4096
+    step_pages = (sum(sizes) << 20) // 4096
     assert min(default["faults"][1:]) > step_pages // 2, default  # every step faults its pages in anew
     assert max(kept["faults"][1:]) < step_pages // 100, kept  # the first step's pages again
 
