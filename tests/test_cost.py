@@ -88,6 +88,7 @@ def test_ks_overhead_benchmark_prints_ratios_floor_memory_and_parameters(capsys)
     assert "floor 1 + 2 f_dec" in out and "NOT the baseline's" not in out  # inference parameters equal
     assert "\n  parts  decoder " in out and "(3 branches)" not in out and "; 3 branches), last encoder layer" in out
     assert "floor of these parts 1 + (their growth) / baseline step = " in out
+    assert "FLOPs of the parts: decoder 3.00x, last encoder layer " in out
     with pytest.raises(SystemExit, match="no resnet50 baseline/KS pair"):
         ks_overhead.main(["--manifest", "demo", "--sizes", "64", "--device", "cpu"])
 
@@ -101,3 +102,9 @@ def test_ks_overhead_floor_of_the_parts_is_the_baseline_step_plus_their_growth()
     assert r["floor_parts"] == pytest.approx(1 + growth / r["train_base"], rel=1e-12)
     assert r["f_dec"] == pytest.approx(r["parts"]["decoder"][0] / r["train_base"], rel=1e-12)
     assert r["floor"] == pytest.approx(1 + 2 * r["f_dec"], rel=1e-12)
+    (dec_base, dec_ks), (last_base, last_ks) = r["part_flops"]["decoder"], r["part_flops"]["last_layer"]
+    assert dec_ks == 3 * dec_base  # three branches of the same decoder, stacked on the batch axis
+    assert last_ks > 2 * last_base  # the KS layer: the student's branch and two teacher branches
+    expected = 1 + ((dec_ks / dec_base - 1) * r["parts"]["decoder"][0]
+                    + (last_ks / last_base - 1) * r["parts"]["last_layer"][0]) / r["train_base"]
+    assert r["floor_flops"] == pytest.approx(expected, rel=1e-12)

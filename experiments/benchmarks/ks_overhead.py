@@ -23,7 +23,10 @@ and size, all measured in this one run:
   batch axis; k + 1 times the baseline's is linear) and its KS layer (the student's and the
   teachers' branches), each against the baseline's; and the floor that these measured parts set,
   1 + (KS decoder - decoder + KS layer - last layer) / baseline step. What the KS row's step takes
-  above it is the teachers' heads, matching and losses, the GT mask and the teacher bookkeeping.
+  above it is the teachers' heads, matching and losses, the GT mask and the teacher bookkeeping;
+- the FLOPs of the same parts (torch's FLOP counter: matrix products, convolutions, SDPA; not the
+  deformable sampling) KS row over baseline, and the floor if each KS part took its baseline part's
+  time scaled by its FLOPs: 1 + sum over parts of (FLOP ratio - 1) x the part's share of the step.
 """
 import argparse
 import json
@@ -34,6 +37,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from experiments.allocator import keep_freed_memory
 from experiments.benchmarks import infer_step, interleaved_medians, random_batch, seconds, train_step
@@ -76,9 +80,9 @@ def build(manifest, row, device, size):
     return cfg, (model, criterion, build_optimizer(model, cfg["train"])), batch
 
 
-def module_seconds(trainee, module, batch, repeats, device):
-    """Median time of `module`'s forward + backward alone (a submodule of the trainee's model, e.g.
-    its decoder), on inputs captured in a training step (trainee: model, criterion, optimizer)."""
+def module_step(trainee, module, batch):
+    """A callable running `module`'s forward + backward alone (a submodule of the trainee's model,
+    e.g. its decoder) on inputs captured in a training step (trainee: model, criterion, optimizer)."""
     seen = {}
     handle = module.register_forward_hook(
         lambda module, args, kwargs, out: seen.update(args=args, kwargs=kwargs), with_kwargs=True)
@@ -102,8 +106,23 @@ def module_seconds(trainee, module, batch, repeats, device):
     def step():
         sum(t.float().mean() for t in tensors(module(*args, **kwargs))).backward()
 
+    return step
+
+
+def module_seconds(trainee, module, batch, repeats, device):
+    """Median time of `module`'s forward + backward alone (module_step)."""
+    step = module_step(trainee, module, batch)
     step()  # warm-up
     return statistics.median(seconds(step, device) for _ in range(repeats))
+
+
+def module_flops(trainee, module, batch):
+    """FLOPs of `module`'s forward + backward (module_step) that torch's FLOP counter sees: matrix
+    products, convolutions and SDPA, not the deformable sampling (a custom op)."""
+    step = module_step(trainee, module, batch)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
 
 
 def peak_memory(manifest_name, row, size, device):
@@ -164,8 +183,11 @@ def measure_pair(manifest, variant, base_row, ks_row, size, repeats, device):
              "infer_base": partial(infer_step, base[0], batch), "infer_ks": partial(infer_step, ks[0], batch)}
     median = interleaved_medians(steps, repeats, device)
     # {part: (baseline seconds, KS row seconds)}: forward + backward of each model's own module
+    modules = {"decoder": lambda m: m.decoder, "last_layer": lambda m: m.encoder.layers[-1]}
     parts = {name: tuple(module_seconds(trainee, module(trainee[0]), batch, repeats, device) for trainee in (base, ks))
-             for name, module in (("decoder", lambda m: m.decoder), ("last_layer", lambda m: m.encoder.layers[-1]))}
+             for name, module in modules.items()}
+    part_flops = {name: tuple(module_flops(trainee, module(trainee[0]), batch) for trainee in (base, ks))
+                  for name, module in modules.items()}
     f_dec, f_last = (parts[name][0] / median["train_base"] for name in ("decoder", "last_layer"))
     teachers = len(teacher_branches(ks[0]))
     params = (count(base[0]), count(ks[0]), count(ks[0], inference=True))
@@ -174,7 +196,9 @@ def measure_pair(manifest, variant, base_row, ks_row, size, repeats, device):
     growth = sum(k - b for b, k in parts.values())
     return dict(variant=variant, rows=(base_row, ks_row), size=size, batch=cfg["train"]["batch_size"],
                 teachers=teachers, f_dec=f_dec, f_last=f_last, floor=1 + teachers * f_dec, parts=parts,
-                floor_parts=1 + growth / median["train_base"], params=params,
+                floor_parts=1 + growth / median["train_base"], part_flops=part_flops,
+                floor_flops=1 + sum((k / b - 1) * parts[name][0] for name, (b, k) in part_flops.items())
+                / median["train_base"], params=params,
                 memory=(memory[base_row], memory[ks_row]), **median)
 
 
@@ -182,7 +206,7 @@ def report(r):
     (base_step, base_peak), (ks_step, ks_peak) = r["memory"]
     gib = 2 ** 30
     train, infer = r["train_ks"] / r["train_base"], r["infer_ks"] / r["infer_base"]
-    dec, last = r["parts"]["decoder"], r["parts"]["last_layer"]
+    dec, last, flops = r["parts"]["decoder"], r["parts"]["last_layer"], r["part_flops"]
     return "\n".join([
         f"{r['variant']} ({r['rows'][0]} vs {r['rows'][1]}), batch {r['batch']} x {r['size']} px:",
         f"  train  {r['train_base'] * 1e3:8.1f} ms -> {r['train_ks'] * 1e3:8.1f} ms   {train:5.2f}x   "
@@ -192,6 +216,9 @@ def report(r):
         f"f_last {r['f_last']:.2f}",
         f"         floor of these parts 1 + (their growth) / baseline step = {r['floor_parts']:.2f}; "
         f"{train / r['floor_parts']:.2f}x it (the rest: {(r['train_ks'] - r['floor_parts'] * r['train_base']) * 1e3:.0f} ms)",
+        f"         FLOPs of the parts: decoder {flops['decoder'][1] / flops['decoder'][0]:.2f}x, last encoder layer "
+        f"{flops['last_layer'][1] / flops['last_layer'][0]:.2f}x; the floor if each part took its FLOPs' time: "
+        f"{r['floor_flops']:.2f} = {r['floor_flops'] / r['floor']:.2f}x the floor 1 + {r['teachers']} f_dec",
         f"  infer  {r['infer_base'] * 1e3:8.1f} ms -> {r['infer_ks'] * 1e3:8.1f} ms   {infer:5.2f}x",
         f"  memory {base_step / gib:6.2f} GiB -> {ks_step / gib:6.2f} GiB per step   "
         f"{ks_step / max(base_step, 1):5.2f}x   (whole peak {base_peak / gib:.2f} -> {ks_peak / gib:.2f} GiB)",
