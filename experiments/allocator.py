@@ -5,9 +5,10 @@ serves blocks above its mmap threshold from fresh mappings that it unmaps when t
 gives memory at the top of its heap back to the system once more than its trim threshold is free
 (both thresholds follow the largest block freed so far, up to 32 and 64 MiB; a block above 32 MiB
 is always a fresh mapping). Either way the next step touches new pages, and the first touch of
-each page is a page fault that zeroes it. A KS-Deformable-DETR training step at 2 x 256 px
-re-faulted about 113,000 pages (440 MB) per step, about a tenth of the step in system time
-(experiments/benchmarks/allocator.py measures it).
+each page is a page fault that zeroes it. KS-Deformable-DETR training steps at 2 x 256 px
+re-faulted 24,000-114,000 pages (up to 440 MB) per step, 50-250 ms of system time in a 3.3 s step
+and up to a second in single steps; how much depends on the order in which a process happens to
+free its blocks (experiments/benchmarks/allocator.py measures it).
 
 `keep_freed_memory()` turns glibc's per-block mappings off and its trim threshold out of reach, so
 every block comes from the heap and the heap is never given back: the process keeps the resident
