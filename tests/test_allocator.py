@@ -42,9 +42,10 @@ print(json.dumps({"state": state, "faults": faults}))
 
 
 def step_faults(setting, sizes):
-    out = subprocess.run([sys.executable, "-c", STEP_FAULTS, setting, ",".join(map(str, sizes))], capture_output=True, text=True, check=True,
-                         cwd=REPO, env={**{k: v for k, v in os.environ.items() if k not in allocator.USER_SETTINGS},
-                                        "PYTHONPATH": str(REPO)})
+    ours = (*allocator.USER_SETTINGS, allocator.SWITCH)  # a child free of any allocator setting
+    env = {**{k: v for k, v in os.environ.items() if k not in ours}, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", STEP_FAULTS, setting, ",".join(map(str, sizes))],
+                         capture_output=True, text=True, check=True, cwd=REPO, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
