@@ -109,20 +109,14 @@ def module_step(trainee, module, batch):
     return step
 
 
-def module_seconds(trainee, module, batch, repeats, device):
-    """Median time of `module`'s forward + backward alone (module_step)."""
-    step = module_step(trainee, module, batch)
-    step()  # warm-up
-    return statistics.median(seconds(step, device) for _ in range(repeats))
-
-
-def module_flops(trainee, module, batch):
-    """FLOPs of `module`'s forward + backward (module_step) that torch's FLOP counter sees: matrix
-    products, convolutions and SDPA, not the deformable sampling (a custom op)."""
+def module_cost(trainee, module, batch, repeats, device):
+    """(median seconds, FLOPs) of `module`'s forward + backward alone (module_step). The FLOPs are
+    those torch's FLOP counter sees (matrix products, convolutions, SDPA; not the deformable
+    sampling, a custom op), counted on the warm-up call."""
     step = module_step(trainee, module, batch)
     with FlopCounterMode(display=False) as counter:
         step()
-    return counter.get_total_flops()
+    return statistics.median(seconds(step, device) for _ in range(repeats)), counter.get_total_flops()
 
 
 def peak_memory(manifest_name, row, size, device):
@@ -182,23 +176,23 @@ def measure_pair(manifest, variant, base_row, ks_row, size, repeats, device):
     steps = {"train_base": partial(train_step, *base, batch), "train_ks": partial(train_step, *ks, batch),
              "infer_base": partial(infer_step, base[0], batch), "infer_ks": partial(infer_step, ks[0], batch)}
     median = interleaved_medians(steps, repeats, device)
-    # {part: (baseline seconds, KS row seconds)}: forward + backward of each model's own module
+    # {part: ((baseline seconds, FLOPs), (KS row seconds, FLOPs))}: forward + backward of each model's own module
     modules = {"decoder": lambda m: m.decoder, "last_layer": lambda m: m.encoder.layers[-1]}
-    parts = {name: tuple(module_seconds(trainee, module(trainee[0]), batch, repeats, device) for trainee in (base, ks))
+    costs = {name: [module_cost(trainee, module(trainee[0]), batch, repeats, device) for trainee in (base, ks)]
              for name, module in modules.items()}
-    part_flops = {name: tuple(module_flops(trainee, module(trainee[0]), batch) for trainee in (base, ks))
-                  for name, module in modules.items()}
+    parts = {name: (b[0], k[0]) for name, (b, k) in costs.items()}
+    part_flops = {name: (b[1], k[1]) for name, (b, k) in costs.items()}
     f_dec, f_last = (parts[name][0] / median["train_base"] for name in ("decoder", "last_layer"))
     teachers = len(teacher_branches(ks[0]))
     params = (count(base[0]), count(ks[0]), count(ks[0], inference=True))
     del base, ks, steps
     memory = {row: peak_memory(str(manifest.path), row, size, device) for row in (base_row, ks_row)}
     growth = sum(k - b for b, k in parts.values())
+    flops_growth = sum((k / b - 1) * parts[name][0] for name, (b, k) in part_flops.items())
     return dict(variant=variant, rows=(base_row, ks_row), size=size, batch=cfg["train"]["batch_size"],
                 teachers=teachers, f_dec=f_dec, f_last=f_last, floor=1 + teachers * f_dec, parts=parts,
                 floor_parts=1 + growth / median["train_base"], part_flops=part_flops,
-                floor_flops=1 + sum((k / b - 1) * parts[name][0] for name, (b, k) in part_flops.items())
-                / median["train_base"], params=params,
+                floor_flops=1 + flops_growth / median["train_base"], params=params,
                 memory=(memory[base_row], memory[ks_row]), **median)
 
 
