@@ -114,6 +114,7 @@ def cmd_run(args):
     from .engine import train_row
     from .errors import RunError
 
+    distributed.pick_device(args.device)  # a bad --device: one line, before anything is read or built
     manifest = Manifest(args.manifest)
     rows = args.row or list(manifest.rows)
     nprocs, device = _local_processes(args)
@@ -163,6 +164,7 @@ def cmd_status(args):
 def cmd_eval(args):
     from . import distributed
 
+    distributed.pick_device(args.device)  # a bad --device: one line, before anything is read or built
     manifest = Manifest(args.manifest)
     manifest.row(args.row)
     nprocs, device = _local_processes(args)
@@ -190,8 +192,10 @@ def _eval_and_print(manifest, row, **kwargs):
 
 
 def cmd_predict(args):
+    from .distributed import pick_device
     from .predict import predict
 
+    pick_device(args.device)  # a bad --device: one line, before anything is read or built
     Manifest(args.manifest).row(args.row)
     found, out, skipped = predict(args.manifest, args.row, args.images, args.checkpoint, args.score, args.out,
                                   args.device, args.batch_size, results=args.results, draw=not args.no_pictures)
@@ -267,7 +271,8 @@ def build_parser():
                    help="continue an unfinished run from its last checkpoint (starts fresh, saying so, if it has none)")
     p.add_argument("--force", action="store_true",
                    help="start over even if a record exists (the old record is moved aside, not deleted)")
-    p.add_argument("--device", help="torch device of a single process (default: cuda if available, else cpu)")
+    p.add_argument("--device", help="device of a single process: cpu, cuda or cuda:N (default: cuda if available, "
+                                   "else cpu)")
     _add_overrides(p)
     p.set_defaults(func=cmd_run)
 
@@ -340,7 +345,8 @@ def build_parser():
                         "reads the image scores clearly less")
     p.add_argument("--gpus", type=int, default=0, metavar="N", help="number of local GPU processes")
     p.add_argument("--nproc", type=int, default=0, metavar="N", help="number of local CPU processes (gloo)")
-    p.add_argument("--device", help="torch device of a single process (default: cuda if available, else cpu)")
+    p.add_argument("--device", help="device of a single process: cpu, cuda or cuda:N (default: cuda if available, "
+                                   "else cpu)")
     _add_overrides(p)
     p.set_defaults(func=cmd_eval)
 

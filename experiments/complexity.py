@@ -268,11 +268,11 @@ def main(argv=None):
     if args.repeats < 1 or min(args.size) < 32:
         parser.error("--repeats must be at least 1 and --size at least 32 x 32 pixels")
     try:
+        device = pick_device(args.device)
         manifest = Manifest(args.manifest)
         rows = args.rows or list(manifest.rows)
         for name in rows:
             manifest.row(name)
-        device = pick_device(args.device)
         entries = measure(manifest, rows, tuple(args.size), device, args.repeats,
                           progress=lambda text: print(text, file=sys.stderr, flush=True))
     except Exception as e:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import RunError
+
 TIMEOUT = datetime.timedelta(minutes=60)  # rank 0 may evaluate (COCOeval) while the others wait
 STOP_WAIT_S = 300  # after a signal, how long spawn() waits for its processes to checkpoint and stop
 
@@ -132,12 +134,43 @@ class Context:
             self.owns_group = False
 
 
+class DeviceError(RunError):
+    """A --device that is not a device, or names one this machine does not have."""
+
+
+DEVICES = "cpu, cuda or cuda:N (N: the GPU's index)"
+
+
 def pick_device(name=None, local_rank=0):
+    """The torch device of this process: `name` (a --device option) when given, else
+    cuda:`local_rank` (modulo the GPUs visible) when CUDA is available, else the CPU. A DeviceError
+    (one line) when `name` is not one of DEVICES (mps too, where available) or names a GPU this
+    machine does not have; every command calls it before any data or model is built."""
     if name:
-        return torch.device(name)
+        return _named_device(name)
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def _named_device(name):
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):  # "gpu", "cdua", "cuda:x"
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"--device {name}: unknown device; expected {DEVICES}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {name}: no CUDA GPU is available on this machine (torch.cuda.is_available() "
+                              f"is False); run without --device to use the CPU")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise DeviceError(f"--device {name}: this machine has {count} CUDA GPU(s): cuda:0 to cuda:{count - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"--device {name}: no MPS device is available on this machine; run without --device to use "
+                          f"the CPU")
+    return device
 
 
 def setup(device=None, environ=None):

@@ -327,9 +327,12 @@ def main(argv=None):
                         help="training processes sharing the device in the grid stage (default: %(default)s)")
     parser.add_argument("--skip", nargs="+", default=[], metavar="STAGE", help="stages to leave out")
     args = parser.parse_args(argv)
-    from experiments.build import pick_device
+    from experiments.distributed import DeviceError, pick_device
 
-    device = pick_device(args.device)
+    try:
+        device = pick_device(args.device)
+    except DeviceError as e:
+        sys.exit(f"error: {e}")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     out = Path(args.out or records.RESULTS / "gpu_check" /
                f"{datetime.date.today().isoformat()}-{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-')}")
