@@ -354,10 +354,12 @@ def build_parser():
                        description="Run a trained row's student on image files or folders (read recursively): any "
                                    "size, JPEG/PNG/..., greyscale, RGBA, 16-bit, EXIF-rotated (read as a viewer shows "
                                    "them), with the row's test-time resizing and normalisation, in padded batches. "
-                                   "Writes one PNG per image with the detections above --score and detections.json "
-                                   "(COCO results-format entries keyed by file, with the image id where the file is "
-                                   "an image of the row's validation set). No ground truth is needed. A file that "
-                                   "cannot be read is named and skipped.")
+                                   "Writes one PNG per image with the detections above --score (its longer side "
+                                   "800 to 2048 pixels: larger images are drawn reduced, boxes with them) and "
+                                   "detections.json (COCO results-format entries keyed by file, with the image id "
+                                   "where the file is an image of the row's validation set, and under the key "
+                                   "\"checkpoint/\", which no file path has, the checkpoint's path and sha256). No "
+                                   "ground truth is needed. A file that cannot be read is named and skipped.")
     p.add_argument("manifest", help=manifest_help)
     p.add_argument("--row", required=True, help="the row whose trained model runs")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and folders")
@@ -365,8 +367,9 @@ def build_parser():
     p.add_argument("--score", type=float, default=0.5, help="lowest score kept (default: %(default)s)")
     p.add_argument("--out", help="output folder, which must not hold a detections.json yet (default: "
                                  "<results>/predictions/<manifest>/<row>/<time>/)")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--batch-size", type=int, help="images per forward (default: the row's evaluation batch size)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--batch-size", type=int, help="images per forward, at least 1 (default: the row's evaluation "
+                                                  "batch size)")
     p.add_argument("--no-pictures", action="store_true", help="write detections.json only")
     p.set_defaults(func=cmd_predict)
 

@@ -44,13 +44,15 @@ def import_weights(source, path, manifest_name, row, out=None, overrides=(), for
     row and writes it to `out` (default: <results>/runs/<manifest>/<row>/authors_checkpoint.pth).
     ConversionError (one line, naming the file and the keys) when it cannot be read, is not the
     row's model, or holds keys that are neither used nor expected leftovers; RunError when `out`
-    exists and not `force`."""
+    is a folder, or exists and not `force`."""
     if source not in SOURCES:
         raise RunError(f"--from {source!r}: unknown source; expected one of {sorted(SOURCES)}")
     manifest = Manifest(manifest_name)
     where = f"manifest {manifest.path}, row {row!r}"
     cfg, _ = resolve_row(manifest, row, overrides, where=where)
     out = Path(out) if out else records.run_dir(manifest.name, row, results) / DEFAULT_NAME
+    if out.is_dir():  # --force replaces a file, never a folder
+        raise RunError(f"--out {out} is a folder; --out names the checkpoint file to write, e.g. {out / DEFAULT_NAME}")
     if out.exists() and not force:
         raise RunError(f"{out} exists; pass --force to replace it, or --out another file")
     path = Path(path)

@@ -8,20 +8,27 @@ with the row's test transforms, padded into batches as the evaluation pads them,
 the student only (no ground truth is needed or read). For each image a PNG with the detections
 above the score (class name and score), and one detections.json:
 
-    {"<image path as found>": {"width": W, "height": H, "image_id": 7 (only when the file is an image of
+    {"checkpoint/": {"path": "<the checkpoint file, absolute>", "sha256": "<its sha256>"},
+     "<image path as found>": {"width": W, "height": H, "image_id": 7 (only when the file is an image of
       the row's validation set), "picture": "<png, relative to the output folder>",
       "detections": [{"bbox": [x, y, w, h], "score": s, "category_id": id, "category_name": name}, ...]}, ...}
 
 with boxes in the image's pixels (as viewed) and category ids of the row's data set, the entries of
-COCO's results format. A file that cannot be read is named on one line and skipped.
+COCO's results format. The key "checkpoint/" (PROVENANCE) names the checkpoint that made the
+detections; it cannot be an image's key, since a path as pathlib writes it never ends with "/": a
+reader that looks images up by path is unchanged, one that goes over every entry skips this key. A
+picture's longer side is between MIN_PICTURE_SIDE (800: small images are enlarged, for legible
+labels) and MAX_PICTURE_SIDE (2048) pixels: large images are drawn reduced, boxes with them, so that
+a large photo does not cost gigabytes to draw. A file that cannot be read is named on one line and
+skipped.
 """
 import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from PIL import Image
 from torchvision.ops import box_convert
 
 import datasets
@@ -29,17 +36,23 @@ from datasets.coco_eval import BOX_DECIMALS, SCORE_DECIMALS
 from datasets.drawing import draw_detections
 from datasets.images import UnlabelledImages, find_images, read_rgb
 from datasets.synthetic import CATEGORIES
+from models.backbone import file_sha256
 from models.ks_encoder import STUDENT, branch_output
 from models.postprocess import postprocess
 
 from . import distributed, records
 from .build import data_config
 from .checkpoints import load_checkpoint
+from .config import Manifest
 from .errors import RunError
+from .evaluation import unwritable
 from .signals import ignore_stop_signals
 from .training import progress
 
 DETECTIONS = "detections.json"
+PROVENANCE = "checkpoint/"  # detections.json's key of the checkpoint; no image path ends with "/"
+MIN_PICTURE_SIDE = 800  # pixels of a picture's longer side: labels stay legible
+MAX_PICTURE_SIDE = 2048  # ... and drawing a 6000 x 6000 photo does not take gigabytes
 
 
 def _collate(batch):
@@ -109,17 +122,29 @@ def _picture_names(paths):
     return names
 
 
-def draw_picture(path, image, detections, names, scale_to=800):
-    """A PNG of `image` (H, W, 3 uint8) with its detections (boxes in its pixels), at least
-    `scale_to` pixels on its longer side so that the labels stay legible."""
+def picture_scale(width, height):
+    """The factor from an image's pixels to its picture's: its longer side brought up to
+    MIN_PICTURE_SIDE or down to MAX_PICTURE_SIDE pixels, else 1."""
+    longest = max(width, height)
+    return min(max(1.0, MIN_PICTURE_SIDE / longest), MAX_PICTURE_SIDE / longest)
+
+
+def draw_picture(path, image, detections, names):
+    """A PNG of `image` (an RGB PIL image) with its detections (boxes in its pixels), scaled by
+    picture_scale. The axes keep the image's pixel coordinates, so the boxes scale with the
+    picture; a large image is reduced before matplotlib sees it."""
     from matplotlib.figure import Figure
 
-    height, width = image.shape[:2]
+    width, height = image.size
     dpi = 100
-    scale = max(1.0, scale_to / max(height, width))
+    scale = picture_scale(width, height)
+    shown = image
+    if scale < 1:
+        shown = image.resize((max(1, round(width * scale)), max(1, round(height * scale))),
+                             Image.Resampling.BILINEAR, reducing_gap=2.0)
     fig = Figure(figsize=(width * scale / dpi, height * scale / dpi), dpi=dpi)
     ax = fig.add_axes((0, 0, 1, 1))
-    ax.imshow(image)
+    ax.imshow(shown, extent=(-0.5, width - 0.5, height - 0.5, -0.5))
     ax.set_axis_off()
     draw_detections(ax, detections["boxes"], detections["scores"], detections["labels"], names, fontsize=8)
     ax.set_xlim(-0.5, width - 0.5)
@@ -144,19 +169,24 @@ def default_out(results, manifest, row):
 def predict(manifest, row, inputs, checkpoint=None, score=0.5, out=None, device=None, batch_size=None,
             results=records.RESULTS, draw=True, quiet=False):
     """Runs the row's student on the image files of `inputs` and writes `out`/detections.json and
-    (with `draw`) one PNG per image. Returns (the detections.json content, the output folder,
-    the files skipped as [(path, why)])."""
+    (with `draw`) one PNG per image. Returns (the images' entries of detections.json by path, i.e.
+    without its PROVENANCE entry, the output folder, the files skipped as [(path, why)]). Bad
+    arguments, a device this machine lacks and an output folder that cannot be written are each
+    a RunError before the checkpoint is read."""
     if not 0 <= score <= 1:
         raise RunError(f"--score must be between 0 and 1, got {score}")
+    if batch_size is not None and batch_size < 1:
+        raise RunError(f"--batch-size must be at least 1 (images per forward), got {batch_size}")
+    device = distributed.pick_device(device)
+    given = bool(out)
+    out = Path(out) if given else default_out(results, Manifest(manifest).name, row)
+    _check_out(out, given)
     ck = load_checkpoint(manifest, row, checkpoint, results=results)
     paths = find_images(inputs)
-    out = Path(out) if out else default_out(results, ck.manifest.name, row)
-    if (out / DETECTIONS).exists():
-        raise RunError(f"{out / DETECTIONS} exists: name another --out folder (predictions are never overwritten)")
+    provenance = {"path": str(ck.path.resolve()), "sha256": file_sha256(ck.path)}
     val = _val_annotations(ck.cfg)  # read once: its categories (older checkpoints) and image ids
     classes = _classes(ck, val)
     names = [c["name"] for c in classes]
-    device = distributed.pick_device(device)
     model = ck.build_model(len(classes), device)
     tc, topk, clip = ck.cfg["train"], ck.cfg["model"]["eval_topk"], ck.cfg["model"]["eval_clip_boxes"]
     workers = ck.cfg["data"]["num_workers"]
@@ -168,7 +198,10 @@ def predict(manifest, row, inputs, checkpoint=None, score=0.5, out=None, device=
     image_ids = _val_image_ids(val)
     pictures = dict(zip(paths, _picture_names(paths)))
     found, skipped = {}, []
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _check_out(out, given, e.strerror or type(e).__name__)
     bar = progress(loader, desc=f"predict {row}", unit="batch", disable=quiet or len(paths) <= 4)
     for batch, failed in bar:
         for info in failed:
@@ -195,9 +228,23 @@ def predict(manifest, row, inputs, checkpoint=None, score=0.5, out=None, device=
                  "category_name": classes[label]["name"]}
                 for box, s, label in zip(xywh.tolist(), det["scores"].tolist(), det["labels"].tolist())]
             if draw:
-                draw_picture(out / pictures[path], np.asarray(read_rgb(path, as_viewed=True)), det, names)
+                draw_picture(out / pictures[path], read_rgb(path, as_viewed=True), det, names)
                 entry["picture"] = pictures[path]
             found[str(path)] = entry
     bar.close()
-    records.write_json(out / DETECTIONS, found)
+    records.write_json(out / DETECTIONS, {PROVENANCE: provenance, **found})
     return found, out, skipped
+
+
+def _check_out(out, given, why=None):
+    """RunError when the output folder `out` (`given` as --out, else the default) is a file, holds a
+    detections.json already, or cannot be written (`why`, else tried: evaluation.unwritable)."""
+    option = f"--out {out}" if given else f"the output folder {out}"
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{option} is a file; --out names a folder for {DETECTIONS} and the pictures")
+    if (out / DETECTIONS).exists():
+        raise RunError(f"{out / DETECTIONS} exists: name another --out folder (predictions are never overwritten)")
+    why = why or unwritable(out)
+    if why:
+        raise RunError(f"{option} cannot be written ({why}); "
+                       + ("name another --out folder" if given else "pass --out DIR to write the predictions elsewhere"))

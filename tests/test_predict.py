@@ -13,6 +13,7 @@ from datasets import DataError
 from datasets.images import find_images, read_rgb
 from experiments import predict as predict_module
 from experiments.__main__ import main
+from models.backbone import file_sha256
 from .test_detections import ROW, trained  # noqa: F401 - the fixture: the demo's KS row, one tiny epoch
 
 def by_score(dets):
@@ -34,6 +35,10 @@ def test_predict_on_validation_images_gives_the_evaluations_detections(trained, 
     assert f"4 image(s), 80 detection(s) with score >= 0.0: {out / 'detections.json'}" in capsys.readouterr().out
     found = json.loads((out / "detections.json").read_text())
     files = sorted(val_dir.iterdir())
+    checkpoint = results / "runs" / "demo" / ROW / "checkpoint.pth"
+    # the checkpoint that made the detections, under a key no image path can have
+    assert found.pop(predict_module.PROVENANCE) == {"path": str(checkpoint.resolve()),
+                                                     "sha256": file_sha256(checkpoint)}
     assert list(found) == [str(f) for f in files]
     image_ids = sorted({d["image_id"] for d in evaluated})
     assert [found[str(f)]["image_id"] for f in files] == image_ids  # the set's own ids, read from its image list
@@ -70,8 +75,8 @@ def test_the_drawn_boxes_are_the_returned_ones(trained, tmp_path, monkeypatch):
     entry = found[str(image)]
     assert entry["picture"] == f"{image.stem}.png" and (out / entry["picture"]).is_file()
     pixels, fig = drawn[entry["picture"]]
-    assert pixels.shape == (entry["height"], entry["width"], 3)
-    np.testing.assert_array_equal(pixels, np.asarray(Image.open(image).convert("RGB")))
+    assert pixels.size == (entry["width"], entry["height"])
+    np.testing.assert_array_equal(np.asarray(pixels), np.asarray(Image.open(image).convert("RGB")))
     rects = [p for p in fig.axes[0].patches if isinstance(p, patches.Rectangle) and p.get_gid() == "detection"]
     assert len(rects) == len(entry["detections"]) > 0
     xywh = torch.tensor([[r.get_x(), r.get_y(), r.get_width(), r.get_height()] for r in rects])
@@ -100,7 +105,8 @@ def test_unreadable_files_are_named_and_skipped(trained, tmp_path, capsys):
     assert f"skipped: image {folder / 'truncated.png'} cannot be read" in captured.err
     assert "1 image(s)" in captured.out and "2 file(s) skipped" in captured.out
     found = json.loads((out / "detections.json").read_text())
-    assert list(found) == [str(folder / "good.png")] and "image_id" not in found[str(folder / "good.png")]
+    assert list(found) == [predict_module.PROVENANCE, str(folder / "good.png")]
+    assert "image_id" not in found[str(folder / "good.png")]
     assert (out / "good.png").is_file()
     # an existing detections.json is never replaced
     with pytest.raises(SystemExit, match="detections.json exists: name another --out folder"):
@@ -165,6 +171,7 @@ def test_an_older_checkpoint_without_classes_gets_the_generators(trained, tmp_pa
     results, data_root = trained
     state = torch.load(results / "runs" / "demo" / ROW / "checkpoint.pth", weights_only=True)
     classes = state.pop("classes")
+    state.pop("checksum", None)  # checkpoints that did not name their classes had no checksum either
     torch.save(state, tmp_path / "old.pth")
     image = sorted(val_images(data_root).iterdir())[0]
     kwargs = dict(score=0, results=results, draw=False, quiet=True)
