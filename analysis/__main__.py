@@ -16,7 +16,7 @@ from pathlib import Path
 
 from experiments import records
 
-from . import AnalysisError
+from . import AnalysisError, _reported
 
 
 def cmd_tables(args):
@@ -158,6 +158,7 @@ def main(argv=None):
     from experiments.config import ConfigError
     from experiments.errors import RunError
 
+    _reported.clear()  # each command names every damaged record it reads once
     results = Path(args.results)
     if results.exists() and not results.is_dir():
         print(f"error: --results {results} is a file; expected the results folder holding runs/<manifest>/<row>/",

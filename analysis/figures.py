@@ -17,7 +17,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from experiments import records  # noqa: E402
 
-from . import VARIANT_NAMES, AnalysisError, load_manifest, load_run  # noqa: E402
+from . import VARIANT_NAMES, AnalysisError, DamagedRun, load_manifest, load_run, metric  # noqa: E402
 
 LOSSES = {"loss": "total", "loss_attn1": "Attn1", "loss_attn2": "Attn2", "loss_attn3": "Attn3"}
 STATE_MARK = {"done": "", "interrupted": " (interrupted)", "running": " (running)", "failed": " (failed)"}
@@ -32,12 +32,13 @@ def model_name(manifest, row):
 
 
 def ap_series(log, branch):
-    """(epochs, AP x100) of one branch over the epochs that evaluated it; NaN points left out."""
+    """(epochs, AP x100) of one branch over the epochs that evaluated it; NaN and -1 (COCO: nothing to
+    measure) points left out."""
     xs, ys = [], []
     for entry in log:
         metrics = (entry.get("eval") or {}).get(branch) or {}
-        ap = metrics.get("AP")
-        if isinstance(ap, (int, float)) and not isinstance(ap, bool) and not math.isnan(ap):
+        ap = metric(metrics.get("AP"))
+        if not math.isnan(ap):
             xs.append(entry["epoch"])
             ys.append(100 * ap)
     return xs, ys
@@ -63,10 +64,12 @@ def _warn(message):
 def fig4(manifest, row, results=records.RESULTS):
     """AP against epoch for the row's baseline and the row's Attn1, Attn2 and Attn3 (paper Fig. 4)."""
     manifest.row(row)
-    run = load_run(*manifest.record_of(row), results)
-    if not run.log:
-        raise AnalysisError(f"{manifest.name} / {row}: no finished epoch in {run.directory / 'log.jsonl'} "
-                            f"({run.label})")
+    run = load_run(*manifest.record_of(row), results, warn=False)  # damaged: the error below says so
+    if isinstance(run, DamagedRun):
+        raise AnalysisError(f"{manifest.name} / {row}: nothing drawn, the record is damaged: {run.problem}")
+    if not any(ap_series(run.log, b)[0] for b in ("attn1", "attn2", "attn3")):
+        raise AnalysisError(f"{manifest.name} / {row}: no finished runs to draw: no evaluated epoch in "
+                            f"{run.directory / 'log.jsonl'} ({run.label}); no figure written")
     lines = []
     base = manifest.rows[row].get("baseline")
     if base is None:
@@ -127,17 +130,25 @@ def fig4_seeds(manifest, results=records.RESULTS):
     the curves of its group)."""
     from .tables import seed_groups
 
-    panels = []
+    panels, empty = [], []
     for group, rows in seed_groups(manifest, smallest=1).items():
         cfg = manifest.resolve(rows[0])
         if cfg["model"]["ks"]["mode"] == "none":
             continue
         runs = [load_run(*manifest.record_of(r), results) for r in rows]
+        if not any(ap_series(run.log, b)[0] for run in runs for b in ("attn1", "attn2", "attn3")):
+            empty.append(group)
+            continue
         bases = [manifest.rows[r].get("baseline") for r in rows]
         base_runs = [load_run(*manifest.record_of(b), results) for b in bases if b]
         panels.append((group, rows, runs, base_runs))
     if not panels:
-        raise AnalysisError(f"{manifest.path}: no KS rows to draw")
+        if not empty:
+            raise AnalysisError(f"{manifest.path}: no KS rows to draw")
+        raise AnalysisError(f"{manifest.name}: no finished runs to draw: no KS row ({', '.join(empty)}) has an "
+                            f"evaluated epoch under {Path(results) / 'runs'}; no figure written")
+    for group in empty:
+        _warn(f"{manifest.name} / {group}: no KS row of the group has an evaluated epoch; no panel")
     cols = min(3, len(panels))
     nrows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.6 * nrows), squeeze=False)

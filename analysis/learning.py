@@ -16,7 +16,7 @@ import pandas as pd
 
 from experiments import records
 
-from . import load_manifest, load_run, number
+from . import load_manifest, load_run, metric, number
 from .tables import MOVED, percent
 
 COLUMNS = ["manifest_row", "setting", "status", "epochs", "AP50", "AP50_moved", "ratio", "AP50_attn2", "AP50_attn3",
@@ -40,9 +40,9 @@ def learning_report(manifest_name, results=records.RESULTS):
             student = percent(ev.get("attn1"))
             line.update(AP50=student["AP50"], AP=student["AP"], AP50_moved=percent(ev.get(MOVED))["AP50"],
                         AP50_attn2=percent(ev.get("attn2"))["AP50"], AP50_attn3=percent(ev.get("attn3"))["AP50"])
-            moved = number(ev.get(MOVED, {}).get("AP50"))
+            moved = metric(ev.get(MOVED, {}).get("AP50"))
             if moved > 0:  # from the unrounded AP50s: a rounded 0.4 may be 0.35 or 0.44
-                line["ratio"] = round(number(ev.get("attn1", {}).get("AP50")) / moved, 1)
+                line["ratio"] = round(metric(ev.get("attn1", {}).get("AP50")) / moved, 1)
         lines.append(line)
     return manifest.name, pd.DataFrame(lines, columns=COLUMNS)
 

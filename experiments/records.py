@@ -370,16 +370,100 @@ class RunRecord:
 
     @functools.cached_property
     def eval(self):
-        """eval.json of a done run; a RunError naming the file when it is missing or not JSON."""
+        """eval.json of a done run; a RunError naming the file when it is missing or not JSON, and a
+        DamagedRecord (a RunError) when its content is not the metrics of its branches (`eval_problem`)."""
         if self.state != "done":
             return None
         path = self.directory / "eval.json"
         if not path.is_file():
             raise RunError(f"{self.directory}: DONE exists but eval.json is missing (broken record)")
         try:
-            return json.loads(path.read_text())
+            doc = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise RunError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        except UnicodeDecodeError as e:
+            raise DamagedRecord(path, f"not UTF-8 text (byte {e.start}); expected JSON") from None
+        problem = eval_problem(doc)
+        if problem:
+            raise DamagedRecord(path, problem)
+        return doc
+
+    def check(self):
+        """Reads and checks what the analysis takes from the record: eval.json of a done run (`eval`)
+        and the metrics of every evaluation in log.jsonl (`log_problem`); a RunError (DamagedRecord)
+        naming the file and what is wrong."""
+        self.eval  # noqa: B018 - reads and checks eval.json
+        problem = log_problem(self.log)
+        if problem:
+            raise DamagedRecord(self.directory / "log.jsonl", problem)
+        return self
+
+
+class DamagedRecord(RunError):
+    """A record file whose content is not what it should hold; `path` is the file."""
+
+    def __init__(self, path, problem):
+        self.path, self.problem = Path(path), problem
+        super().__init__(f"{path}: {problem}")
+
+
+NO_VALUE = -1  # COCOeval's value of a metric that has nothing to measure (e.g. no small objects)
+EXPECTED_METRIC = "expected a number in [0, 1], or -1 (COCO: nothing to measure)"
+
+
+def metric_problem(value):
+    """None when `value` is a metric as the records hold them: a number in [0, 1], -1 (COCO: nothing
+    to measure) or NaN (undefined, e.g. the moved-detections score with fewer than two images);
+    otherwise what is wrong with it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{json.dumps(value)[:40]} is not a number; {EXPECTED_METRIC}"
+    if value != value or value == NO_VALUE or 0 <= value <= 1:
+        return None
+    return f"{value!r} is {'not finite' if abs(value) == float('inf') else 'out of range'}; {EXPECTED_METRIC}"
+
+
+def _branches_problem(branches, where):
+    """What is wrong with {branch: {metric: value}} (a problem message starting with `where`), or None."""
+    for branch, metrics in branches.items():
+        if not isinstance(metrics, dict):
+            return f"{where}{branch}: expected an object of metrics, got {json.dumps(metrics)[:40]}"
+        for m in METRICS:
+            if m in metrics:
+                problem = metric_problem(metrics[m])
+                if problem:
+                    return f"{where}{branch} {m}: {problem}"
+    return None
+
+
+def eval_problem(doc):
+    """None when `doc` (eval.json's content) is an object with the student's metrics (`attn1`, with
+    its AP at least) and every branch's metrics valid (`metric_problem`); otherwise what is wrong."""
+    if not isinstance(doc, dict):
+        got = "null" if doc is None else f"a {type(doc).__name__}" if isinstance(doc, (list, str)) else json.dumps(doc)
+        return f"expected an object of branches (attn1, ...) holding their metrics, got {got}"
+    epoch = doc.get("epoch")
+    if "epoch" in doc and (isinstance(epoch, bool) or not isinstance(epoch, int)):
+        return f"'epoch' is {json.dumps(epoch)[:40]}; expected an integer"
+    branches = {k: v for k, v in doc.items() if k != "epoch"}
+    if not isinstance(branches.get("attn1"), dict) or "AP" not in branches["attn1"]:
+        return "no student AP ('attn1': {'AP': ...}); expected the final metrics of each branch"
+    return _branches_problem(branches, "")
+
+
+def log_problem(entries):
+    """None when every evaluation in the epoch records (log.jsonl's `eval`) holds valid metrics;
+    otherwise what is wrong, naming the epoch."""
+    for entry in entries:
+        ev = entry.get("eval")
+        if ev is None:
+            continue
+        where = f"epoch {entry['epoch']}: eval "
+        if not isinstance(ev, dict):
+            return f"{where}is {json.dumps(ev)[:40]}; expected an object of branches"
+        problem = _branches_problem(ev, where)
+        if problem:
+            return problem
+    return None
 
 
 def read_run(directory, now=None):

@@ -12,8 +12,8 @@ from experiments import records
 
 
 def metrics(ap, **others):
-    """An eval branch with AP = ap and the other metrics given or derived from ap."""
-    out = {"AP": ap, "AP50": ap + 0.2, "AP75": ap + 0.03, "APs": ap - 0.2, "APm": ap + 0.04, "APl": ap + 0.18}
+    """An eval branch with AP = ap and the other metrics given or derived from ap (all in [0, 1])."""
+    out = {"AP": ap, "AP50": ap + 0.2, "AP75": ap + 0.03, "APs": abs(ap - 0.2), "APm": ap + 0.04, "APl": ap + 0.18}
     out.update(others)
     return out
 
@@ -221,14 +221,18 @@ def test_cli_unknown_manifest(tmp_path, capsys):
 
 
 def test_malformed_log_line(table1, capsys):
+    """A damaged log.jsonl makes its row 'damaged (log.jsonl)', named on stderr; the other rows render."""
     manifest, results = table1
     log = records.run_dir("t1", "ks_dab_r101", results) / "log.jsonl"
     log.write_text(log.read_text().replace('{"epoch": 3', '{"epoch": 3,,', 1))
     with pytest.raises(records.DamagedLog, match=r"log\.jsonl, line 4"):
         records.read_log(log)
-    assert main(["tables", "--manifest", str(manifest), "--results", str(results)]) == 2
-    err = capsys.readouterr().err
-    assert str(log) in err and "line 4" in err
+    assert main(["tables", "--manifest", str(manifest), "--results", str(results)]) == 0
+    captured = capsys.readouterr()
+    assert str(log) in captured.err and "line 4" in captured.err and "Traceback" not in captured.err
+    lines = {ln.split(" | ")[1]: ln for ln in captured.out.splitlines() if ln.startswith("| ")}
+    assert "| damaged (log.jsonl) |" in lines["KS-DAB-DETR-R101"]
+    assert "43.9 → 43.7 (-0.2)" in lines["KS-DAB-DETR-R50"]
 
 
 def test_nan_in_log_is_read(tmp_path):
