@@ -128,7 +128,7 @@ def fig4_seeds(manifest, results=records.RESULTS):
     Attn2/Attn3 (GT masks) and the rows' baselines: the mean over the seeds with the range (min to
     max) shaded, at the epochs that every run of the group has evaluated (an unfinished run shortens
     the curves of its group)."""
-    from .tables import seed_groups
+    from .comparisons import seed_groups
 
     panels, empty = [], []
     for group, rows in seed_groups(manifest, smallest=1).items():

@@ -1,18 +1,19 @@
 """Tables from run records: the paper's Tables 1 and 2 next to the reproduced numbers, or (for a
 manifest whose rows point at no paper row, such as demo) the manifest's own results.
 
-Numbers are COCO box AP in percent, rounded to 0.1 like the paper (records hold fractions). Differences
-(reproduced - paper) and KS gains (KS row - its baseline) are computed from the rounded numbers, so
-the table's arithmetic checks out; the gains the paper prints are ignored (some are wrong, e.g.
-KS-DN-Deformable-DETR-R50: printed +2.1, 46.5 - 43.4 = 3.1).
+Numbers are COCO box AP in percent, rounded to 0.1 like the paper (records hold fractions). In the
+tables beside the paper, differences (reproduced - paper) and KS gains (KS row - its baseline) are
+computed from the rounded numbers, so the table's arithmetic checks out; the gains the paper prints
+are ignored (some are wrong, e.g. KS-DN-Deformable-DETR-R50: printed +2.1, 46.5 - 43.4 = 3.1).
+Everything over training seeds (means, sds, KS gains, gains from the mask, teacher minus student, and
+the row-by-row KS gain) comes from the records' unrounded numbers (analysis/comparisons.py,
+analysis/statistics.py) and is rounded only when printed.
 
 Writes results/tables/<manifest>.md, .csv (plain numbers, empty when missing, plus a status column)
-and .tex (a booktabs tabular).
+and .tex (a booktabs tabular); with seed groups also <manifest>_blocks.csv or <manifest>_seeds.csv and
+<manifest>_comparisons.csv (one line per comparison and metric: analysis.comparisons.comparisons).
 """
-import copy
-import json
 import math
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -21,7 +22,10 @@ import pandas as pd
 
 from experiments import records
 
-from . import BRANCHES, VARIANT_NAMES, AnalysisError, load_manifest, load_run, number
+from . import BRANCHES, VARIANT_NAMES, AnalysisError, load_manifest, load_run, metric, number
+from .comparisons import (GAINS, KS_GAIN, MARK, MASK_GAIN, comparisons, comparisons_markdown, group_info, marks_note,
+                          mean_sd, per_pair, row_results, seed_groups)
+from .comparisons import to_csv as comparisons_csv
 
 PAPER_DIR = records.RESULTS / "paper"
 METRICS = records.METRICS
@@ -78,10 +82,12 @@ def paper_baseline(df, i):
     return None
 
 
-def percent(branch):
-    """One eval.json branch in percent, rounded to 0.1 (NaN where missing or undefined)."""
+def percent(branch, digits=1):
+    """One eval.json branch in percent, rounded to `digits` (None: unrounded); NaN where missing,
+    undefined or -1 (COCO: nothing to measure)."""
     branch = branch if isinstance(branch, dict) else {}
-    return {m: round(100 * number(branch.get(m)), 1) for m in METRICS}
+    values = {m: 100 * metric(branch.get(m)) for m in METRICS}
+    return values if digits is None else {m: round(v, digits) for m, v in values.items()}
 
 
 def minus(a, b):
@@ -162,10 +168,9 @@ def runs_report(manifest, results=records.RESULTS):
         line = {**common, "branch": "attn1", "label": name}
         teachers = []
         if run.state == "done":
-            student = percent(run.eval.get("attn1"))
-            line.update(student)
-            if base and runs[base].state == "done":
-                baseline = percent(runs[base].eval.get("attn1"))
+            line.update(percent(run.eval.get("attn1")))
+            if base and runs[base].state == "done":  # from the unrounded numbers, as the seed statistics
+                student, baseline = percent(run.eval.get("attn1"), None), percent(runs[base].eval.get("attn1"), None)
                 line.update({f"gain_{m}": minus(student[m], baseline[m]) for m in METRICS})
             teachers = [b for b in BRANCHES[1:] if b in run.eval]
         lines.append(line)
@@ -179,35 +184,6 @@ def runs_report(manifest, results=records.RESULTS):
     return _frame(lines, RUN_COLUMNS)
 
 
-SEED_SUFFIX = re.compile(r"_seed\d+$")
-
-
-def config_key_without(cfg, *path):
-    """A resolved configuration as a comparable string, leaving out the value at `path` (e.g. "train",
-    "seed"): rows with equal keys differ at most there. `cfg` itself is not changed."""
-    cfg = copy.deepcopy(cfg)
-    parent = cfg
-    for k in path[:-1]:
-        parent = parent[k]
-    parent.pop(path[-1], None)
-    return json.dumps(cfg, sort_keys=True, default=str)
-
-
-def seed_groups(manifest, smallest=2):
-    """{group name: [rows]} for rows whose configurations differ only in train.seed (groups of at
-    least `smallest` rows); a group is named after its rows without their `_seed<N>` suffix when they
-    share one."""
-    groups = {}
-    for name in manifest.rows:
-        groups.setdefault(config_key_without(manifest.resolve(name), "train", "seed"), []).append(name)
-    out = {}
-    for rows in groups.values():
-        if len(rows) >= smallest:
-            stems = {SEED_SUFFIX.sub("", r) for r in rows}
-            out[stems.pop() if len(stems) == 1 else f"{rows[0]} (+{len(rows) - 1} seeds)"] = rows
-    return out
-
-
 def _mean_sd(values):
     values = [v for v in values if not math.isnan(v)]
     if not values:
@@ -215,48 +191,75 @@ def _mean_sd(values):
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
 
 
-def seeds_report(manifest, df):
+def _comparison_cells(line, prefix, cdf, group, comparison):
+    """The statistics of one comparison of `cdf` (analysis.comparisons) in a line of the seeds or blocks
+    report: <prefix>_mean, _sd, _p, _p_holm, _ci_low, _ci_high, _positive, _n, _marked (pairs marked),
+    the per-seed differences (e.g. gains_AP, printed to 0.01, † on marked pairs) and the same of the
+    last two epochs' AP as <prefix>_last2_*. NaN and 0 where there is no such comparison."""
+    name, metric_name = prefix.rsplit("_", 1)
+    for suffix, which in (("", "AP"), ("_last2", "AP_last2")):
+        sel = cdf[(cdf["group"] == group) & (cdf["comparison"] == comparison) & (cdf["metric"] == which)]
+        r = sel.iloc[0] if len(sel) else None
+        key = prefix + suffix
+        for stat in ("mean", "sd", "p", "p_holm", "ci_low", "ci_high"):
+            line[f"{key}_{stat}"] = math.nan if r is None else r[stat]
+        for stat, column in (("positive", "positive"), ("n", "n"), ("marked", "pairs_marked")):
+            line[f"{key}_{stat}"] = 0 if r is None else int(r[column])
+        if not suffix:
+            line[f"{name}s_{metric_name}"] = "" if r is None else per_pair(r)
+
+
+def seeds_report(manifest, df, rows, cdf):
     """Mean and sample standard deviation over the seed rows of each group (finished rows only), per
-    branch, with the KS gain in AP over the rows' baselines (paired row by row)."""
+    branch, from the records' unrounded numbers (`rows`: analysis.comparisons.row_results), with the
+    KS gain in AP over the rows' baselines (paired row by row; `cdf`: the manifest's comparisons)."""
     lines = []
-    for group, rows in seed_groups(manifest).items():
-        for branch in dict.fromkeys(df.loc[df["manifest_row"].isin(rows), "branch"]):
-            sel = df[df["manifest_row"].isin(rows) & (df["branch"] == branch) & (df["status"] == "done")]
-            line = {"group": group, "branch": branch, "rows": " ".join(rows), "done": len(sel), "of": len(rows)}
+    for group, grows in seed_groups(manifest).items():
+        done = [rows[r] for r in grows if rows[r].done]
+        for branch in dict.fromkeys(df.loc[df["manifest_row"].isin(grows), "branch"]):
+            have = [r for r in done if branch in r.final]
+            line = {"group": group, "branch": branch, "rows": " ".join(grows), "done": len(have), "of": len(grows)}
             for m in METRICS:
-                line[f"{m}_mean"], line[f"{m}_sd"] = _mean_sd(sel[m].tolist())
-            gains = sel["gain_AP"].tolist() if branch == "attn1" else []
-            line["gain_AP_mean"], line["gain_AP_sd"] = _mean_sd(gains)
-            line["gains_AP"] = " ".join(f"{g:+.1f}" for g in gains if not math.isnan(g))
+                line[f"{m}_mean"], line[f"{m}_sd"] = _mean_sd([r.value(branch, m) for r in have])
+            line["AP_last2_mean"], line["AP_last2_sd"] = _mean_sd([r.value(branch, "AP_last2") for r in have])
+            _comparison_cells(line, "gain_AP", cdf if branch == "attn1" else cdf.iloc[:0], group, KS_GAIN)
             lines.append(line)
     return pd.DataFrame(lines)
 
 
-def _pm(mean, sd):
-    if math.isnan(mean):
-        return ""
-    return f"{mean:.1f}" + ("" if math.isnan(sd) else f" ± {sd:.1f}")
+def _pm(mean, sd, digits=1):
+    return "" if math.isnan(mean) else mean_sd(mean, sd, digits, sign=False)
 
 
-def seeds_markdown(sdf):
-    header = ["Rows over seeds", "Branch", "Done", *METRICS, "KS gain AP", "per seed"]
-    rows = [header, ["---", "---", "---:"] + ["---:"] * (len(METRICS) + 2)]
+def _gain_cells(r, prefix="gain_AP"):
+    """['+2.22 ± 0.22', '3/3'] of a report line's comparison (2 decimals, † when a pair is marked)."""
+    if not r[f"{prefix}_n"]:
+        return ["", ""]
+    return [mean_sd(r[f"{prefix}_mean"], r[f"{prefix}_sd"]) + (MARK if r[f"{prefix}_marked"] else ""),
+            f"{r[f'{prefix}_positive']}/{r[f'{prefix}_n']}"]
+
+
+def seeds_markdown(sdf, cdf):
+    header = ["Rows over seeds", "Branch", "Done", *METRICS, "AP, last 2 epochs", "KS gain AP", "positive",
+              "per seed"]
+    rows = [header, ["---", "---", "---:"] + ["---:"] * (len(header) - 3)]
     for _, r in sdf.iterrows():
-        gain = "" if math.isnan(r["gain_AP_mean"]) else (f"{r['gain_AP_mean']:+.1f}" + (
-            "" if math.isnan(r["gain_AP_sd"]) else f" ± {r['gain_AP_sd']:.1f}"))
         rows.append([r["group"], r["branch"], f"{r['done']}/{r['of']}",
-                     *[_pm(r[f"{m}_mean"], r[f"{m}_sd"]) for m in METRICS], gain, r["gains_AP"]])
+                     *[_pm(r[f"{m}_mean"], r[f"{m}_sd"]) for m in METRICS], _pm(r["AP_last2_mean"], r["AP_last2_sd"]),
+                     *_gain_cells(r), r["gains_AP"]])
     table = "\n".join("| " + " | ".join(cells) + " |" for cells in rows)
+    note = marks_note(cdf[cdf["table"] == GAINS], short=True)
     return ("## Over training seeds\n\n" + table + "\n\nMean ± sample standard deviation over the finished "
-            "rows of each group (rows whose configurations differ only in train.seed); KS gain: each row minus "
-            "its baseline row, then mean ± standard deviation of those differences.\n")
+            "rows of each group (rows whose configurations differ only in train.seed), from the records' unrounded "
+            "numbers; AP, last 2 epochs: each run's AP averaged over its last two epochs (log.jsonl). KS gain: each "
+            "row minus its baseline row, then mean ± standard deviation of those differences and the seeds where "
+            "it is positive (p-values and intervals: the paired comparisons below)."
+            + (f"\n\n{note}" if note else "") + "\n")
 
 
 # ------------------------------------------------------------------------------------------------
 # the paper's shape for manifests with families (the synthetic tables): one block per variant
 
-KS_METHODS = {"none": ("baseline", False, False), "dual_share_v": ("dual attention", True, False),
-              "dual_share_a": ("dual attention", False, True), "triple": ("triple attention", True, True)}
 LAST_LAYER = "loss_last_layer_"
 
 
@@ -269,74 +272,40 @@ def _last_epoch_values(run, section, prefix=""):
     return {k[len(prefix):]: number(v) for k, v in entry.items() if k.startswith(prefix)}
 
 
-def mask_twins(manifest):
-    """{row whose teachers get no mask (model.ks.mask: none): the row whose configuration differs from
-    it only in getting the GT mask}, for the rows that have such a twin."""
-    keys = {}
-    for name in manifest.rows:
-        cfg = manifest.resolve(name)
-        if cfg["model"]["ks"]["mode"] != "none":
-            keys[name] = (cfg["model"]["ks"]["mask"], config_key_without(cfg, "model", "ks", "mask"))
-    with_gt = {key: name for name, (mask, key) in keys.items() if mask == "gt"}
-    return {name: with_gt[key] for name, (mask, key) in keys.items() if mask == "none" and key in with_gt}
+TEACHER_COMPARISONS = {"attn3": "Attn3 − Attn1", "attn2": "Attn2 − Attn1"}
 
 
-def _paired_cells(line, prefix, gains):
-    """Mean ± sd, positive count and per-seed list of paired differences `gains` (e.g. "gain_AP" ->
-    gain_AP_mean, _sd, _positive, _n and gains_AP)."""
-    line[f"{prefix}_mean"], line[f"{prefix}_sd"] = _mean_sd(gains)
-    line[f"{prefix}_positive"], line[f"{prefix}_n"] = sum(g > 0 for g in gains), len(gains)
-    name, metric = prefix.rsplit("_", 1)
-    line[f"{name}s_{metric}"] = " ".join(f"{g:+.1f}" for g in gains)
-
-
-def blocks_report(manifest, df, results=records.RESULTS):
-    """One line per group of seed rows (groups of one row too), in manifest order, blocks by family:
-    the student's metrics as mean and sample standard deviation over the finished rows, the KS gain in
-    AP as mean ± sd of the paired per-seed differences (each row minus its `baseline` row) and the
-    number of seeds where it is positive; for rows whose teachers get no mask, the same for the gain
-    from the GT mask (the row's GT-mask twin minus the row); the teachers' AP (GT mask) and, from each
-    row's last epoch, each branch's last-decoder-layer training loss and the teachers' memory
-    distance, as means."""
+def blocks_report(manifest, df, results=records.RESULTS, rows=None, cdf=None):
+    """One line per group of seed rows (groups of one row too), in manifest order, blocks by family,
+    from the records' unrounded numbers (`rows`: analysis.comparisons.row_results; `cdf`: the
+    manifest's comparisons, read when not given): the student's metrics and its AP averaged over the
+    last two epochs as mean and sample standard deviation over the finished rows; the KS gain in AP
+    (each row minus its `baseline` row) and, for rows whose teachers get no mask, the gain from the GT
+    mask (the row's GT-mask twin minus the row), each with the statistics of its paired differences;
+    the teachers' AP (GT mask) and their paired difference from the student; from each row's last
+    epoch, each branch's last-decoder-layer training loss and the teachers' memory distance, as means."""
+    rows = row_results(manifest, results) if rows is None else rows
+    cdf = comparisons(manifest, results, rows) if cdf is None else cdf
     lines = []
-    twins = mask_twins(manifest)
-    finished = df[(df["branch"] == "attn1") & (df["status"] == "done")]
-    done_ap = dict(zip(finished["manifest_row"], finished["AP"]))
-    for group, rows in seed_groups(manifest, smallest=1).items():
-        cfg = manifest.resolve(rows[0])
-        mode, mask = cfg["model"]["ks"]["mode"], cfg["model"]["ks"]["mask"]
-        method, shares_v, shares_a = KS_METHODS[mode]
-        family = manifest.rows[rows[0]].get("family") or cfg["model"]["variant"]
-        sel = df[df["manifest_row"].isin(rows) & (df["status"] == "done")]
-        student = sel[sel["branch"] == "attn1"]
-        line = {"family": family, "variant": VARIANT_NAMES.get(cfg["model"]["variant"], cfg["model"]["variant"]),
-                "group": group, "ks_mode": mode,
-                "method": method + ("" if mask == "gt" or mode == "none" else ", no mask"),
-                "shares_v": shares_v, "shares_a": shares_a, "teacher_mask": None if mode == "none" else mask,
-                "rows": " ".join(rows), "done": len(student), "of": len(rows)}
+    for group, grows in seed_groups(manifest, smallest=1).items():
+        done = [rows[r] for r in grows if rows[r].done]
+        line = {**group_info(manifest, group, grows), "rows": " ".join(grows), "done": len(done), "of": len(grows)}
         for m in METRICS:
-            line[f"{m}_mean"], line[f"{m}_sd"] = _mean_sd(student[m].tolist())
-        _paired_cells(line, "gain_AP", [g for g in student["gain_AP"].tolist() if not math.isnan(g)])
-        _paired_cells(line, "mask_gain_AP", [minus(done_ap[twins[r]], done_ap[r]) for r in rows
-                                             if r in twins and r in done_ap and twins[r] in done_ap])
-        line["AP50_moved_mean"] = _mean_sd(sel.loc[sel["branch"] == MOVED, "AP50"].tolist())[0]
-        done = [load_run(*manifest.record_of(r), results) for r in student["manifest_row"]]
+            line[f"{m}_mean"], line[f"{m}_sd"] = _mean_sd([r.value("attn1", m) for r in done])
+        line["AP_last2_mean"], line["AP_last2_sd"] = _mean_sd([r.value("attn1", "AP_last2") for r in done])
+        _comparison_cells(line, "gain_AP", cdf, group, KS_GAIN)
+        _comparison_cells(line, "mask_gain_AP", cdf, group, MASK_GAIN)
+        line["AP50_moved_mean"] = _mean_sd([r.value(MOVED, "AP50") for r in done])[0]
         for branch in BRANCHES:
             if branch != "attn1":
-                line[f"AP_{branch}_mean"] = _mean_sd(sel.loc[sel["branch"] == branch, "AP"].tolist())[0]
+                line[f"AP_{branch}_mean"] = _mean_sd([r.value(branch) for r in done])[0]
+                _comparison_cells(line, f"{branch}_minus_student_AP", cdf, group, TEACHER_COMPARISONS[branch])
                 line[f"distance_{branch}_mean"] = _mean_sd(
-                    [_last_epoch_values(run, "memory_distance").get(branch, math.nan) for run in done])[0]
+                    [_last_epoch_values(r.run, "memory_distance").get(branch, math.nan) for r in done])[0]
             line[f"last_layer_loss_{branch}_mean"] = _mean_sd(
-                [_last_epoch_values(run, "train", LAST_LAYER).get(branch, math.nan) for run in done])[0]
+                [_last_epoch_values(r.run, "train", LAST_LAYER).get(branch, math.nan) for r in done])[0]
         lines.append(line)
     return pd.DataFrame(lines)
-
-
-def _gain_cells(r, prefix="gain_AP"):
-    if math.isnan(r[f"{prefix}_mean"]):
-        return ["", ""]
-    return [f"{r[f'{prefix}_mean']:+.1f}" + ("" if math.isnan(r[f"{prefix}_sd"]) else f" ± {r[f'{prefix}_sd']:.1f}"),
-            f"{r[f'{prefix}_positive']}/{r[f'{prefix}_n']}"]
 
 
 def _per_branch(r, key, branches):
@@ -351,10 +320,10 @@ def _has_mask_gain(bdf):
 
 def _blocks(bdf):
     """(header, [(variant, cells)]) of the paper-shaped table, and the same for the teacher table."""
-    header = ["Method", "Sharing V", "Sharing A", "Done", *METRICS, "AP50 on other images", "KS gain AP",
-              "positive gains"]
-    teacher_header = ["Method", "Done", "AP Attn1", "AP Attn3", "AP Attn2", "last-layer loss Attn1 / Attn3 / Attn2",
-                      "memory distance Attn3 / Attn2"]
+    header = ["Method", "Sharing V", "Sharing A", "Done", *METRICS, "AP, last 2 epochs", "AP50 on other images",
+              "KS gain AP", "positive gains"]
+    teacher_header = ["Method", "Done", "AP Attn1", "AP Attn3", "AP Attn2", "Attn3 − Attn1", "Attn2 − Attn1",
+                      "last-layer loss Attn1 / Attn3 / Attn2", "memory distance Attn3 / Attn2"]
     with_mask_gain = _has_mask_gain(bdf)
     if with_mask_gain:
         header += ["gain from the GT mask", "positive"]
@@ -365,11 +334,14 @@ def _blocks(bdf):
         done = f"{r['done']}/{r['of']}"
         main.append((r["variant"], [name, "✓" if r["shares_v"] else "", "✓" if r["shares_a"] else "", done,
                                     *[_pm(r[f"{m}_mean"], r[f"{m}_sd"]) for m in METRICS],
+                                    _pm(r["AP_last2_mean"], r["AP_last2_sd"]),
                                     "" if math.isnan(r["AP50_moved_mean"]) else _value(r["AP50_moved_mean"]),
                                     *_gain_cells(r)] + (_gain_cells(r, "mask_gain_AP") if with_mask_gain else [])))
         if r["ks_mode"] != "none" and r["done"]:
             teachers.append((r["variant"], [name, done, _value(r["AP_mean"]), _value(r["AP_attn3_mean"]),
                                             _value(r["AP_attn2_mean"]),
+                                            _gain_cells(r, "attn3_minus_student_AP")[0],
+                                            _gain_cells(r, "attn2_minus_student_AP")[0],
                                             _per_branch(r, "last_layer_loss", ("attn1", "attn3", "attn2")),
                                             _per_branch(r, "distance", ("attn3", "attn2"))]))
     return (header, main), (teacher_header, teachers)
@@ -384,23 +356,28 @@ def _markdown_blocks(header, lines, right_from):
     return "\n\n".join(parts)
 
 
-def blocks_markdown(bdf):
+def blocks_markdown(bdf, cdf):
     (header, main), (theader, teachers) = _blocks(bdf)
+    note = marks_note(cdf[cdf["table"] == GAINS], short=True)
     out = ["## By variant, over training seeds", _markdown_blocks(header, main, 3),
            "COCO box AP in percent of the student (Attn1), mean ± sample standard deviation over the finished "
-           "seed rows; KS gain: each seed's KS row minus its baseline row, mean ± standard deviation of these "
-           "paired differences, and in how many seeds it is positive. AP50 on other images: the student's "
+           "seed rows, from the records' unrounded numbers; AP, last 2 epochs: each run's AP averaged over its "
+           "last two epochs (log.jsonl), which damps the noise of one evaluation. KS gain: each seed's KS row "
+           "minus its baseline row, mean ± standard deviation of these paired differences (AP points), and in how "
+           "many seeds it is positive; p-values, confidence intervals and the same for the last two epochs: the "
+           "paired comparisons below. AP50 on other images: the student's "
            "detections scored on the next validation image (train.eval_moved), the level of a detector that "
            "ignores its input. Sharing V: the teacher attention "
            "Attn3 (Q^t, K^t, V); Sharing A: the teacher values Attn2 (Q, K, V^t); \"no mask\": the teachers "
            "are given an all-background mask (model.ks.mask: none)."
            + (" Gain from the GT mask: each seed's KS row with the GT mask minus the same row with no mask, "
-              "paired the same way." if _has_mask_gain(bdf) else "")]
+              "paired the same way." if _has_mask_gain(bdf) else "") + (f"\n\n{note}" if note else "")]
     if teachers:
         out += ["## Teachers against the student", _markdown_blocks(theader, teachers, 1),
                 "Means over the finished seed rows. AP: the student and each teacher evaluated with the GT "
                 "Fg-Bg mask (the teachers' last decoder layer; for \"no mask\" rows with the all-background "
-                "mask they were trained with). Last-layer loss: each branch's weighted "
+                "mask they were trained with); Attn3 − Attn1, Attn2 − Attn1: the teacher's AP minus the student's "
+                "of the same run, mean ± sd over the seeds (AP points). Last-layer loss: each branch's weighted "
                 "training loss of its last decoder layer (the same terms for every branch) in the last epoch. "
                 "Memory distance: ||Z_t - Z_s|| / ||Z_s|| of each teacher's encoder memory from the student's "
                 "over the validation images' tokens at the last evaluation."]
@@ -416,8 +393,8 @@ def blocks_latex(name, bdf):
         out += [r"\midrule", rf"\multicolumn{{{len(header)}}}{{l}}{{\emph{{{_tex(variant)}}}}} \\"]
         for v, cells in main:
             if v == variant:
-                out.append(" & ".join(_tex(c).replace("✓", r"\checkmark").replace("±", r"$\pm$") for c in cells)
-                           + r" \\")
+                out.append(" & ".join(_tex(c).replace("✓", r"\checkmark").replace("±", r"$\pm$")
+                                      .replace(MARK, r"$^\dagger$") for c in cells) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(out) + "\n"
 
@@ -431,9 +408,10 @@ def open_manifest(name_or_path):
     return load_manifest(name_or_path)
 
 
-def report(name_or_path, results=records.RESULTS):
-    """(manifest name, kind 'paper' or 'runs', DataFrame) for a manifest name or path."""
-    manifest = open_manifest(name_or_path)
+def report(name_or_path, results=records.RESULTS, manifest=False):
+    """(manifest name, kind 'paper' or 'runs', DataFrame) for a manifest name or path (`manifest`: its
+    open_manifest when already read)."""
+    manifest = open_manifest(name_or_path) if manifest is False else manifest
     if manifest is None:
         return name_or_path, "paper", paper_report(None, [PAPER_MANIFESTS[name_or_path]], results)
     tables = {row["paper"]["table"] for row in manifest.rows.values() if row.get("paper")}
@@ -511,7 +489,8 @@ def to_markdown(name, kind, df):
     else:
         parts.append("COCO box AP in percent of the student (attn1) unless a line names a teacher branch "
                      "(evaluated with ground-truth masks, as in the paper's Fig. 4). KS gain: the row minus "
-                     "its `baseline` row. Only finished runs (DONE) show numbers.")
+                     "its `baseline` row, from the unrounded APs (it may differ by 0.1 from the difference of the "
+                     "rounded numbers shown). Only finished runs (DONE) show numbers.")
     return "\n\n".join(parts) + "\n"
 
 
@@ -541,23 +520,27 @@ def to_latex(name, kind, df):
 
 def write_tables(name_or_path, results=records.RESULTS):
     """Writes results/tables/<manifest>.{md,csv,tex}; returns the markdown."""
-    name, kind, df = report(name_or_path, results)
+    manifest = open_manifest(name_or_path)  # read once: a manifest with same_as rows reads several files
+    name, kind, df = report(name_or_path, results, manifest)
     folder = Path(results) / "tables"
     markdown = to_markdown(name, kind, df)
     latex = to_latex(name, kind, df)
     if kind == "runs":
-        manifest = open_manifest(name_or_path)
-        if manifest.families:  # the paper's shape first, the row-by-row table after it
-            bdf = blocks_report(manifest, df, results)
-            markdown = f"# {name}: results\n\n" + blocks_markdown(bdf) + "\n## Row by row\n\n" + \
-                markdown.split("\n\n", 1)[1]
+        rows = row_results(manifest, results)
+        cdf = comparisons(manifest, results, rows, smallest=1 if manifest.families else 2)
+        if manifest.families:  # the paper's shape first, the paired comparisons, the row-by-row table after them
+            bdf = blocks_report(manifest, df, results, rows, cdf)
+            markdown = (f"# {name}: results\n\n" + blocks_markdown(bdf, cdf) + "\n" + comparisons_markdown(cdf)
+                        + "\n## Row by row\n\n" + markdown.split("\n\n", 1)[1])
             records.atomic_write(folder / f"{name}_blocks.csv", bdf.to_csv(index=False))
             latex = blocks_latex(name, bdf)
         else:
-            sdf = seeds_report(manifest, df)
+            sdf = seeds_report(manifest, df, rows, cdf)
             if len(sdf):
-                markdown += "\n" + seeds_markdown(sdf)
+                markdown += "\n" + seeds_markdown(sdf, cdf) + "\n" + comparisons_markdown(cdf)
                 records.atomic_write(folder / f"{name}_seeds.csv", sdf.to_csv(index=False))
+        if len(cdf):
+            records.atomic_write(folder / f"{name}_comparisons.csv", comparisons_csv(cdf))
     records.atomic_write(folder / f"{name}.md", markdown)
     records.atomic_write(folder / f"{name}.csv", df.to_csv(index=False))
     records.atomic_write(folder / f"{name}.tex", latex)

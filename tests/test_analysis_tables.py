@@ -18,12 +18,18 @@ def metrics(ap, **others):
     return out
 
 
-def write_run(results, manifest, row, state, log=(), final=None):
-    """A run record: state 'done' (log, eval.json, DONE), 'interrupted' (log only), 'failed'."""
+ENV = {"git_sha": "0123456789abcdef0123456789abcdef01234567", "cpu": "Test CPU (avx512_bf16)"}
+
+
+def write_run(results, manifest, row, state, log=(), final=None, env=ENV):
+    """A run record: state 'done' (log, eval.json, DONE), 'interrupted' (log only), 'failed'; env.json
+    as given (by default one commit and CPU for every run; None: no env.json)."""
     d = records.run_dir(manifest, row, results)
     d.mkdir(parents=True)
     if state != "interrupted":
         records.write_yaml(d / "config.yaml", {"row": row})
+    if env is not None:
+        records.write_json(d / "env.json", env)
     lines = [{"epoch": e, "lr": 1e-4, "train": {"loss": 10.0 - e}, **({"eval": ev} if ev else {}), "time_s": 1.0}
              for e, ev in log]
     records.write_log(d / "log.jsonl", lines)
@@ -300,10 +306,10 @@ def test_seed_rows_get_mean_and_spread(tmp_path):
     assert base["AP_mean"] == pytest.approx(31.0) and base["AP_sd"] == pytest.approx(1.0)
     assert ks["AP_mean"] == pytest.approx(33.5) and ks["AP_sd"] == pytest.approx(0.7071, abs=1e-4)
     assert ks["gain_AP_mean"] == pytest.approx(2.5) and ks["gain_AP_sd"] == pytest.approx(0.7071, abs=1e-4)
-    assert ks["gains_AP"] == "+3.0 +2.0" and math.isnan(base["gain_AP_mean"])
+    assert ks["gains_AP"] == "+3.00 +2.00" and math.isnan(base["gain_AP_mean"])
     assert teacher["AP_mean"] == pytest.approx(50.0) and math.isnan(teacher["gain_AP_mean"])
     assert "| ks | attn1 | 2/3 | 33.5 ± 0.7 | 53.5 ± 0.7 |" in markdown
-    assert "| +2.5 ± 0.7 | +3.0 +2.0 |" in markdown
+    assert "| +2.50 ± 0.71 | 2/2 | +3.00 +2.00 |" in markdown
 
 
 def test_a_manifest_with_families_gets_blocks_in_the_papers_shape(tmp_path):
@@ -347,23 +353,24 @@ def test_a_manifest_with_families_gets_blocks_in_the_papers_shape(tmp_path):
     assert dab["AP_mean"] == pytest.approx(31.0) and dab["AP_sd"] == pytest.approx(1.0)
     assert dab["AP50_moved_mean"] == pytest.approx(20.1)
     assert triple_line["gain_AP_mean"] == pytest.approx(2.0) and triple_line["gain_AP_sd"] == pytest.approx(2.6458, abs=1e-4)
-    assert (triple_line["gain_AP_positive"], triple_line["gain_AP_n"], triple_line["gains_AP"]) == (2, 3, "+3.0 -1.0 +4.0")
+    assert (triple_line["gain_AP_positive"], triple_line["gain_AP_n"], triple_line["gains_AP"]) == (2, 3, "+3.00 -1.00 +4.00")
     assert (triple_line["shares_v"], triple_line["shares_a"]) == (True, True)
     assert (share_a["method"], share_a["shares_v"], share_a["shares_a"], share_a["done"]) == ("dual attention", False,
                                                                                               True, 0)
     assert no_mask["method"] == "triple attention, no mask" and no_mask["teacher_mask"] == "none"
     # the gain from the GT mask: dab_triple_seed0 (33.0) minus dab_no_mask_seed0 (31.5), its twin
     assert no_mask["gain_AP_mean"] == pytest.approx(1.5) and no_mask["mask_gain_AP_mean"] == pytest.approx(1.5)
-    assert (no_mask["mask_gain_AP_positive"], no_mask["mask_gain_AP_n"], no_mask["mask_gains_AP"]) == (1, 1, "+1.5")
+    assert (no_mask["mask_gain_AP_positive"], no_mask["mask_gain_AP_n"], no_mask["mask_gains_AP"]) == (1, 1, "+1.50")
     assert triple_line["mask_gain_AP_n"] == 0 and math.isnan(triple_line["mask_gain_AP_mean"])
-    assert "| gain from the GT mask | positive |" in markdown and "| +1.5 | 1/1 | +1.5 | 1/1 |" in markdown
+    assert "| gain from the GT mask | positive |" in markdown and "| +1.50 | 1/1 | +1.50 | 1/1 |" in markdown
     assert triple_line["AP_attn3_mean"] == pytest.approx(40.0) and triple_line["AP_attn2_mean"] == pytest.approx(36.0)
     assert triple_line["last_layer_loss_attn1_mean"] == pytest.approx(3.0)
     assert triple_line["distance_attn3_mean"] == pytest.approx(0.2)
     assert "### DAB-DETR" in markdown and "### Deformable-DETR" in markdown and "## Row by row" in markdown
     assert ("| triple attention | ✓ | ✓ | 3/3 | 33.0 ± 2.0 | 53.0 ± 2.0 |" in markdown
-            and "| +2.0 ± 2.6 | 2/3 |" in markdown)
-    assert "| triple attention | 3/3 | 33.0 | 40.0 | 36.0 | 3.000 / 1.000 / 1.500 | 0.200 / 0.500 |" in markdown
+            and "| +2.00 ± 2.65 | 2/3 |" in markdown)
+    assert ("| triple attention | 3/3 | 33.0 | 40.0 | 36.0 | +7.00 ± 2.00 | +3.00 ± 2.00 | 3.000 / 1.000 / 1.500 "
+            "| 0.200 / 0.500 |") in markdown
     teachers = markdown.split("## Teachers against the student")[1].split("## Row by row")[0]
     assert "| baseline |" not in teachers  # a baseline has no teachers
     tex = (results / "tables" / "fam.tex").read_text()
