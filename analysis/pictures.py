@@ -19,6 +19,7 @@ Both read the row's checkpoint (default: its checkpoint.pth) and write PNG and P
 with the model.
 """
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,8 @@ def load_trained(manifest, row, checkpoint=None, results=records.RESULTS):
     from experiments.checkpoints import load_checkpoint
 
     ck = load_checkpoint(manifest, row, checkpoint, results=results)
+    if ck.note():
+        print(ck.note(), file=sys.stderr)
     _, val_set = build_data(ck.cfg)
     model = ck.build_model(val_set.num_classes)
     return Trained(f"{ck.manifest.name} / {row}", model, val_set, ck.cfg)

@@ -2,13 +2,23 @@
 space needed), reading them (the previous one when the latest is damaged) and a row's checkpoint with
 the configuration that rebuilds its model (`load_checkpoint`).
 
+Reading runs no code: every file is read with `torch.load(..., weights_only=True)` (tensors and plain
+data only), so a checkpoint whose pickle would call a function is refused with one error line. Each
+checkpoint this project writes holds a checksum of its contents (`checksum`: sha256 over every tensor's
+bytes and every other value), verified on every read: a file damaged in a way the zip reader does not
+notice is refused like a truncated one. Checkpoints written before checksums existed load unchecked.
+
 Resuming: checkpoint.pth (written atomically by rank 0 after each epoch's evaluation, and every
 `train.checkpoint_every_iters` steps when set) holds the model, optimizer, scheduler, history and
 configuration. A SLURM timeout or preemption in the middle of an epoch resumes from the last
 checkpoint: the steps since then are trained again (at most one epoch, or checkpoint_every_iters steps).
 """
 import errno
+import hashlib
+import io
 import os
+import pickle
+import re
 import shutil
 import sys
 import time
@@ -21,7 +31,7 @@ from models import build_model
 
 from . import records
 from .build import check_available, model_config
-from .config import DEFAULTS, ConfigError, Manifest, diff, merge, parse_override
+from .config import DEFAULTS, ConfigError, Manifest, diff, flatten, merge, parse_override
 from .errors import RunError, first_names
 
 CHECKPOINT = "checkpoint.pth"
@@ -56,6 +66,7 @@ def save_checkpoint(path, model, optimizer, scheduler, epoch, history, cfg, step
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "partial": partial,
              "total_batch_size": total_batch, "history": history, "config": cfg, "classes": classes}
+    state[CHECKSUM] = content_checksum(state)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -124,39 +135,95 @@ def _free(folder):
         return "an unknown amount"
 
 
+CHECKSUM = "checksum"  # the state's key holding content_checksum() of the rest
+
+
+def content_checksum(state):
+    """'sha256:<hex>' over a checkpoint state's contents, in order: every key, every tensor's dtype,
+    shape and bytes, every other value's repr. Equal for a state and the same state read back from
+    its file; any changed byte of a tensor or value changes it. The CHECKSUM key itself is left out."""
+    digest = hashlib.sha256()
+
+    def visit(value):
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"tensor {t.dtype} {tuple(t.shape)};".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(value, dict):
+            items = [(k, v) for k, v in value.items() if not (value is state and k == CHECKSUM)]
+            digest.update(f"{type(value).__name__} {len(items)}{{".encode())
+            for k, v in items:
+                digest.update(f"{k!r}:".encode())
+                visit(v)
+            digest.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"{type(value).__name__} {len(value)}[".encode())
+            for v in value:
+                visit(v)
+            digest.update(b"]")
+        else:
+            digest.update(f"{type(value).__name__} {value!r};".encode())
+
+    visit(state)
+    return "sha256:" + digest.hexdigest()
+
+
 def _read(path):
+    """(state, 'sha256:<hex>' of the bytes it was read from) of one checkpoint file; RunError when it
+    is damaged, refused or not a checkpoint of this project."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - truncated zip, pickle errors, ...: all mean a damaged file
+        data = Path(path).read_bytes()  # hashed and loaded from the same bytes: the digest is of what was used
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only stops at the first global outside tensors and plain data, before anything is called
+        named = re.search(r"GLOBAL:?\s+([\w.]+)", str(e), re.IGNORECASE)
+        if named:
+            raise RunError(f"{path} is refused: its pickle needs {named.group(1)}, and this project only reads "
+                           f"checkpoints of tensors and plain data (nothing of the file was used)") from None
+        why = next((line.strip() for line in str(e).splitlines()[1:] if line.strip() and "WeightsUnpickler" not in line
+                    and not line.startswith(("Please file", "Check the documentation"))), "")
+        raise RunError(f"{path} cannot be read ({why or 'not a pickle of tensors and plain data'}); it is damaged or "
+                       f"not a checkpoint") from None
+    except Exception as e:  # noqa: BLE001 - truncated zip, bad headers, ...: all mean a damaged file
         raise RunError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                        f"it is damaged or not a checkpoint") from None
     if not isinstance(state, dict) or "model" not in state:
         raise RunError(f"{path}: not a checkpoint of this project (expected a dict with 'model')")
-    return state
+    recorded = state.get(CHECKSUM)
+    if recorded is not None and recorded != content_checksum(state):
+        raise RunError(f"{path} is damaged: its contents do not match the checksum recorded when it was written")
+    return state, "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def read_checkpoint(path, fallback=True):
     """(state, path read) of a checkpoint. When `path` is a run's checkpoint.pth and it is missing or
     damaged, checkpoint.prev.pth (the one before) is read instead (with `fallback`), saying so; a
     RunError names every file that could not be read."""
+    return _read_checkpoint(path, fallback)[:2]
+
+
+def _read_checkpoint(path, fallback=True):
+    """read_checkpoint's (state, path read) and the sha256 of the file read."""
     path = Path(path)
     previous = path.with_name(PREVIOUS_CHECKPOINT)
     if not fallback or path.name != CHECKPOINT or not previous.is_file():
         if not path.is_file():
             raise RunError(f"no checkpoint at {path}")
-        return _read(path), path
+        state, digest = _read(path)
+        return state, path, digest
     problem = f"{path} is missing"
     if path.is_file():
         try:
-            return _read(path), path
+            state, digest = _read(path)
+            return state, path, digest
         except RunError as e:
             problem = str(e)
     try:
-        state = _read(previous)
+        state, digest = _read(previous)
     except RunError as e:
         raise RunError(f"{problem}; the previous checkpoint cannot be used either: {e}") from None
     print(f"warning: {problem}; using the previous checkpoint {previous} instead", file=sys.stderr, flush=True)
-    return state, previous
+    return state, previous, digest
 
 
 def set_damaged_aside(path):
@@ -174,6 +241,11 @@ def has_checkpoint(directory):
 
 
 
+# What makes a checkpoint another row's model rather than this row's at another size: a checkpoint
+# that differs from its row here is refused; other differences follow the checkpoint's configuration.
+MODEL_KIND = ("model.variant", "model.ks.mode", "model.backbone.name")
+
+
 @dataclass
 class Checkpoint:
     """A row's checkpoint with the configuration to rebuild its model: the checkpoint's own (its
@@ -183,27 +255,64 @@ class Checkpoint:
     path: Path
     state: dict
     cfg: dict
-    row_cfg: dict
+    row_cfg: dict  # the manifest row's, overrides applied
     source: str  # where cfg came from, for the records
+    sha256: str  # 'sha256:<hex>' of the file's bytes that were read
 
     def changed_model_keys(self):
         """Model keys where the checkpoint's configuration differs from the manifest row's."""
-        return [k for k in diff(self.row_cfg, self.cfg) if not k.startswith(("data.", "train."))]
+        return [k for k in diff(self.row_cfg, self.cfg) if k.startswith("model.")]
 
     def build_model(self, num_classes, device="cpu"):
         """The trained model (evaluation mode) on `device`. The backbone starts from a random
-        initialisation: the checkpoint overwrites every weight, so no pretrained file is needed."""
+        initialisation: the checkpoint overwrites every weight, so no pretrained file is needed. A
+        RunError names the file, the row and what differs when the weights do not fit the model."""
         held = self.state.get("num_classes")  # written by import-weights
         if held is not None and held != num_classes:
             raise RunError(f"{self.path} holds a model of {held} classes, the data set has {num_classes}")
         model, _ = build_model(model_config(self.cfg, pretrained=False), num_classes)
+        problems = weight_mismatches(self.state["model"], model.state_dict())
+        if problems:
+            raise RunError(f"{self.path} does not fit the model of row {self.row!r} ({self._described()}, "
+                           f"{num_classes} classes): {'; '.join(problems)}")
         model.load_state_dict(self.state["model"])
         return model.to(device).eval()
+
+    def note(self):
+        """The line to print (once, by rank 0) when the checkpoint's configuration differs from the
+        row's where the weights stay the same, or None."""
+        changed = self.changed_model_keys()
+        return (f"{self.row}: the checkpoint's configuration differs from the manifest row at {', '.join(changed)}; "
+                f"using the checkpoint's") if changed else None
+
+    def _described(self):
+        m = self.cfg["model"]
+        return f"{m['variant']}, KS mode {m['ks']['mode']}, hidden_dim {m['hidden_dim']}"
+
+
+def weight_mismatches(found, expected):
+    """What differs between a checkpoint's weights and a model's state dict: keys missing from the
+    file, keys the model lacks, and shapes, each with its first names; [] when they fit."""
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    shapes = [f"{k} {tuple(found[k].shape)} in the file, {tuple(v.shape)} in the model"
+              for k, v in expected.items() if k in found and tuple(found[k].shape) != tuple(v.shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} weights missing from the file ({first_names(missing, 3)})")
+    if extra:
+        problems.append(f"{len(extra)} weights the model does not have ({first_names(extra, 3)})")
+    if shapes:
+        problems.append(f"{len(shapes)} of another shape ({first_names(shapes, 3)})")
+    return problems
 
 
 def load_checkpoint(manifest_name, row, checkpoint=None, overrides=(), results=records.RESULTS):
     """The checkpoint of a row (default: the run's checkpoint.pth) and its configuration; a RunError
-    naming the file when it is missing or not a checkpoint of this project."""
+    naming the file when it is missing or not a checkpoint of this project, and when its
+    configuration is of another kind of model than the row's (MODEL_KIND: another variant, KS mode or
+    backbone; give it with the row it was trained for). Other differences (sizes, evaluation
+    settings) follow the checkpoint's configuration; `Checkpoint.note()` says so."""
     manifest = Manifest(manifest_name)
     row_cfg = manifest.resolve(row)
     directory = records.run_dir(*manifest.record_of(row), results)
@@ -211,19 +320,30 @@ def load_checkpoint(manifest_name, row, checkpoint=None, overrides=(), results=r
         path = Path(checkpoint)
         if not path.is_file():
             raise RunError(f"{row}: no checkpoint at {path}")
-        state, path = read_checkpoint(path, fallback=False)
+        state, path, digest = _read_checkpoint(path, fallback=False)
     else:  # the run's own: the previous one when the latest is damaged or missing
         path = directory / CHECKPOINT
         if not has_checkpoint(directory):
             raise RunError(f"{row}: no checkpoint at {path}: the row has not finished an epoch here; train it with "
                            f"`python -m experiments run {manifest.name} --row {row}`, or pass --checkpoint PATH")
-        state, path = read_checkpoint(path)
-    cfg = merge(DEFAULTS, state["config"], f"{path}, config") if state.get("config") else row_cfg
-    source = "the checkpoint" if state.get("config") else f"manifest {manifest.path}"
+        state, path, digest = _read_checkpoint(path)
+    own = state.get("config")
+    if own is not None and not isinstance(own, dict):
+        raise RunError(f"{path}: its 'config' is a {type(own).__name__}, not a configuration of this project")
+    cfg = merge(DEFAULTS, own, f"{path}, config") if own else row_cfg
+    source = "the checkpoint" if own else f"manifest {manifest.path}"
     for text in overrides:
         try:
             cfg = merge(cfg, parse_override(text), f"override {text!r}")
+            row_cfg = merge(row_cfg, parse_override(text), f"override {text!r}")
         except ConfigError as e:
             raise ConfigError(f"row {row!r}: {e}") from None
     check_available(cfg, f"manifest {manifest.path}, row {row!r}")
-    return Checkpoint(manifest, row, path, state, cfg, row_cfg, source)
+    ck = Checkpoint(manifest, row, path, state, cfg, row_cfg, source, digest)
+    other_model = [k for k in ck.changed_model_keys() if k in MODEL_KIND]
+    if other_model:
+        flat_row, flat_own = flatten(row_cfg), flatten(cfg)
+        raise RunError(f"{path} is not a checkpoint of row {row!r} of manifest {manifest.path}: its model differs at "
+                       + ", ".join(f"{k} ({flat_own.get(k)!r} in the checkpoint, {flat_row.get(k)!r} in the row)"
+                                   for k in other_model) + "; give it with the row it was trained for")
+    return ck

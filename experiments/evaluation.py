@@ -203,10 +203,8 @@ def evaluate_row(manifest_name, row, checkpoint=None, teachers=False, overrides=
     try:
         not_saved = None
         if ctx.is_main:
-            changed = ck.changed_model_keys()
-            if ck.state.get("config") and changed:
-                print(f"{row}: the checkpoint's model configuration differs from the manifest row at {changed}; "
-                      f"evaluating with the checkpoint's", file=sys.stderr)
+            if ck.note():
+                print(ck.note(), file=sys.stderr)
             reason = unwritable(directory)
             if reason:
                 not_saved = f"cannot write to {directory} ({reason})"

@@ -24,6 +24,7 @@ from models.convert_ksdetr import convert, describe, read_checkpoint
 
 from . import records
 from .build import model_config, resolve_row
+from .checkpoints import CHECKSUM, content_checksum
 from .config import Manifest
 from .errors import RunError
 
@@ -69,6 +70,7 @@ def import_weights(source, path, manifest_name, row, out=None, overrides=(), for
              "imported_from": {"source": source, "file": str(path.resolve()), "sha256": file_sha256(path),
                                "held": found.summary(), "iteration": _plain(checkpoint.get("iteration")),
                                "left_out": leftovers}}
+    state[CHECKSUM] = content_checksum(state)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     records.atomic_write(out, buffer.getvalue())

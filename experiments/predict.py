@@ -36,7 +36,6 @@ from datasets.coco_eval import BOX_DECIMALS, SCORE_DECIMALS
 from datasets.drawing import draw_detections
 from datasets.images import UnlabelledImages, find_images, read_rgb
 from datasets.synthetic import CATEGORIES
-from models.backbone import file_sha256
 from models.ks_encoder import STUDENT, branch_output
 from models.postprocess import postprocess
 
@@ -183,7 +182,9 @@ def predict(manifest, row, inputs, checkpoint=None, score=0.5, out=None, device=
     _check_out(out, given)
     ck = load_checkpoint(manifest, row, checkpoint, results=results)
     paths = find_images(inputs)
-    provenance = {"path": str(ck.path.resolve()), "sha256": file_sha256(ck.path)}
+    provenance = {"path": str(ck.path.resolve()), "sha256": ck.sha256.removeprefix("sha256:")}
+    if ck.note() and not quiet:
+        print(ck.note(), file=sys.stderr)
     val = _val_annotations(ck.cfg)  # read once: its categories (older checkpoints) and image ids
     classes = _classes(ck, val)
     names = [c["name"] for c in classes]

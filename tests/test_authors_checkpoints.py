@@ -15,7 +15,7 @@ import yaml
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from experiments import config
+from experiments import checkpoints, config
 from experiments.__main__ import main
 from experiments.build import model_config
 from experiments.config import DEFAULTS, Manifest, merge
@@ -453,6 +453,7 @@ def test_import_weights_writes_a_checkpoint_of_the_table1_row(tmp_path, capsys):
     ck = load_checkpoint("table1", "dab_r50_ks", checkpoint=out, results=tmp_path)
     assert ck.source == "the checkpoint" and ck.changed_model_keys() == []
     assert ck.state["imported_from"]["iteration"] == 374999 and ck.state["num_classes"] == 80
+    assert ck.state["checksum"] == checkpoints.content_checksum(ck.state)  # verified on every read, as the run's own
     with pytest.raises(RunError, match="holds a model of 80 classes, the data set has 5"):
         ck.build_model(5)
     model = ck.build_model(80)

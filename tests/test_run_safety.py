@@ -171,6 +171,7 @@ def test_resume_refuses_a_checkpoint_saved_with_another_configuration(tmp_path, 
     directory = records.run_dir("demo", "def_r18", tmp_path)
     state = torch.load(directory / "checkpoint.pth", weights_only=False)
     state["config"]["train"]["lr"] = 1e-3
+    state[checkpoints.CHECKSUM] = checkpoints.content_checksum(state)  # a sound checkpoint of another configuration
     torch.save(state, directory / "checkpoint.pth")
     with pytest.raises(RunError, match=r"checkpoint .*checkpoint.pth was saved with another configuration "
                                        r"\(train.lr: 0.001 -> 0.0004\)"):
