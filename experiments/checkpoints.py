@@ -15,10 +15,7 @@ checkpoint: the steps since then are trained again (at most one epoch, or checkp
 """
 import errno
 import hashlib
-import io
 import os
-import pickle
-import re
 import shutil
 import sys
 import time
@@ -28,6 +25,7 @@ from pathlib import Path
 import torch
 
 from models import build_model
+from models.serialization import UnreadableFile, load_plain
 
 from . import records
 from .build import check_available, model_config
@@ -173,20 +171,9 @@ def _read(path):
     is damaged, refused or not a checkpoint of this project."""
     try:
         data = Path(path).read_bytes()  # hashed and loaded from the same bytes: the digest is of what was used
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # weights_only stops at the first global outside tensors and plain data, before anything is called
-        named = re.search(r"GLOBAL:?\s+([\w.]+)", str(e), re.IGNORECASE)
-        if named:
-            raise RunError(f"{path} is refused: its pickle needs {named.group(1)}, and this project only reads "
-                           f"checkpoints of tensors and plain data (nothing of the file was used)") from None
-        why = next((line.strip() for line in str(e).splitlines()[1:] if line.strip() and "WeightsUnpickler" not in line
-                    and not line.startswith(("Please file", "Check the documentation"))), "")
-        raise RunError(f"{path} cannot be read ({why or 'not a pickle of tensors and plain data'}); it is damaged or "
-                       f"not a checkpoint") from None
-    except Exception as e:  # noqa: BLE001 - truncated zip, bad headers, ...: all mean a damaged file
-        raise RunError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                       f"it is damaged or not a checkpoint") from None
+        state = load_plain(path, data)
+    except (OSError, UnreadableFile) as e:
+        raise RunError(str(e) if isinstance(e, UnreadableFile) else f"{path} cannot be read ({e.strerror or e})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise RunError(f"{path}: not a checkpoint of this project (expected a dict with 'model')")
     recorded = state.get(CHECKSUM)

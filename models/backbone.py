@@ -25,6 +25,8 @@ import torchvision.models as tvm
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .serialization import UnreadableFile, load_plain
+
 RESNETS = {
     "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, [64, 128, 256, 512]),
     "resnet34": (tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1, [64, 128, 256, 512]),
@@ -74,7 +76,10 @@ def load_imagenet_state_dict(name, weights_enum, weights_path=None):
             f"ImageNet weights for backbone {name!r} not found: no file {path} (from {where}). They are "
             f"torchvision's {weights_enum} ({weights_enum.url}); put that file in the torch hub cache "
             f"({cached_weights_file(weights_enum).parent}) or set model.backbone.weights_path to a copy.")
-    return torch.load(path, map_location="cpu", weights_only=True), path
+    try:
+        return load_plain(path), path
+    except UnreadableFile as e:
+        raise WeightsError(str(e)) from None
 
 
 def file_sha256(path):
@@ -94,7 +99,10 @@ def load_synthetic_state_dict(name, body, weights_path=None):
             f"synthetic-pretrained weights for backbone {name!r} not found: no file {path}"
             f"{' (model.backbone.weights_path)' if weights_path else ''}. Make them with `python -m experiments "
             f"pretrain --out {path}` (see the README, 'A pretrained backbone without ImageNet').")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = load_plain(path)
+    except UnreadableFile as e:
+        raise WeightsError(str(e)) from None
     if not isinstance(state, dict) or "state_dict" not in state:
         raise WeightsError(f"{path} is not a weights file of `python -m experiments pretrain` (no 'state_dict')")
     meta = state.get("meta", {})

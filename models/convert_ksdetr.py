@@ -24,6 +24,7 @@ import torch
 from . import ks_encoder as ks
 from .backbone import swin_state_dict_from_official
 from .convert_hf import BN_KEYS, RESNET_DEPTHS, ConversionError, StateMapper
+from .serialization import UnreadableFile, load_plain
 
 # Top-level entries of a detrex checkpoint besides `model`: detectron2's DetectionCheckpointer with
 # trainer=trainer (tools/train_net.py) writes the trainer's state and the iteration.
@@ -45,11 +46,9 @@ def read_checkpoint(path):
     if not path.is_file():
         raise ConversionError(f"no checkpoint file at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a truncated zip, a pickle error, ...: all mean an unusable file
-        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
-        raise ConversionError(f"{path} cannot be read as a PyTorch checkpoint ({type(e).__name__}: {first}); "
-                              f"it is truncated, damaged or not a checkpoint") from None
+        state = load_plain(path)
+    except UnreadableFile as e:
+        raise ConversionError(str(e)) from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise ConversionError(f"{path} is not a detrex checkpoint: expected a dict with a 'model' state dict, "
                               f"got {type(state).__name__}"

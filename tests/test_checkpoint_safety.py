@@ -101,6 +101,14 @@ def test_no_command_runs_the_code_of_a_checkpoint(copied, tmp_path, capsys):
               *TINY_RUN, "train.epochs=1", "train.lr_drop=[]"])
     assert str(directory / "checkpoint.pth") in str(e.value.code) and refused in str(e.value.code)
     assert not marker.exists()
+    expect_refusal(lambda: analysis_main(["attention", "--manifest", "demo", "--row", ROW, "--checkpoint", str(evil),
+                                          "--results", str(results)]), evil)
+    # the authors' checkpoints (import-weights) and backbone weights are read the same way
+    expect_refusal(lambda: cli("import-weights", "--from", "ks-detr", str(evil), "table1", "--row", "dab_r50_ks",
+                               "--out", str(tmp_path / "imported.pth")), evil)
+    assert not (tmp_path / "imported.pth").exists()
+    expect_refusal(lambda: cli("--results", str(tmp_path / "other"), "run", "demo", "--row", "def_r18",
+                               f"model.backbone.weights_path={evil}", *TINY_RUN, f"data.root={data_root}"), evil)
 
 
 def test_a_checkpoint_holds_a_checksum_of_its_contents_and_a_changed_byte_is_damage(copied, capsys):

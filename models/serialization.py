@@ -1,0 +1,43 @@
+"""Reading PyTorch files without running code: the one place where this project calls torch.load.
+
+`torch.load(..., weights_only=True)` rebuilds only tensors and plain data (dicts, lists, numbers,
+strings, ...) and stops at the first other global a pickle names, before anything is called. This
+module turns its errors into one line that names the file: refused (with the global it needed) or
+unreadable (truncated, damaged, not a PyTorch file)."""
+import io
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+
+class UnreadableFile(ValueError):
+    """A file that load_plain cannot or will not read; `refused` is the global its pickle needs when it
+    was refused for that (nothing was used), else None."""
+
+    def __init__(self, message, refused=None):
+        super().__init__(message)
+        self.refused = refused
+
+
+def load_plain(path, data=None):
+    """The object in the PyTorch file at `path` (or in its bytes `data`, already read), on the CPU,
+    rebuilt from tensors and plain data only. UnreadableFile names the file and why otherwise."""
+    try:
+        return torch.load(io.BytesIO(data) if data is not None else Path(path), map_location="cpu",
+                          weights_only=True)
+    except pickle.UnpicklingError as e:
+        named = re.search(r"GLOBAL:?\s+([\w.]+)", str(e), re.IGNORECASE)
+        if named:
+            raise UnreadableFile(f"{path} is refused: its pickle needs {named.group(1)}, and this project only reads "
+                                 f"files of tensors and plain data (nothing of the file was used)",
+                                 named.group(1)) from None
+        why = next((line.strip() for line in str(e).splitlines()[1:] if line.strip() and "WeightsUnpickler" not in line
+                    and not line.startswith(("Please file", "Check the documentation"))), "")
+        raise UnreadableFile(f"{path} cannot be read ({why or 'not a pickle of tensors and plain data'}); it is "
+                             f"truncated, damaged or not a PyTorch file") from None
+    except Exception as e:  # noqa: BLE001 - a truncated zip, bad headers, ...: all mean an unusable file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UnreadableFile(f"{path} cannot be read ({type(e).__name__}: {first}); it is truncated, damaged or "
+                             f"not a PyTorch file") from None
