@@ -37,6 +37,47 @@ SMLP = "ksgt.smlp_module.token_split_conv.linear.0"
 ENC, DEC = "transformer.encoder.layers", "transformer.decoder.layers"
 COMPUTED = "computed here from the window size (checked equal)"
 
+# The authors' KS layer packs the student's and the teachers' in-projections into one matrix of
+# k x d rows (its in_proj_weight.chunk(k)): Q, K, V, then the teachers' Q^t, K^t (share-V), V^t
+# (share-A) or Q^t, K^t, V^t (triple). In models/ks_encoder.py they are separate modules of the
+# layer: runs of d-row blocks -> parameter name.
+PACKED_IN_PROJ = {
+    "none": (("self_attn.in_proj", 3),),
+    "triple": (("self_attn.in_proj", 3), ("teacher.qk_proj", 2), ("teacher.v_proj", 1)),
+    "dual_share_v": (("self_attn.in_proj", 3), ("teacher.qk_proj", 2)),
+    "dual_share_a": (("self_attn.in_proj", 3), ("teacher.v_proj", 1)),
+}
+# The deformable KS layer's teacher heads, by their names in the authors' layer (its
+# attention_weights_teacher, value_proj_teacher) -> names here, and the branch each serves.
+DEFORMABLE_TEACHER_HEADS = {"attention_weights_teacher": ("teacher.attention_weights", "attn3"),
+                            "value_proj_teacher": ("teacher.value_proj", "attn2")}
+SMLP_LINEAR = "teacher.smlp.linear"  # the sMLP's Linear(d, d) in a KS layer
+
+
+def packed_in_proj_mode(rows, d_model):
+    """The KS mode of an encoder layer from the rows of its packed (authors') in-projection, or
+    None when no mode has that many."""
+    for mode, runs in PACKED_IN_PROJ.items():
+        if rows == d_model * sum(n for _, n in runs):
+            return mode
+    return None
+
+
+def split_packed_in_proj(mode, tensor, d_model):
+    """A packed in-projection weight (k d, d) or bias (k d,) of the authors' layer -> {parameter name in
+    this project's layer (without .weight/.bias): its rows}, for a layer of `mode`."""
+    runs = PACKED_IN_PROJ[ks.check_ks_mode(mode)]
+    parts = tensor.split([n * d_model for _, n in runs])
+    return {name: part for (name, _), part in zip(runs, parts)}
+
+
+def deformable_mode(teacher_heads):
+    """The KS mode of a deformable encoder layer from the authors' teacher heads it has (names of
+    DEFORMABLE_TEACHER_HEADS), or None when no mode has exactly those."""
+    branches = {DEFORMABLE_TEACHER_HEADS[h][1] for h in teacher_heads}
+    modes = [m for m, b in ks.TEACHER_BRANCHES.items() if set(b) == branches]
+    return modes[0] if modes else None
+
 
 def read_checkpoint(path):
     """The dict of a detrex checkpoint file: {"model": state dict, ...}. A file that cannot be read
@@ -136,15 +177,15 @@ def describe(state):
     if variant in SINGLE_SCALE:
         for i in enc:
             rows = _need(state, f"{ENC}.{i}.attentions.0.attn.in_proj_weight").shape[0]
-            mode = ks.packed_in_proj_mode(rows, d)
+            mode = packed_in_proj_mode(rows, d)
             if mode is None or (mode != "none" and i != enc[-1]):
                 raise ConversionError(f"{ENC}.{i}.attentions.0.attn.in_proj_weight has {rows} rows: not a plain "
                                       f"(3 x {d}) in-projection" + ("" if i == enc[-1] else
                                       "; only the last encoder layer can be a KS layer"))
         ks_mode = mode
     else:
-        heads = [h for h in ks.DEFORMABLE_TEACHER_HEADS if f"{last}.{h}.weight" in keys]
-        ks_mode = ks.deformable_mode(heads)
+        heads = [h for h in DEFORMABLE_TEACHER_HEADS if f"{last}.{h}.weight" in keys]
+        ks_mode = deformable_mode(heads)
         if ks_mode is None:
             raise ConversionError(f"{last} has the teacher heads {heads}, which no KS mode has")
         early = [k for k in keys if "_teacher." in k and not k.startswith(last + ".")]
@@ -288,11 +329,11 @@ def _encoder(m, found):
             attn = f"{src}.attentions.0.attn"
             for p in ("weight", "bias"):
                 packed = m.get(f"{attn}.in_proj_{p}")
-                rows = d * sum(n for _, n in ks.PACKED_IN_PROJ[mode])
+                rows = d * sum(n for _, n in PACKED_IN_PROJ[mode])
                 if packed.shape[0] != rows:
                     raise ConversionError(f"{m.name}: {attn}.in_proj_{p} has {packed.shape[0]} rows, a {mode!r} "
                                           f"layer's has {rows}")
-                for name, rows in ks.split_packed_in_proj(mode, packed, d).items():
+                for name, rows in split_packed_in_proj(mode, packed, d).items():
                     m.out[f"{ours}.{name}.{p}"] = rows
                     m.origin[f"{ours}.{name}.{p}"] = f"{attn}.in_proj_{p}"
             m.linear(f"{ours}.self_attn.out_proj", f"{attn}.out_proj")
@@ -300,14 +341,14 @@ def _encoder(m, found):
             attn = f"{src}.attentions.0"
             for name in ("sampling_offsets", "attention_weights", "value_proj", "output_proj"):
                 m.linear(f"{ours}.self_attn.{name}", f"{attn}.{name}")
-            for head, (name, _) in ks.DEFORMABLE_TEACHER_HEADS.items():
+            for head, (name, _) in DEFORMABLE_TEACHER_HEADS.items():
                 if f"{attn}.{head}.weight" in m.source:
                     m.linear(f"{ours}.{name}", f"{attn}.{head}")
         _ffn(m, ours, src, found.prelu)
         m.linear(f"{ours}.norm1", f"{src}.norms.0")
         m.linear(f"{ours}.norm2", f"{src}.norms.1")
     if found.ks_mode != "none":
-        m.linear(f"encoder.layers.{found.enc_layers - 1}.{ks.SMLP_LINEAR}", SMLP)
+        m.linear(f"encoder.layers.{found.enc_layers - 1}.{SMLP_LINEAR}", SMLP)
     if found.variant in ("dab_detr", "dn_detr"):
         _mlp(m, "encoder.query_scale", "transformer.encoder.query_scale")
 

@@ -385,47 +385,6 @@ def make_deformable_encoder_layer(mode, d_model, nhead, dim_feedforward, dropout
 
 KS_LAYERS = (KSEncoderLayer, KSDeformableEncoderLayer)
 
-# The authors' KS layer packs the student's and the teachers' in-projections into one matrix of
-# k x d rows (its in_proj_weight.chunk(k)): Q, K, V, then the teachers' Q^t, K^t (share-V), V^t
-# (share-A) or Q^t, K^t, V^t (triple). Here they are separate modules of the layer: runs of d-row
-# blocks -> parameter name.
-PACKED_IN_PROJ = {
-    "none": (("self_attn.in_proj", 3),),
-    "triple": (("self_attn.in_proj", 3), ("teacher.qk_proj", 2), ("teacher.v_proj", 1)),
-    "dual_share_v": (("self_attn.in_proj", 3), ("teacher.qk_proj", 2)),
-    "dual_share_a": (("self_attn.in_proj", 3), ("teacher.v_proj", 1)),
-}
-# The deformable KS layer's teacher heads, by their names in the authors' layer (its
-# attention_weights_teacher, value_proj_teacher) -> names here, and the branch each serves.
-DEFORMABLE_TEACHER_HEADS = {"attention_weights_teacher": ("teacher.attention_weights", "attn3"),
-                            "value_proj_teacher": ("teacher.value_proj", "attn2")}
-SMLP_LINEAR = "teacher.smlp.linear"  # the sMLP's Linear(d, d) in a KS layer
-
-
-def packed_in_proj_mode(rows, d_model):
-    """The KS mode of an encoder layer from the rows of its packed (authors') in-projection, or
-    None when no mode has that many."""
-    for mode, runs in PACKED_IN_PROJ.items():
-        if rows == d_model * sum(n for _, n in runs):
-            return mode
-    return None
-
-
-def split_packed_in_proj(mode, tensor, d_model):
-    """A packed in-projection weight (k d, d) or bias (k d,) of the authors' layer -> {parameter name in
-    this project's layer (without .weight/.bias): its rows}, for a layer of `mode`."""
-    runs = PACKED_IN_PROJ[check_ks_mode(mode)]
-    parts = tensor.split([n * d_model for _, n in runs])
-    return {name: part for (name, _), part in zip(runs, parts)}
-
-
-def deformable_mode(teacher_heads):
-    """The KS mode of a deformable encoder layer from the authors' teacher heads it has (names of
-    DEFORMABLE_TEACHER_HEADS), or None when no mode has exactly those."""
-    branches = {DEFORMABLE_TEACHER_HEADS[h][1] for h in teacher_heads}
-    modes = [m for m, b in TEACHER_BRANCHES.items() if set(b) == branches]
-    return modes[0] if modes else None
-
 
 def ks_layers(model):
     """The KS layers of a model (or of any module), in module order."""
