@@ -37,31 +37,17 @@ def _table(rows, cols=None):
     return "\n".join(lines)
 
 
-def _unavailable(cfg):
-    """Why a configuration cannot run yet (a variant or backbone not built), or None."""
-    from .build import check_available
-    from .errors import RunError
-
-    try:
-        check_available(cfg, "")
-    except RunError as e:  # NotAvailableError, or a model that cannot be built
-        return str(e).lstrip(": ")
-    return None
-
-
 def cmd_list(args):
     manifest = Manifest(args.manifest)
     rows, cfgs = [], {}
     for name, row in manifest.rows.items():
         cfg = cfgs[name] = manifest.resolve(name)
         m = cfg["model"]
-        missing = _unavailable(cfg)
         run = records.read_run(records.run_dir(*manifest.record_of(name), args.results))
         paper = row.get("paper")
         rows.append({"row": name, "variant": m["variant"], "ks": m["ks"]["mode"], "backbone": m["backbone"]["name"],
                      "epochs": cfg["train"]["epochs"], "status": run.state, "last_epoch": run.last_epoch,
                      "paper": f"T{paper['table']}/{paper['row']} {paper['source']}" if paper else None,
-                     "available": missing is None, "unavailable_reason": missing,
                      "family": row.get("family"), "baseline": row.get("baseline"), "note": row.get("note")})
     costs = None
     if args.cost:
@@ -80,15 +66,10 @@ def cmd_list(args):
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    for r in rows:
-        r["built"] = "yes" if r["available"] else "not yet"
-    cols = ["row", "variant", "ks", "backbone", "epochs", "status", "last_epoch", "paper", "built"]
+    cols = ["row", "variant", "ks", "backbone", "epochs", "status", "last_epoch", "paper"]
     print(_table(rows, cols + (["steps", "seconds_per_step", "gpu_hours", "measured_on"] if costs else [])))
     if costs:
         print("\n" + "\n".join(cost.cost_lines(costs)))
-    reasons = sorted({r["unavailable_reason"] for r in rows if not r["available"]})
-    if reasons:
-        print("\nnot built yet (`run` and `submit` refuse these rows with this message):\n  " + "\n  ".join(reasons))
 
 
 def _local_processes(args):
@@ -146,8 +127,7 @@ def cmd_submit(args):
         manifest.row(row)
     if args.gpus_per_node < 0 or args.nodes < 1:
         raise ConfigError("--gpus-per-node must be >= 0 and --nodes >= 1")
-    submit(manifest, rows, args.overrides, args, results=args.results, dry_run=args.dry_run, force=args.force,
-           skip_unavailable=args.skip_unavailable)
+    submit(manifest, rows, args.overrides, args, results=args.results, dry_run=args.dry_run, force=args.force)
 
 
 def cmd_status(args):
@@ -313,8 +293,6 @@ def build_parser():
     p.add_argument("--dry-run", action="store_true", help="print the sbatch parameters and each row's command; "
                                                           "submit nothing")
     p.add_argument("--force", action="store_true", help="also submit rows that are done (their record is moved aside)")
-    p.add_argument("--skip-unavailable", action="store_true",
-                   help="submit the other rows when some need a variant or backbone that is not built yet")
     _add_overrides(p)
     p.set_defaults(func=cmd_submit)
 

@@ -10,8 +10,7 @@ import datasets
 from models import build_model
 
 from . import distributed, records
-from .config import variant_available
-from .errors import NotAvailableError, RunError
+from .errors import RunError
 from .training import batch_plan
 
 
@@ -37,30 +36,20 @@ def model_config(cfg, pretrained=True):
     return m
 
 
-def check_available(cfg, where):
-    """Raises NotAvailableError when the row's variant or backbone is not built yet. Builds the model
+def check_buildable(cfg, where):
+    """Raises RunError when the row's model cannot be built from its configuration. Builds the model
     on the meta device (no memory, no weights) to find out, so a row that cannot run fails before any
     record is written or any job is submitted."""
-    variant = cfg["model"]["variant"]
-    if not variant_available(variant):
-        import models
-
-        built = sorted(v for v, m in models.VARIANTS.items() if m)
-        raise NotAvailableError(f"{where}: model.variant {variant!r} is not available yet (built: {built})")
     m = model_config(cfg)
     m["backbone"]["weights"] = None
     try:
         with torch.device("meta"):
             build_model(m, 2)
         return
-    except NotImplementedError as e:
-        raise NotAvailableError(f"{where}: {e}") from None
     except Exception:  # noqa: BLE001 - maybe only the meta device's limits: build it for real to know
         pass
     try:
         build_model(m, 2)
-    except NotImplementedError as e:
-        raise NotAvailableError(f"{where}: {e}") from None
     except Exception as e:  # noqa: BLE001
         raise RunError(f"{where}: the model cannot be built: {type(e).__name__}: {e}") from None
 
@@ -68,10 +57,10 @@ def check_available(cfg, where):
 def resolve_row(manifest, row, overrides=(), world_size=None, where=None):
     """A row's start-up checks, before any record is written or job submitted: (its resolved
     configuration, its batch plan for `world_size` processes (training.batch_plan) or None without
-    one). Raises ConfigError for the configuration, check_available's errors (`where`, default
+    one). Raises ConfigError for the configuration, check_buildable's RunError (`where`, default
     "manifest <path>, row '<row>'", starts their message) and BatchPlanError."""
     cfg = manifest.resolve(row, overrides)
-    check_available(cfg, f"manifest {manifest.path}, row {row!r}" if where is None else where)
+    check_buildable(cfg, f"manifest {manifest.path}, row {row!r}" if where is None else where)
     return cfg, None if world_size is None else batch_plan(cfg["train"], world_size)
 
 

@@ -28,7 +28,7 @@ from models import build_model
 from models.serialization import UnreadableFile, load_plain
 
 from . import records
-from .build import check_available, model_config
+from .build import check_buildable, model_config
 from .config import DEFAULTS, ConfigError, Manifest, diff, flatten, merge, parse_override
 from .errors import RunError, first_names
 
@@ -325,7 +325,7 @@ def load_checkpoint(manifest_name, row, checkpoint=None, overrides=(), results=r
             row_cfg = merge(row_cfg, parse_override(text), f"override {text!r}")
         except ConfigError as e:
             raise ConfigError(f"row {row!r}: {e}") from None
-    check_available(cfg, f"manifest {manifest.path}, row {row!r}")
+    check_buildable(cfg, f"manifest {manifest.path}, row {row!r}")
     ck = Checkpoint(manifest, row, path, state, cfg, row_cfg, source, digest)
     other_model = [k for k in ck.changed_model_keys() if k in MODEL_KIND]
     if other_model:

@@ -15,8 +15,7 @@ family) and the key. The manifest format (experiments/<name>.yaml: `rows`, `fami
 
 `Manifest(name_or_path)`: `.rows` (ordered: name -> row dict), `.row(name)`, `.resolve(name,
 overrides)` (the full configuration), `.record_of(name)` ((manifest, row) whose records the row
-uses: its own, or its `same_as`). `variant_available(name)` says whether a variant is built
-(models.VARIANTS, read at call time since variants are being added).
+uses: its own, or its `same_as`).
 """
 import copy
 import math
@@ -169,13 +168,6 @@ PAPER_DIR = MANIFEST_DIR.parent / "results" / "paper"
 
 class ConfigError(ValueError):
     pass
-
-
-def variant_available(variant):
-    """True when models.VARIANTS has a module for `variant` (None: not built yet). Read at call time."""
-    import models
-
-    return models.VARIANTS.get(variant) is not None
 
 
 def paper_rows(table):

@@ -7,10 +7,6 @@ class RunError(RuntimeError):
     """A row cannot start or go on: the message says why and what to do."""
 
 
-class NotAvailableError(RunError):
-    """The row needs a model part that is not built yet (a variant, a backbone)."""
-
-
 class BatchPlanError(RunError):
     """train.total_batch_size cannot be kept with this batch size and number of processes."""
 

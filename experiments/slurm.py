@@ -121,12 +121,11 @@ def plan_rows(manifest, rows, overrides, results, force):
     return out
 
 
-def submit(manifest, rows, overrides, opts, results=records.RESULTS, dry_run=False, force=False,
-           skip_unavailable=False, out=None):
+def submit(manifest, rows, overrides, opts, results=records.RESULTS, dry_run=False, force=False, out=None):
     """Submits the rows (one job each, a job array for several). Returns {row: job id} (empty for a dry
     run). Raises RunError before submitting anything when a row cannot run."""
     from .build import resolve_row
-    from .errors import BatchPlanError, NotAvailableError, RunError
+    from .errors import BatchPlanError, RunError
     from .runs import move_aside
 
     out = out or sys.stdout
@@ -137,20 +136,18 @@ def submit(manifest, rows, overrides, opts, results=records.RESULTS, dry_run=Fal
                        f"manifests, and select this manifest's own rows with --rows")
     results = Path(results).resolve()  # the jobs run in the repository, not in the caller's folder
     world = opts.nodes * (opts.tasks_per_node or max(opts.gpus_per_node, 1))
-    cfgs, plans, unavailable = {}, {}, {}
+    cfgs, plans, unbuildable = {}, {}, {}
     for row in rows:
         try:
             cfgs[row], plans[row] = resolve_row(manifest, row, overrides, world, where=f"row {row!r}")
         except BatchPlanError as e:
             raise RunError(f"manifest {manifest.path}, row {row!r}: {e}") from None
-        except RunError as e:  # not built yet (NotAvailableError), or the model cannot be built
-            unavailable[row] = str(e)
-    if unavailable and not skip_unavailable:
-        lines = "\n  ".join(unavailable.values())
-        raise NotAvailableError(f"not submitting anything: {len(unavailable)} row(s) cannot run yet:\n  {lines}\n"
-                                f"(select rows with --rows, or pass --skip-unavailable)")
-    for row, reason in unavailable.items():
-        print(f"{row}: skipped ({reason})", file=out)
+        except RunError as e:  # the model cannot be built
+            unbuildable[row] = str(e)
+    if unbuildable:
+        lines = "\n  ".join(unbuildable.values())
+        raise RunError(f"not submitting anything: {len(unbuildable)} row(s) cannot run:\n  {lines}\n"
+                       f"(fix their configuration, or select the other rows with --rows)")
     plan = plan_rows(manifest, list(cfgs), overrides, results, force)
     for row, action, reason in plan:
         if action == "skip":

@@ -25,9 +25,6 @@ def build_model(cfg, num_classes):
     variant = cfg["variant"]
     if variant not in VARIANTS:
         raise ValueError(f"unknown model.variant {variant!r}; expected one of {sorted(VARIANTS)}")
-    if VARIANTS[variant] is None:
-        raise NotImplementedError(f"model.variant {variant!r} is not available yet "
-                                  f"(available: {sorted(v for v, m in VARIANTS.items() if m)})")
     model = importlib.import_module(VARIANTS[variant]).build(cfg, num_classes)
     matcher = HungarianMatcher(**cfg["matcher"])
     criterion = SetCriterion(num_classes, matcher, **cfg["loss"])

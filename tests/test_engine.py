@@ -8,7 +8,7 @@ import torch
 
 from experiments import checkpoints, engine, evaluation, records
 from experiments.engine import train_row
-from experiments.errors import NotAvailableError, RunError
+from experiments.errors import RunError
 from models.ops.ms_deform_attn import path_taken
 
 TINY_RUN = ["model.hidden_dim=32", "model.nheads=4", "model.enc_layers=2", "model.dec_layers=2",
@@ -223,15 +223,6 @@ def test_two_launches_of_one_row_at_once_start_it_only_once(tmp_path, data_root,
     assert len(outcomes) == 2 and len(errors) == 1, outcomes
     assert "being trained by another process" in str(errors[0])
     assert not (records.run_dir("demo", "def_r18", tmp_path) / records.HEARTBEAT).exists()  # claim released
-
-
-def test_unavailable_variant_fails_before_any_record(tmp_path, data_root, monkeypatch):
-    import models
-
-    monkeypatch.setitem(models.VARIANTS, "deformable_detr", None)
-    with pytest.raises(NotAvailableError, match="row 'def_r18': model.variant 'deformable_detr' is not available yet"):
-        train_row("demo", "def_r18", overrides(data_root), results=tmp_path)
-    assert not records.run_dir("demo", "def_r18", tmp_path).exists()
 
 
 def test_eval_command_writes_a_new_file_and_leaves_the_record(tmp_path, data_root, capsys, monkeypatch):

@@ -12,11 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
-import models
 from experiments import records, slurm, slurm_jobs
 from experiments.__main__ import main
 from experiments.config import Manifest
-from experiments.errors import NotAvailableError
 
 from .test_engine import TINY_RUN
 
@@ -48,17 +46,6 @@ def test_dry_run_prints_parameters_and_commands_and_submits_nothing(tmp_path, ca
         assert text in out, text
     assert "/checkpoint" not in out and "$USER" not in out  # no cluster paths of ours
     assert not (tmp_path / "runs").exists() and not (tmp_path / "slurm").exists()
-
-
-def test_unavailable_variant_stops_the_whole_submission(tmp_path, monkeypatch):
-    monkeypatch.setitem(models.VARIANTS, "dab_detr", None)
-    monkeypatch.setattr(slurm_jobs, "_query", lambda *a, **k: pytest.fail("nothing may reach SLURM"))
-    with pytest.raises(NotAvailableError, match=r"(?s)not submitting anything.*dab_r50_ks.*not available yet"):
-        slurm.submit(Manifest("table2"), ["dab_r50", "dab_r50_ks"], [], options(), results=tmp_path)
-    assert not (tmp_path / "runs").exists()
-    with pytest.raises(SystemExit, match="not available yet"):
-        main(["--results", str(tmp_path), "run", "table2", "--row", "dab_r50"])
-    assert not (tmp_path / "runs").exists()  # refused before any record
 
 
 def test_total_batch_that_cannot_be_kept_is_refused(tmp_path):
