@@ -2,11 +2,13 @@
 space needed), reading them (the previous one when the latest is damaged) and a row's checkpoint with
 the configuration that rebuilds its model (`load_checkpoint`).
 
-Reading runs no code: every file is read with `torch.load(..., weights_only=True)` (tensors and plain
+Reading runs no code: every file is read by models/serialization.load_plain (weights_only: tensors and plain
 data only), so a checkpoint whose pickle would call a function is refused with one error line. Each
 checkpoint this project writes holds a checksum of its contents (`checksum`: sha256 over every tensor's
 bytes and every other value), verified on every read: a file damaged in a way the zip reader does not
 notice is refused like a truncated one. Checkpoints written before checksums existed load unchecked.
+The checksum costs about 1.2 s per save and per read of a COCO-size checkpoint (DAB-DETR R50 with
+its AdamW state, 526 MB; torch.save of it takes 2.5 s) on this project's 2-core CPU machine.
 
 Resuming: checkpoint.pth (written atomically by rank 0 after each epoch's evaluation, and every
 `train.checkpoint_every_iters` steps when set) holds the model, optimizer, scheduler, history and
