@@ -57,6 +57,6 @@ test-slow: setup-test
 op: setup
 	$(PY) -m models.ops.ms_deform_attn.build
 
-# every GPU check in one go (experiments/benchmarks/gpu_check.py); pytest runs the op's cuda tests
+# every GPU check in one go (benchmarks/gpu_check.py); pytest runs the op's cuda tests
 gpu-check: setup-test
-	$(PY) -m experiments.benchmarks.gpu_check
+	$(PY) -m benchmarks.gpu_check

@@ -119,7 +119,7 @@ def cmd_run(args):
 
 
 def cmd_submit(args):
-    from .slurm import submit
+    from slurm.launcher import submit
 
     manifest = Manifest(args.manifest)
     rows = args.rows or list(manifest.rows)
@@ -131,7 +131,7 @@ def cmd_submit(args):
 
 
 def cmd_status(args):
-    from .slurm import status_rows
+    from slurm.launcher import status_rows
 
     manifest = Manifest(args.manifest)
     rows = status_rows(manifest, args.results)
@@ -222,6 +222,17 @@ def build_parser():
     results_option.add_argument("--results", default=argparse.SUPPRESS, help=results_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     manifest_help = "manifest name (experiments/<name>.yaml) or path to a manifest YAML"
+    # options that several commands share (argparse parent parsers)
+    processes = argparse.ArgumentParser(add_help=False)  # run, eval: where the processes run
+    processes.add_argument("--gpus", type=int, default=0, metavar="N", help="number of local GPU processes")
+    processes.add_argument("--nproc", type=int, default=0, metavar="N", help="number of local CPU processes (gloo)")
+    processes.add_argument("--device", help="device of a single process: cpu, cuda or cuda:N (default: cuda if "
+                                            "available, else cpu)")
+    trained_row = argparse.ArgumentParser(add_help=False)  # eval, predict: a row's checkpoint
+    trained_row.add_argument("manifest", help=manifest_help)
+    trained_row.add_argument("--row", required=True, help="the row whose checkpoint is read")
+    trained_row.add_argument("--checkpoint",
+                             help="checkpoint file (default: results/runs/<manifest>/<row>/checkpoint.pth)")
 
     p = sub.add_parser("list", parents=[results_option], help="rows of a manifest with their settings and status",
                        description="Rows of a manifest: variant, KS mode, backbone, epochs, the paper row they "
@@ -231,12 +242,12 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print JSON (with family, baseline, note) instead of a table")
     p.add_argument("--cost", action="store_true",
                    help="estimated GPU-hours of each row's training steps, from the step times measured on a GPU "
-                        "in results/step_times.json (python -m experiments.benchmarks.step_time); rows without "
+                        "in results/step_times.json (python -m benchmarks.step_time); rows without "
                         "a measurement say so")
     p.add_argument("--gpu", help="with --cost: use only step times measured on this GPU (its CUDA name)")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("run", parents=[results_option], help="train and evaluate rows on this machine",
+    p = sub.add_parser("run", parents=[results_option, processes], help="train and evaluate rows on this machine",
                        description="Train and evaluate rows on this machine, writing results/runs/<manifest>/<row>/. "
                                    "One process by default (GPU if available); --gpus N starts N GPU processes "
                                    "(DDP, NCCL), --nproc N starts N CPU processes (DDP, gloo; for tests). Under "
@@ -245,14 +256,10 @@ def build_parser():
                                    "env.json). A finished row is skipped.")
     p.add_argument("manifest", help=manifest_help)
     p.add_argument("--row", action="append", help="row to run (repeatable; default: every row)")
-    p.add_argument("--gpus", type=int, default=0, metavar="N", help="number of local GPU processes")
-    p.add_argument("--nproc", type=int, default=0, metavar="N", help="number of local CPU processes (gloo)")
     p.add_argument("--resume", action="store_true",
                    help="continue an unfinished run from its last checkpoint (starts fresh, saying so, if it has none)")
     p.add_argument("--force", action="store_true",
                    help="start over even if a record exists (the old record is moved aside, not deleted)")
-    p.add_argument("--device", help="device of a single process: cpu, cuda or cuda:N (default: cuda if available, "
-                                   "else cpu)")
     _add_overrides(p)
     p.set_defaults(func=cmd_run)
 
@@ -262,7 +269,7 @@ def build_parser():
                                    "with DDP and always resume from the row's checkpoint: a job that times out or is "
                                    "preempted is requeued and continues, never starts over. Rows that are done, "
                                    "running or queued are skipped (--force reruns done rows, moving their record "
-                                   "aside). Rows whose variant is not built yet stop the submission before anything "
+                                   "aside). Rows whose model cannot be built stop the submission before anything "
                                    "is submitted. submitit's logs go to <results>/slurm/<manifest>/<job id>/.")
     p.add_argument("manifest", help=manifest_help)
     p.add_argument("--rows", nargs="+", metavar="ROW", help="rows to submit (default: every row)")
@@ -303,7 +310,8 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("eval", parents=[results_option], help="evaluate a row's checkpoint (student, optionally the teachers)",
+    p = sub.add_parser("eval", parents=[results_option, trained_row, processes],
+                       help="evaluate a row's checkpoint (student, optionally the teachers)",
                        description="Evaluate a checkpoint of a row (default: its checkpoint.pth) on the validation "
                                    "set: the student (attn1) and, with --teachers, the KS teacher branches with "
                                    "ground-truth masks (paper Fig. 4). Prints the metrics and writes "
@@ -313,22 +321,15 @@ def build_parser():
                                    "printed with a note. "
                                    "The model configuration comes from the checkpoint; overrides may change data "
                                    "and evaluation keys (e.g. data.root, train.max_eval_images).")
-    p.add_argument("manifest", help=manifest_help)
-    p.add_argument("--row", required=True, help="row to evaluate")
-    p.add_argument("--checkpoint", help="checkpoint file (default: results/runs/<manifest>/<row>/checkpoint.pth)")
     p.add_argument("--teachers", action="store_true", help="also evaluate the teacher branches with GT masks")
     p.add_argument("--moved", action="store_true",
                    help="also score the student's detections with each image's given to the next image "
                         "(attn1_moved): a detector that ignores its input scores its own AP there, one that "
                         "reads the image scores clearly less")
-    p.add_argument("--gpus", type=int, default=0, metavar="N", help="number of local GPU processes")
-    p.add_argument("--nproc", type=int, default=0, metavar="N", help="number of local CPU processes (gloo)")
-    p.add_argument("--device", help="device of a single process: cpu, cuda or cuda:N (default: cuda if available, "
-                                   "else cpu)")
     _add_overrides(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", parents=[results_option], help="run a trained row's student on your own images",
+    p = sub.add_parser("predict", parents=[results_option, trained_row], help="run a trained row's student on your own images",
                        description="Run a trained row's student on image files or folders (read recursively): any "
                                    "size, JPEG/PNG/..., greyscale, RGBA, 16-bit, EXIF-rotated (read as a viewer shows "
                                    "them), with the row's test-time resizing and normalisation, in padded batches. "
@@ -338,10 +339,7 @@ def build_parser():
                                    "where the file is an image of the row's validation set, and under the key "
                                    "\"checkpoint/\", which no file path has, the checkpoint's path and sha256). No "
                                    "ground truth is needed. A file that cannot be read is named and skipped.")
-    p.add_argument("manifest", help=manifest_help)
-    p.add_argument("--row", required=True, help="the row whose trained model runs")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and folders")
-    p.add_argument("--checkpoint", help="checkpoint file (default: results/runs/<manifest>/<row>/checkpoint.pth)")
     p.add_argument("--score", type=float, default=0.5, help="lowest score kept (default: %(default)s)")
     p.add_argument("--out", help="output folder, which must not hold a detections.json yet (default: "
                                  "<results>/predictions/<manifest>/<row>/<time>/)")

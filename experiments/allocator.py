@@ -8,12 +8,12 @@ is always a fresh mapping). Either way the next step touches new pages, and the 
 each page is a page fault that zeroes it. KS-Deformable-DETR training steps at 2 x 256 px
 re-faulted 24,000-114,000 pages (up to 440 MB) per step, 50-250 ms of system time in a 3.3 s step
 and up to a second in single steps; how much depends on the order in which a process happens to
-free its blocks (experiments/benchmarks/allocator.py measures it).
+free its blocks (benchmarks/allocator.py measures it).
 
 `keep_freed_memory()` turns glibc's per-block mappings off and its trim threshold out of reach, so
 every block comes from the heap and the heap is never given back: the process keeps the resident
 size of its largest step, which it reaches every step anyway. The training engine sets it for CPU
-runs, and experiments/benchmarks/ks_overhead.py for the CPU steps it times. Elsewhere than glibc
+runs, and benchmarks/ks_overhead.py for the CPU steps it times. Elsewhere than glibc
 (musl, macOS, Windows) it does nothing; MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_,
 MALLOC_MMAP_MAX_ or GLIBC_TUNABLES in the environment (the user's own choice) or
 KS_KEEP_FREED_MEMORY=0 leave the allocator as it is.

@@ -12,8 +12,8 @@ Every row is built from a random initialisation (the numbers do not depend on we
   torch.utils.flop_counter.FlopCounterMode at 2 FLOPs per multiply-add (half of it is the "GFLOPs"
   of papers that count multiply-adds with fvcore); the deformable sampling (run on its PyTorch
   path while counting: grid_sample; models.ops.ms_deform_attn.sampling_flops) and the CPU kernel
-  of scaled_dot_product_attention are counted from their shapes, and the other operations the counter skips (normalisation, softmax,
-  reductions) are named in the notes with their call counts;
+  of scaled_dot_product_attention are counted from their shapes, and the other operations the
+  counter skips (normalisation, softmax, reductions) are named in the notes with their call counts;
 - latency: the median wall time of an inference forward on --device over --repeats runs after two
   warm-ups, with the lowest and highest run; a baseline and the rows that name it are timed in
   turn, one forward each, so that drift of the machine hits them alike.
@@ -41,10 +41,10 @@ from models import build_model
 from models.ops.ms_deform_attn import pytorch_path, sampling_flops
 
 from . import records
-from .benchmarks import seconds
 from .build import model_config, pick_device, resolve_row
 from .config import Manifest
 from .errors import is_user_error
+from .timing import seconds
 
 COCO_CLASSES = 80  # the labels of a COCO-format set are its categories (CocoDetection.num_classes)
 aten = torch.ops.aten

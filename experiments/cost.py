@@ -1,6 +1,6 @@
 """What a manifest row costs in GPU-hours, from measured step times.
 
-The step times live in results/step_times.json, written by `python -m experiments.benchmarks.step_time`
+The step times live in results/step_times.json, written by `python -m benchmarks.step_time`
 on a GPU: one entry per (variant, backbone, KS mode, per-GPU batch, image size) with the GPU's name,
 the torch version, the date and the median seconds of one training step (forward, loss, backward,
 optimizer) of one process. A row's cost is
@@ -98,6 +98,6 @@ def cost_lines(rows_costs):
              f"(training steps only, from {STEP_TIMES.name})"]
     if unknown:
         lines.append(f"no estimate for {len(unknown)} row(s) (measure them on a GPU with "
-                     f"`python -m experiments.benchmarks.step_time --manifest M`):")
+                     f"`python -m benchmarks.step_time --manifest M`):")
         lines += [f"  {row}: {reason}" for row, reason in unknown.items()]
     return lines

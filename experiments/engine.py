@@ -15,6 +15,7 @@ from torch import nn
 
 from models import build_model
 from models.ks_encoder import teacher_branches
+from slurm import jobs as slurm_jobs
 
 from . import distributed, records
 from .allocator import keep_freed_memory
@@ -36,7 +37,7 @@ def _launch(ctx):
         return [], ""
     if ctx.source == "local":
         return os.environ.get(distributed.LOCAL_LAUNCH, "").split(), f"  # {ctx.world_size} processes"
-    job = records.slurm_job_id()
+    job = slurm_jobs.job_id()
     return [], f"  # {ctx.world_size} processes ({ctx.source}{', SLURM job ' + job if job else ''})"
 
 

@@ -5,7 +5,8 @@ Files: config.yaml, command.txt (one line per start or resume), env.json (rewrit
 log.jsonl (one line per finished epoch), eval.json (final metrics per branch, fractions in [0, 1]),
 detections-<branch>.json, DONE (written last), FAILED (removed on resume; an interruption writes
 none), checkpoint.pth and checkpoint.prev.pth, heartbeat.json (refreshed every HEARTBEAT_INTERVAL_S
-while a process trains the row), slurm.json, and eval-<time>.json of `python -m experiments eval`.
+while a process trains the row), slurm.json (its SLURM submissions: slurm/jobs.py), and
+eval-<time>.json of `python -m experiments eval`.
 Beside each row's folder, `.<row>.lock` is locked while a launch decides how the row starts. What
 each file holds: docs/experiments.md, "Run records".
 
@@ -32,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from slurm import jobs as slurm_jobs
 
 from .errors import RunError
 
@@ -175,22 +178,6 @@ def read_json(path, default=None):
         return default
 
 
-def slurm_job_id():
-    """This process's SLURM job id (array jobs: <array id>_<task>), or None outside SLURM."""
-    env = os.environ
-    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    return env.get("SLURM_JOB_ID")
-
-
-def slurm_restart_count():
-    """How many times SLURM has requeued this job (0 for its first run, and outside SLURM)."""
-    try:
-        return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-    except ValueError:
-        return 0
-
-
 def _pid_alive(pid):
     try:
         os.kill(int(pid), 0)
@@ -287,8 +274,8 @@ class Heartbeat:
     def __init__(self, directory, interval=HEARTBEAT_INTERVAL_S):
         self.path = Path(directory) / HEARTBEAT
         self.interval = interval
-        self.info = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": slurm_job_id(),
-                     "slurm_restart": slurm_restart_count(),
+        self.info = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": slurm_jobs.job_id(),
+                     "slurm_restart": slurm_jobs.restart_count(),
                      "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "epoch": None, "iteration": None,
                      "phase": "starting"}
         self._stop = threading.Event()
@@ -470,21 +457,3 @@ def read_run(directory, now=None):
     """The RunRecord of a run directory; DamagedLog when a log.jsonl line is not an epoch record."""
     d = Path(directory)
     return RunRecord(d, status(d, now), read_log(d / "log.jsonl"))
-
-
-# --------------------------------------------------------------------------------------------------
-# SLURM submissions of a row (written by `python -m experiments submit`, read by `status`)
-
-SLURM_RECORD = "slurm.json"
-
-
-def slurm_jobs(directory):
-    """The SLURM jobs submitted for a run, oldest first."""
-    doc = read_json(Path(directory) / SLURM_RECORD, {})
-    return doc.get("jobs", []) if isinstance(doc, dict) else []
-
-
-def add_slurm_job(directory, job):
-    """Appends one submission ({"job_id", "submitted", ...}) to the run's slurm.json."""
-    jobs = slurm_jobs(directory) + [job]
-    write_json(Path(directory) / SLURM_RECORD, {"jobs": jobs})

@@ -16,7 +16,9 @@ from models import is_teacher_parameter
 from models.layers import MSDeformAttn
 from models.ops.ms_deform_attn import path_taken
 
-from . import records, slurm_jobs
+from slurm import jobs as slurm_jobs
+
+from . import records
 from .checkpoints import has_checkpoint
 from .errors import RunError
 
@@ -57,7 +59,7 @@ def environment(cfg, model, ctx, plan, resumed_after=None):
         "launcher": ctx.source,
         "world_size": ctx.world_size,
         "backend": torch.distributed.get_backend() if ctx.distributed else None,
-        "slurm_job_id": records.slurm_job_id(),
+        "slurm_job_id": slurm_jobs.job_id(),
         "batch_size_per_process": batch,
         "accumulation_steps": accumulation,
         "total_batch_size": total,
@@ -87,10 +89,10 @@ def check_not_running(directory, row):
     SLURM jobs is queued or running; our own earlier incarnation (the same SLURM job before it was
     requeued: a lower restart count) is fine, a second launch inside the same job is not."""
     directory = Path(directory)
-    me = records.slurm_job_id()
+    me = slurm_jobs.job_id()
     holder = records.heartbeat_holder(directory)
     earlier_me = (me and holder is not None and holder.get("slurm_job_id") == me
-                  and int(holder.get("slurm_restart") or 0) < records.slurm_restart_count())
+                  and int(holder.get("slurm_restart") or 0) < slurm_jobs.restart_count())
     if holder is not None and not earlier_me:
         job = holder.get("slurm_job_id")
         states = slurm_jobs.job_states([job]) if job else None
@@ -101,12 +103,12 @@ def check_not_running(directory, row):
                 f"{holder.get('pid')}, SLURM job {job or '-'}, heartbeat {age} s ago). Wait for it; if that process "
                 f"is dead, its heartbeat goes stale after {records.HEARTBEAT_STALE_S} s (or delete "
                 f"{directory / records.HEARTBEAT}).")
-    jobs = [j["job_id"] for j in records.slurm_jobs(directory) if j.get("job_id") and j["job_id"] != me]
+    jobs = [j["job_id"] for j in slurm_jobs.submissions(directory) if j.get("job_id") and j["job_id"] != me]
     if jobs:
         active = {j: s for j, s in (slurm_jobs.job_states(jobs[-1:]) or {}).items() if s in slurm_jobs.ACTIVE_STATES}
         if active:
             job, state = next(iter(active.items()))
-            raise RunError(f"{row}: SLURM job {job} of this row is {state} (see {directory / records.SLURM_RECORD}); "
+            raise RunError(f"{row}: SLURM job {job} of this row is {state} (see {directory / slurm_jobs.SUBMISSIONS}); "
                            f"cancel it (scancel {job}) or let it run")
 
 

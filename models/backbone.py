@@ -13,7 +13,7 @@ records).
 
 `autocast: bfloat16` runs the backbone under torch.autocast in bfloat16 and hands float32 features to
 the transformer, which stays in float32 (no loss scaling needed); measure the gain with
-`python -m experiments.benchmarks.backbone_autocast`. More on both: docs/models.md, "Backbone weights".
+`python -m benchmarks.backbone_autocast`. More on both: docs/models.md, "Backbone weights".
 """
 import hashlib
 import os

@@ -148,7 +148,7 @@ def attend_shared_map(q, k, v, vt, mask, dropout_p):
     share it. One SDPA call on the concatenated values [V | V^t]; q and k are zero-padded to the
     doubled head dim, with the scale of the true head dim passed explicitly, because unequal q/v
     head dims make SDPA fall back to a slow path that materialises the map
-    (see experiments/benchmarks/triple_attention.py). Where `attend` computes the map itself (dropout
+    (see benchmarks/triple_attention.py). Where `attend` computes the map itself (dropout
     on CPU) the padding would only add work and is left out."""
     dh = q.shape[-1]
     if attention_map_is_explicit(q, dropout_p):

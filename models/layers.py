@@ -68,7 +68,7 @@ def sdpa_mask(key_padding_mask=None, attn_mask=None):
 
 def dropout(x, p, training=True):
     """F.dropout(x, p, training), with the keep mask drawn from torch.rand on CPU: CPU bernoulli_
-    takes about 3x as long as rand (experiments/benchmarks/vs_transformers.py). Same probability
+    takes about 3x as long as rand (benchmarks/vs_transformers.py). Same probability
     (to float32's 2^-24), same scaling by 1 / (1 - p); a different random stream than F.dropout."""
     if not training or p == 0 or x.device.type != "cpu":
         return F.dropout(x, p, training)

@@ -133,3 +133,29 @@ def check_teacher_removal(variant, ks_mode, **model):
             assert torch.equal(a[key], b[key]) and torch.equal(a[key], c[key])
     assert list(with_teachers["teacher_outputs"]) == list(TEACHER_BRANCHES[ks_mode])
     assert not any(k.startswith("dn_") for k in with_teachers)  # no denoising outside training
+
+
+def randomise(model, seed):
+    """Every floating tensor gets a random value of a sensible scale (no ones, no zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, t in model.state_dict().items():
+        if not t.is_floating_point():
+            continue
+        r = torch.randn(t.shape, generator=g, dtype=t.dtype)
+        if name.endswith("running_var"):
+            t.copy_(torch.rand(t.shape, generator=g, dtype=t.dtype) + 0.5)
+        elif t.dim() >= 2:
+            t.copy_(r / t[0].numel() ** 0.5)
+        elif ("norm" in name and name.endswith("weight")) or name.endswith("activation_fn.weight"):
+            t.copy_(1.0 + 0.2 * r if "norm" in name else 0.25 + 0.1 * r)
+        else:
+            t.copy_(0.2 * r)
+
+
+def inputs(dtype):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 96, 128, generator=g, dtype=dtype)
+    pixel_mask = torch.ones(2, 96, 128, dtype=torch.int64)
+    pixel_mask[1, 70:] = 0  # image 1 is smaller: padded on the bottom and right
+    pixel_mask[1, :, 90:] = 0
+    return images * pixel_mask[:, None], pixel_mask

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from experiments import allocator
-from experiments.benchmarks import allocator as allocator_benchmark
+from benchmarks import allocator as allocator_benchmark
 
 REPO = Path(allocator.__file__).resolve().parents[1]
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"

@@ -10,39 +10,7 @@ from analysis.__main__ import main
 from analysis.tables import load_paper, paper_report, report, write_tables
 from experiments import records
 
-
-def metrics(ap, **others):
-    """An eval branch with AP = ap and the other metrics given or derived from ap (all in [0, 1])."""
-    out = {"AP": ap, "AP50": ap + 0.2, "AP75": ap + 0.03, "APs": abs(ap - 0.2), "APm": ap + 0.04, "APl": ap + 0.18}
-    out.update(others)
-    return out
-
-
-ENV = {"git_sha": "0123456789abcdef0123456789abcdef01234567", "cpu": "Test CPU (avx512_bf16)"}
-
-
-def write_run(results, manifest, row, state, log=(), final=None, env=ENV):
-    """A run record: state 'done' (log, eval.json, DONE), 'interrupted' (log only), 'failed'; env.json
-    as given (by default one commit and CPU for every run; None: no env.json)."""
-    d = records.run_dir(manifest, row, results)
-    d.mkdir(parents=True)
-    if state != "interrupted":
-        records.write_yaml(d / "config.yaml", {"row": row})
-    if env is not None:
-        records.write_json(d / "env.json", env)
-    lines = [{"epoch": e, "lr": 1e-4, "train": {"loss": 10.0 - e}, **({"eval": ev} if ev else {}), "time_s": 1.0}
-             for e, ev in log]
-    records.write_log(d / "log.jsonl", lines)
-    if state == "done":
-        records.write_json(d / "eval.json", {"epoch": lines[-1]["epoch"] if lines else 0, **final})
-        records.write_json(d / "DONE", {"epochs": len(lines)})
-    elif state == "failed":
-        records.atomic_write(d / "FAILED", "RunError: boom\n")
-
-
-def write_manifest(path, rows):
-    path.write_text(yaml.safe_dump({"description": "test", "rows": rows}, sort_keys=False))
-    return path
+from .helpers import metrics, write_manifest, write_run
 
 
 @pytest.fixture

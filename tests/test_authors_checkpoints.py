@@ -6,16 +6,12 @@ and the final detections equal the authors'; the full-size key listings of the r
 architectures map onto the Table 1 rows; and bad checkpoints get named errors."""
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
-import torchvision.models as tvm
 import yaml
-from torch import nn
-from torchvision.ops.misc import FrozenBatchNorm2d
 
-from experiments import checkpoints, config
+from experiments import checkpoints
 from experiments.__main__ import main
 from experiments.build import model_config
 from experiments.config import DEFAULTS, Manifest, merge
@@ -27,52 +23,9 @@ from models.convert_hf import ConversionError
 from models.convert_ksdetr import convert, describe, read_checkpoint
 from models.postprocess import postprocess
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "authors"
-TINY_BACKBONE = "authors_tiny"
-# The fixtures' sizes (their README, "Common tiny overrides") and the authors' evaluation.
-TINY = {"hidden_dim": 32, "nheads": 4, "dim_feedforward": 64, "num_queries": 10, "eval_topk": 10, "enc_layers": 2,
-        "dec_layers": 2, "eval_padding": "off_by_one", "eval_clip_boxes": True, "inverse_sigmoid_eps": 1e-3,
-        "backbone": {"name": "resnet50", "weights": None}}
-SINGLE_SCALE = {"decoder_padding_mask": False}
-DEFORMABLE = {"activation": "relu", "pos_temperature": 10000, "pos_offset": -0.5}
-# fixture id -> (this project's `model` settings, the Table 1 row of the full-size model)
-MODELS = {
-    "ks_dab_detr_r50_triple": ({"variant": "dab_detr", "ks": {"mode": "triple"}, **SINGLE_SCALE}, "dab_r50_ks"),
-    "ks_conditional_detr_r50_triple": ({"variant": "conditional_detr", "activation": "relu", "pos_temperature": 10000,
-                                        "dropout": 0.1, "ks": {"mode": "triple"}, **SINGLE_SCALE}, "cond_r50_ks"),
-    "ks_dn_detr_r50_triple": ({"variant": "dn_detr", "ks": {"mode": "triple"}, **SINGLE_SCALE}, "dn_r50_ks"),
-    "ks_deformable_detr_r50_triple": ({"variant": "deformable_detr", "dropout": 0.1, "ks": {"mode": "triple"},
-                                       **DEFORMABLE}, "def_r50_12ep_ks"),
-    "ks_dn_deformable_detr_r50_triple": ({"variant": "dn_deformable_detr", "ks": {"mode": "triple"},
-                                          "deformable": {"box_refine": True}, **DEFORMABLE}, "dndef_r50_12ep_ks"),
-    # detrex's own DAB-DETR (not the KS code's classes) evaluates without any padding mask
-    "dab_detr_r50_plain": ({"variant": "dab_detr", "eval_padding": "none", **SINGLE_SCALE}, "dab_r50"),
-}
-KS_MODELS = [m for m in MODELS if m.startswith("ks_")]
-NUM_CLASSES = 5
+from .authors_helpers import FIXTURES, KS_MODELS, MODELS, NUM_CLASSES, TINY, TINY_BACKBONE, import_argv
 
-
-def tiny_resnet(weights=None, norm_layer=FrozenBatchNorm2d):
-    """The fixtures' backbone in torchvision's layout: detectron2's R50 blocks (bottleneck, stride
-    in the 3x3 conv, FrozenBN) with stem width 8, blocks (2, 1, 1, 1), bottleneck widths 4-32."""
-    block = tvm.resnet.Bottleneck
-    net = tvm.ResNet(block, [1, 1, 1, 1], norm_layer=norm_layer)
-    net.inplanes = 8
-    net.conv1, net.bn1 = nn.Conv2d(3, 8, 7, 2, 3, bias=False), norm_layer(8)
-    net.layer1 = net._make_layer(block, 4, 2)
-    net.layer2 = net._make_layer(block, 8, 1, stride=2)
-    net.layer3 = net._make_layer(block, 16, 1, stride=2)
-    net.layer4 = net._make_layer(block, 32, 1, stride=2)
-    return net
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tiny_backbone():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(backbone.RESNETS, TINY_BACKBONE, (tiny_resnet, None, [16, 32, 64, 128]))
-        mp.setitem(config.CHOICES, "model.backbone.name", backbone.BACKBONE_NAMES + [TINY_BACKBONE])
-        yield
-
+pytestmark = pytest.mark.usefixtures("tiny_backbone")  # conftest.py: the fixtures' backbone
 
 def tiny_config(mid, **changes):
     cfg = merge(DEFAULTS, {"model": {**copy.deepcopy(TINY), **copy.deepcopy(MODELS[mid][0])}}, "test")
@@ -367,10 +320,6 @@ def error_of(argv):
     message = str(e.value.code)
     assert message.startswith("error: ") and "\n" not in message, message
     return message
-
-
-def import_argv(path, row="dab_r50_ks", manifest="table1", *extra):
-    return ["import-weights", "--from", "ks-detr", str(path), str(manifest), "--row", row, *extra]
 
 
 def test_a_checkpoint_of_another_model_is_a_named_error(tmp_path):

@@ -14,8 +14,8 @@ from analysis.__main__ import main as analysis_main
 from experiments import checkpoints, records
 from experiments.__main__ import main
 from experiments.errors import RunError
-from .test_detections import ROW, trained  # noqa: F401 - the fixture: the demo's KS row, one tiny epoch
-from .test_engine import TINY_RUN
+
+from .helpers import ROW, TINY_RUN
 
 
 class Payload:

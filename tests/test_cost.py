@@ -7,7 +7,7 @@ import pytest
 
 from experiments import cost
 from experiments.__main__ import main
-from experiments.benchmarks import ks_overhead, step_time
+from benchmarks import ks_overhead, step_time
 from experiments.config import Manifest
 
 

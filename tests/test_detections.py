@@ -13,23 +13,10 @@ from pycocotools.cocoeval import COCOeval
 
 from experiments import checkpoints, distributed, evaluation, records
 from experiments.build import build_data
-from experiments.engine import train_row
 from experiments.training import to_device
 from models.postprocess import postprocess
-from .test_engine import TINY_RUN
 
-ROW = "ks_def_r18"
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """(results folder, data root) of a ks_def_r18 row trained for one tiny epoch."""
-    results = tmp_path_factory.mktemp("results")
-    data_root = tmp_path_factory.mktemp("data") / "synthetic"
-    train_row("demo", ROW, TINY_RUN + [f"data.root={data_root}", "train.epochs=1", "train.lr_drop=[]"],
-              results=results)
-    return results, data_root
-
+from .helpers import ROW
 
 def same(a, b):
     """The same {branch: {metric: value}}, NaN equal to NaN."""

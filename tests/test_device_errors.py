@@ -9,7 +9,7 @@ import torch
 import experiments.__main__ as cli
 from experiments import complexity, distributed
 from experiments import predict as predict_module
-from experiments.benchmarks import gpu_check
+from benchmarks import gpu_check
 from experiments.records import REPO
 
 NO_GPU = ("error: --device cuda: no CUDA GPU is available on this machine (torch.cuda.is_available() is False); "
@@ -79,7 +79,7 @@ def test_pick_device(monkeypatch):
 
 def test_the_exit_status_and_stderr_of_a_real_process():
     """As a user sees it: exit status 1, one line on stderr, within the time it takes to import torch."""
-    done = subprocess.run([sys.executable, "-m", "experiments.benchmarks.gpu_check", "--device", "gpu"], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--device", "gpu"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr == f"error: --device gpu: {UNKNOWN}\n"

@@ -11,7 +11,7 @@ from experiments.distributed import first_host, from_environment, slurm_port
 from experiments.errors import RunError
 from experiments.training import TrainSampler, batch_plan
 
-from .test_engine import TINY_RUN
+from .helpers import TINY_RUN
 
 
 def test_first_host_of_slurm_node_lists():

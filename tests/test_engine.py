@@ -11,23 +11,7 @@ from experiments.engine import train_row
 from experiments.errors import RunError
 from models.ops.ms_deform_attn import path_taken
 
-TINY_RUN = ["model.hidden_dim=32", "model.nheads=4", "model.enc_layers=2", "model.dec_layers=2",
-            "model.dim_feedforward=64", "model.num_queries=10", "model.eval_topk=20",
-            "data.synthetic.train=8", "data.synthetic.val=4", "data.synthetic.size=96", "data.num_workers=0",
-            "data.train_scales=[64,80]", "data.train_max_size=112", "data.crop_resize_scales=[64]",
-            "data.crop_size=[48,64]", "data.test_size=72", "data.test_max_size=112",
-            "train.batch_size=2", "train.epochs=2", "train.lr_drop=[1]", "train.max_iters_per_epoch=2",
-            "train.eval_every=1"]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("data") / "synthetic"
-
-
-def overrides(data_root, *extra):
-    return TINY_RUN + [f"data.root={data_root}", *extra]
-
+from .helpers import interrupt_during_second_evaluation, overrides
 
 @pytest.mark.parametrize("row,branches", [("def_r18", ["attn1", "attn1_moved"]),
                                           ("ks_def_r18", ["attn1", "attn3", "attn2", "attn1_moved"])])
@@ -57,24 +41,6 @@ def test_demo_row_trains_evaluates_and_records(tmp_path, data_root, row, branche
     done = (directory / "DONE").read_text()
     assert train_row("demo", row, overrides(data_root), results=tmp_path) == directory
     assert (directory / "DONE").read_text() == done
-
-
-def interrupt_during_second_evaluation(monkeypatch, row, data_root, results, *extra):
-    """Trains `row` for 2 epochs (with the `extra` overrides) and lets the job die during the second
-    epoch's evaluation; the real evaluate() is back in place afterwards."""
-    real_evaluate = engine.evaluate
-    calls = []
-
-    def evaluate_then_stop(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "evaluate", evaluate_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        train_row("demo", row, overrides(data_root, *extra), results=results)
-    monkeypatch.setattr(engine, "evaluate", real_evaluate)
 
 
 def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, data_root, monkeypatch, capsys):

@@ -4,7 +4,7 @@ default suite builds the extension in tests/test_ms_deform_attn.py already.)"""
 import json
 
 from experiments import cost
-from experiments.benchmarks import gpu_check
+from benchmarks import gpu_check
 
 
 def test_quick_cpu_check_runs_every_stage(tmp_path, capsys):

@@ -25,6 +25,8 @@ from models import build_model, is_teacher_parameter  # noqa: E402
 from models.convert_hf import ConversionError, load_from_hf, model_config_from_hf  # noqa: E402
 from models.layers import inverse_sigmoid  # noqa: E402
 
+from .model_helpers import inputs, randomise  # noqa: E402
+
 NUM_LABELS = 3
 HF_CLASSES = {
     "conditional_detr": ("ConditionalDetrConfig", "ConditionalDetrForObjectDetection", "d_model"),
@@ -50,23 +52,6 @@ def hf_model(variant, seed=0, num_labels=NUM_LABELS, **config):
 
 
 @torch.no_grad()
-def randomise(model, seed):
-    """Every floating tensor gets a random value of a sensible scale (no ones, no zeros)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, t in model.state_dict().items():
-        if not t.is_floating_point():
-            continue
-        r = torch.randn(t.shape, generator=g, dtype=t.dtype)
-        if name.endswith("running_var"):
-            t.copy_(torch.rand(t.shape, generator=g, dtype=t.dtype) + 0.5)
-        elif t.dim() >= 2:
-            t.copy_(r / t[0].numel() ** 0.5)
-        elif ("norm" in name and name.endswith("weight")) or name.endswith("activation_fn.weight"):
-            t.copy_(1.0 + 0.2 * r if "norm" in name else 0.25 + 0.1 * r)
-        else:
-            t.copy_(0.2 * r)
-
-
 def our_model(hf, variant, ks_mode="none", num_classes=NUM_LABELS):
     """This project's model with the Hugging Face model's architecture (its own random init)."""
     model_cfg = model_config_from_hf(hf.config, variant)
@@ -80,15 +65,6 @@ def ours_from_hf(hf, variant, ks_mode="none", num_classes=NUM_LABELS, class_inde
     model = our_model(hf, variant, ks_mode, num_classes)
     skipped = load_from_hf(model, hf, class_index)
     return model, skipped
-
-
-def inputs(dtype):
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(2, 3, 96, 128, generator=g, dtype=dtype)
-    pixel_mask = torch.ones(2, 96, 128, dtype=torch.int64)
-    pixel_mask[1, 70:] = 0  # image 1 is smaller: padded on the bottom and right
-    pixel_mask[1, :, 90:] = 0
-    return images * pixel_mask[:, None], pixel_mask
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from models import build_model, is_teacher_parameter  # noqa: E402
 from models.convert_hf import ConversionError, load_from_hf, model_config_from_hf  # noqa: E402
 from models.ops.ms_deform_attn import ms_deform_attn_pytorch  # noqa: E402
 
-from .test_hf_parity import inputs, randomise  # noqa: E402
+from .model_helpers import inputs, randomise  # noqa: E402
 
 NUM_LABELS = 3
 DEC_LAYERS = 3
@@ -244,7 +244,7 @@ def test_converter_refuses_what_it_cannot_represent():
 
 
 def test_the_step_benchmark_against_transformers_runs_on_the_same_model(capsys):
-    from experiments.benchmarks import vs_transformers
+    from benchmarks import vs_transformers
     vs_transformers.main(["--small", "--size", "64", "--repeats", "1", "--pytorch-path"])
     out = capsys.readouterr().out
     difference = float(out.split("differ by at most ")[1].split()[0])

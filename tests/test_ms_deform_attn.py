@@ -33,6 +33,7 @@ from models.ops.ms_deform_attn import (BUILD_COMMAND, load_extension_from, ms_de
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "models" / "ops" / "ms_deform_attn" / "src"
+HARNESS = REPO / "tests" / "harness"  # the host emulation of the CUDA kernels
 CHANNELS = [1, 2, 3, 16, 30, 32, 64, 71]
 LARGE_CHANNELS = [1025, 2048]
 SHAPES = ((6, 4), (3, 2), (1, 1))
@@ -541,7 +542,7 @@ def test_cpu_kernels_switched_off_by_the_environment(monkeypatch, restore_extens
 
 
 # ---------------------------------------------------------------------------------------------
-# The CUDA kernels compiled for the host (src/host_emulation.cpp): index arithmetic, warp
+# The CUDA kernels compiled for the host (tests/harness/host_emulation.cpp): index arithmetic, warp
 # reductions and the chain rule, checked without a GPU.
 
 
@@ -552,7 +553,7 @@ def host_kernels(tmp_path_factory):
         pytest.skip("no C++ compiler to build the host emulation of the kernels")
     lib = tmp_path_factory.mktemp("host_emulation") / "host_emulation.so"
     proc = subprocess.run([compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread",
-                           "-Wno-unknown-pragmas", str(SRC / "host_emulation.cpp"), "-o", str(lib)],
+                           "-Wno-unknown-pragmas", "-I", str(SRC), str(HARNESS / "host_emulation.cpp"), "-o", str(lib)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return ctypes.CDLL(str(lib))

@@ -11,7 +11,7 @@ from experiments.engine import train_row
 from models.ks_encoder import fg_mask, fg_mask_levels
 from models.postprocess import postprocess
 
-from .test_engine import TINY_RUN
+from .helpers import TINY_RUN
 
 DAB = ["model.variant=dab_detr", "model.pos_temperature=20", "model.pos_offset=0.0", "model.activation=prelu"]
 

@@ -14,7 +14,8 @@ from datasets.images import find_images, read_rgb
 from experiments import predict as predict_module
 from experiments.__main__ import main
 from models.backbone import file_sha256
-from .test_detections import ROW, trained  # noqa: F401 - the fixture: the demo's KS row, one tiny epoch
+
+from .helpers import ROW
 
 def by_score(dets):
     return sorted(dets, key=lambda d: (-d["score"], d["category_id"], d["bbox"]))

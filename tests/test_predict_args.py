@@ -14,9 +14,11 @@ from PIL import Image
 from datasets.drawing import class_colour
 from experiments import predict as predict_module
 from experiments.__main__ import main
-from .test_authors_checkpoints import FIXTURES, MODELS, TINY, TINY_BACKBONE, import_argv
-from .test_authors_checkpoints import tiny_backbone  # noqa: F401 - registers the fixtures' backbone (autouse)
-from .test_detections import ROW, trained  # noqa: F401 - the fixture: the demo's KS row, one tiny epoch
+
+from .authors_helpers import FIXTURES, MODELS, TINY, TINY_BACKBONE, import_argv
+from .helpers import ROW
+
+pytestmark = pytest.mark.usefixtures("tiny_backbone")  # conftest.py: the fixtures' backbone
 
 
 def no_work(*args, **kwargs):

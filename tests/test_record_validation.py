@@ -10,7 +10,7 @@ import yaml
 from analysis.__main__ import main
 from experiments import records
 
-from .test_analysis_tables import metrics, write_run
+from .helpers import metrics, write_run
 
 DAMAGE = {  # eval.json text -> what the stderr line must say
     "a list": ("[]", "expected an object of branches (attn1, ...) holding their metrics, got a list"),

@@ -20,18 +20,10 @@ from experiments.engine import train_row
 from experiments.errors import RunError
 from experiments.signals import Stopped, StopRequest
 from experiments.training import train_one_epoch
-from tests.test_engine import TINY_RUN, interrupt_during_second_evaluation
+
+from .helpers import TINY_RUN, interrupt_during_second_evaluation, overrides
 
 REPO = records.REPO
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("data") / "synthetic"
-
-
-def overrides(data_root, *extra):
-    return TINY_RUN + [f"data.root={data_root}", *extra]
 
 
 ONE_EPOCH = ("train.epochs=1", "train.lr_drop=[]")

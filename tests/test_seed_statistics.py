@@ -15,7 +15,7 @@ from analysis.tables import write_tables
 from experiments import records
 from experiments.config import Manifest
 
-from .test_analysis_tables import ENV, metrics, write_manifest, write_run
+from .helpers import ENV, metrics, write_manifest, write_run
 
 
 def scipy_expected(a, b):

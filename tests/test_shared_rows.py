@@ -8,7 +8,8 @@ from experiments import records
 from experiments.config import ConfigError, Manifest
 from experiments.engine import train_row
 from experiments.errors import RunError
-from tests.test_engine import TINY_RUN
+
+from .helpers import TINY_RUN
 
 
 def write_manifest(tmp_path, rows, name="shared"):
@@ -36,7 +37,7 @@ def test_two_rows_cannot_be_the_same_run(tmp_path):
 def test_submit_force_of_shared_rows_is_refused_before_anything(tmp_path):
     from types import SimpleNamespace
 
-    from experiments.slurm import submit
+    from slurm.launcher import submit
 
     path = write_manifest(tmp_path, [
         {"name": "base", "same_as": "demo/def_r18", "config": {"model": {"ks": {"mode": "none"}}}},

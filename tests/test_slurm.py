@@ -1,6 +1,6 @@
-"""`python -m experiments submit/status`: dry runs, refusals and records without SLURM, and (marked
-`slurm`) the real thing on a single-node cluster started by slurm/local_cluster.sh: both demo rows as
-a job array of 2-process DDP jobs, one job forced to time out (submitit's USR2) and requeued, and
+"""`python -m experiments submit/status` (slurm/): dry runs, refusals and records without SLURM, and
+(marked `slurm`) the real thing on a single-node cluster started by tests/harness/local_cluster.sh:
+both demo rows as a job array of 2-process DDP jobs, one job forced to time out (submitit's USR2) and requeued, and
 every row ending with DONE and metrics, the timed-out one resumed from its checkpoint."""
 import json
 import os
@@ -12,14 +12,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from experiments import records, slurm, slurm_jobs
+from experiments import records
+from slurm import jobs as slurm_jobs
+from slurm import launcher
 from experiments.__main__ import main
 from experiments.config import Manifest
 
-from .test_engine import TINY_RUN
+from .helpers import TINY_RUN
 
 REPO = records.REPO
-CLUSTER = REPO / "slurm" / "local_cluster.sh"
+CLUSTER = REPO / "tests" / "harness" / "local_cluster.sh"
 BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo")
 PACKAGES = ("slurmctld", "slurmd", "slurm-client")
 
@@ -52,7 +54,7 @@ def test_total_batch_that_cannot_be_kept_is_refused(tmp_path):
     from experiments.errors import RunError
 
     with pytest.raises(RunError, match="row 'dab_r50'.*total_batch_size=16"):
-        slurm.submit(Manifest("table2"), ["dab_r50"], [], options(gpus_per_node=3), results=tmp_path, dry_run=True)
+        launcher.submit(Manifest("table2"), ["dab_r50"], [], options(gpus_per_node=3), results=tmp_path, dry_run=True)
 
 
 class FakeJob:
@@ -93,12 +95,12 @@ def test_submit_records_job_ids_skips_done_rows_and_status_reads_them(tmp_path, 
     FakeExecutor.instances = []
     monkeypatch.setattr(submitit, "SlurmExecutor", FakeExecutor)
     queue = {"77_0": "RUNNING", "77_1": "PENDING"}
-    monkeypatch.setattr(slurm, "job_states", lambda ids: {j: queue[j] for j in ids if j in queue})
-    monkeypatch.setattr(slurm, "sacct_states", lambda ids: None)
+    monkeypatch.setattr(launcher, "job_states", lambda ids: {j: queue[j] for j in ids if j in queue})
+    monkeypatch.setattr(launcher, "sacct_states", lambda ids: None)
     manifest = Manifest("demo")
     done = records.run_dir("demo", "def_r18", tmp_path)
     records.write_json(done / "DONE", {})
-    ids = slurm.submit(manifest, list(manifest.rows), ["train.epochs=3"], options(gpus_per_node=0, tasks_per_node=2),
+    ids = launcher.submit(manifest, list(manifest.rows), ["train.epochs=3"], options(gpus_per_node=0, tasks_per_node=2),
                        results=tmp_path)
     assert ids == {"ks_def_r18": "78"}  # the done row is skipped, one row is a plain job
     assert "def_r18: skipped (done" in capsys.readouterr().out
@@ -109,17 +111,17 @@ def test_submit_records_job_ids_skips_done_rows_and_status_reads_them(tmp_path, 
     assert (job.row, job.overrides, job.results) == ("ks_def_r18", ["train.epochs=3"], str(tmp_path))
     resubmit = job.checkpoint()  # what submitit requeues on timeout/preemption: the same row, resumed
     assert resubmit.function.row == "ks_def_r18" and resubmit.function.overrides == ["train.epochs=3"]
-    (entry,) = records.slurm_jobs(records.run_dir("demo", "ks_def_r18", tmp_path))
+    (entry,) = slurm_jobs.submissions(records.run_dir("demo", "ks_def_r18", tmp_path))
     assert entry["job_id"] == "78" and entry["world_size"] == 2 and entry["overrides"] == ["train.epochs=3"]
 
     # --force reruns the done row (its record moved aside) and submits an array for two rows
     queue["78"] = "COMPLETED"
-    ids = slurm.submit(manifest, list(manifest.rows), [], options(gpus_per_node=0), results=tmp_path, force=True)
+    ids = launcher.submit(manifest, list(manifest.rows), [], options(gpus_per_node=0), results=tmp_path, force=True)
     assert ids == {"def_r18": "77_0", "ks_def_r18": "77_1"}
     assert any(p.name.startswith("def_r18.replaced-") for p in done.parent.iterdir())
     # a queued or running row is not submitted twice
-    assert slurm.submit(manifest, list(manifest.rows), [], options(gpus_per_node=0), results=tmp_path) == {}
-    rows = {r["row"]: r for r in slurm.status_rows(manifest, tmp_path)}
+    assert launcher.submit(manifest, list(manifest.rows), [], options(gpus_per_node=0), results=tmp_path) == {}
+    rows = {r["row"]: r for r in launcher.status_rows(manifest, tmp_path)}
     assert (rows["def_r18"]["slurm_job"], rows["def_r18"]["slurm_state"]) == ("77_0", "RUNNING")
     assert (rows["ks_def_r18"]["slurm_state"], rows["ks_def_r18"]["submissions"]) == ("PENDING", 2)
 
@@ -127,7 +129,7 @@ def test_submit_records_job_ids_skips_done_rows_and_status_reads_them(tmp_path, 
 @pytest.mark.parametrize("results_after_command", [False, True])
 def test_status_without_slurm(tmp_path, monkeypatch, capsys, results_after_command):
     monkeypatch.setattr(slurm_jobs, "_query", lambda *a, **k: None)  # no squeue, no sacct
-    records.add_slurm_job(records.run_dir("demo", "def_r18", tmp_path), {"job_id": "5"})
+    launcher.add_submission(records.run_dir("demo", "def_r18", tmp_path), {"job_id": "5"})
     args = ["status", "demo", "--json"]
     main(args + ["--results", str(tmp_path)] if results_after_command else ["--results", str(tmp_path)] + args)
     rows = {r["row"]: r for r in json.loads(capsys.readouterr().out)}
@@ -200,7 +202,7 @@ def test_submitted_rows_survive_a_timeout_and_finish(cluster, tmp_path):
                *overrides)
     assert sub.returncode == 0, sub.stderr
     dirs = {row: records.run_dir("demo", row, results) for row in ("def_r18", "ks_def_r18")}
-    jobs = {row: records.slurm_jobs(d)[-1]["job_id"] for row, d in dirs.items()}
+    jobs = {row: slurm_jobs.submissions(d)[-1]["job_id"] for row, d in dirs.items()}
     assert all("_" in j for j in jobs.values())  # one job array
 
     def logs(row):

@@ -134,7 +134,7 @@ def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_lo
         # channel-strided view (undoing the view needs no copy then), and the weighted sum's
         # products and grid_sample's backward would inherit that layout, as they would the strided
         # weights: a 1.5x longer CPU training step of Deformable-DETR at batch 1 (the model of
-        # experiments.benchmarks.vs_transformers, 384 px; tests/test_ms_deform_attn.py checks the
+        # benchmarks.vs_transformers, 384 px; tests/test_ms_deform_attn.py checks the
         # layout).
         output = _ContiguousGrad.apply(output).view(N, M * D, Lq).transpose(1, 2)
     return output.to(value.dtype).contiguous()

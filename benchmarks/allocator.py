@@ -1,10 +1,10 @@
 """CPU training steps with glibc's default malloc against freed memory kept (experiments/allocator.py).
 
-    python -m experiments.benchmarks.allocator [--manifest table1] [--rows def_r50_12ep def_r50_12ep_ks]
+    python -m benchmarks.allocator [--manifest table1] [--rows def_r50_12ep def_r50_12ep_ks]
                                                [--size 256] [--steps 6] [--rounds 2] [--threads 1]
 
 The allocator's setting holds for a whole process, so every measurement is a child process: it
-builds the row from a random initialisation (seed 0; experiments/benchmarks/ks_overhead.py's
+builds the row from a random initialisation (seed 0; benchmarks/ks_overhead.py's
 `build`: `train.batch_size` random images of S x S pixels), keeps freed memory or not, runs two
 training steps to warm up and then --steps timed ones, and reports their median wall time and the
 page faults and system time per step. Children run in --rounds rounds, each round every row with
@@ -22,7 +22,7 @@ import time
 import torch
 
 from experiments.allocator import keep_freed_memory
-from experiments.benchmarks import train_step
+from benchmarks import train_step
 from experiments.config import Manifest
 
 SETTINGS = ("default", "kept")
@@ -30,7 +30,7 @@ SETTINGS = ("default", "kept")
 
 def child(manifest, row, size, steps, setting):
     """Runs in a fresh process: the JSON line of `steps` timed training steps of `row`."""
-    from experiments.benchmarks.ks_overhead import build
+    from benchmarks.ks_overhead import build
 
     state = keep_freed_memory() if setting == "kept" else "default"
     _, trainee, batch = build(Manifest(manifest), row, torch.device("cpu"), size)
@@ -49,7 +49,7 @@ def child(manifest, row, size, steps, setting):
 
 
 def measure(manifest, row, size, steps, setting, threads):
-    command = [sys.executable, "-m", "experiments.benchmarks.allocator", "--child", manifest, row, str(size),
+    command = [sys.executable, "-m", "benchmarks.allocator", "--child", manifest, row, str(size),
                str(steps), setting]
     if threads:
         command[3:3] = ["--threads", str(threads)]
@@ -64,7 +64,7 @@ def measure(manifest, row, size, steps, setting, threads):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(prog="python -m experiments.benchmarks.allocator", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.allocator", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", default="table1", help="manifest name or path (default: %(default)s)")
     p.add_argument("--rows", nargs="+", default=["def_r50_12ep", "def_r50_12ep_ks"], help="rows to time")

@@ -1,6 +1,6 @@
 """Training-step time of a manifest row with the backbone in float32 against bfloat16 autocast.
 
-    python -m experiments.benchmarks.backbone_autocast [--manifest demo --row def_r18 --size 160 --repeats 5]
+    python -m benchmarks.backbone_autocast [--manifest demo --row def_r18 --size 160 --repeats 5]
 
 Builds the row's model twice (same weights), feeds both the same random batch of `train.batch_size`
 images of --size x --size pixels with random boxes, and times forward + loss + backward + optimizer
@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from experiments.benchmarks import mean_seconds, print_ratios, random_batch, train_step
+from benchmarks import mean_seconds, print_ratios, random_batch, train_step
 from experiments.config import Manifest
 from experiments.build import model_config, pick_device
 from experiments.training import build_optimizer
@@ -19,7 +19,7 @@ from models import build_model
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m experiments.benchmarks.backbone_autocast", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.backbone_autocast", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", default="demo", help="manifest name or path (default: demo)")
     parser.add_argument("--row", default="def_r18", help="row whose model and batch size are timed (default: def_r18)")

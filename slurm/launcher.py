@@ -13,14 +13,18 @@ Nothing here knows a cluster: partition, account, QoS, time limit, GPUs, memory 
 command line; submitit's logs and pickles go to results/slurm/<manifest>/<job id>/ (beside the run
 records, which must be on a file system the nodes share). Job ids are recorded in each row's
 slurm.json, which `status` reads together with squeue (and sacct where accounting is enabled).
+
+This module sits on top of the training engine (experiments/); only the command line
+(experiments/__main__.py) imports it. What the engine itself asks of SLURM is slurm/jobs.py.
 """
 import shlex
 import sys
 import time
 from pathlib import Path
 
-from . import records
-from .slurm_jobs import ACTIVE_STATES, job_states, sacct_states  # noqa: F401 - used here and by callers
+from experiments import records
+
+from .jobs import ACTIVE_STATES, SUBMISSIONS, job_states, sacct_states, submissions
 
 
 class RowJob:
@@ -31,7 +35,7 @@ class RowJob:
         self.manifest, self.row, self.overrides, self.results = str(manifest), row, list(overrides), str(results)
 
     def __call__(self):
-        from .engine import train_row
+        from experiments.engine import train_row
 
         return str(train_row(self.manifest, self.row, self.overrides, resume=True, results=Path(self.results)))
 
@@ -46,6 +50,11 @@ class RowJob:
 
     def command(self, manifest_name):
         return records.run_command(manifest_name, self.row, self.overrides, resume=True)
+
+
+def add_submission(directory, job):
+    """Appends one submission ({"job_id", "submitted", ...}) to the run's slurm.json (written atomically)."""
+    records.write_json(Path(directory) / SUBMISSIONS, {"jobs": submissions(directory) + [job]})
 
 
 def executor_parameters(opts, cpus_per_task):
@@ -104,7 +113,7 @@ def plan_rows(manifest, rows, overrides, results, force):
     for row in rows:
         directory = records.run_dir(*manifest.record_of(row), results)
         state = records.status(directory)
-        jobs = records.slurm_jobs(directory)
+        jobs = submissions(directory)
         active = {}
         if jobs:
             active = {j: s for j, s in (job_states([jobs[-1]["job_id"]]) or {}).items() if s in ACTIVE_STATES}
@@ -124,9 +133,9 @@ def plan_rows(manifest, rows, overrides, results, force):
 def submit(manifest, rows, overrides, opts, results=records.RESULTS, dry_run=False, force=False, out=None):
     """Submits the rows (one job each, a job array for several). Returns {row: job id} (empty for a dry
     run). Raises RunError before submitting anything when a row cannot run."""
-    from .build import resolve_row
-    from .errors import BatchPlanError, RunError
-    from .runs import move_aside
+    from experiments.build import resolve_row
+    from experiments.errors import BatchPlanError, RunError
+    from experiments.runs import move_aside
 
     out = out or sys.stdout
     shared = [row for row in rows if manifest.record_of(row) != (manifest.name, row)]
@@ -172,7 +181,7 @@ def submit(manifest, rows, overrides, opts, results=records.RESULTS, dry_run=Fal
             print(f"{row}: srun (x{world}) {job.command(manifest.name)}   "
                   f"[total batch {total} = {cfgs[row]['train']['batch_size']} x {world} x {accumulation} "
                   f"accumulation]", file=out)
-        from . import cost
+        from experiments import cost
 
         try:
             entries = cost.load_step_times()
@@ -205,7 +214,7 @@ def submit(manifest, rows, overrides, opts, results=records.RESULTS, dry_run=Fal
         job_id = str(handle.job_id)
         ids[row] = job_id
         _, accumulation, total = plans[row]
-        records.add_slurm_job(records.run_dir(*manifest.record_of(row), results), {
+        add_submission(records.run_dir(*manifest.record_of(row), results), {
             "job_id": job_id, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "command": jobs[row].command(manifest.name), "overrides": list(overrides),
             "nodes": opts.nodes, "tasks_per_node": params["ntasks_per_node"], "gpus_per_node": opts.gpus_per_node,
@@ -220,7 +229,7 @@ def status_rows(manifest, results=records.RESULTS):
     """One dict per row: run status, last epoch, latest SLURM job, its state."""
     rows, latest = [], {}
     for name in manifest.rows:
-        jobs = records.slurm_jobs(records.run_dir(*manifest.record_of(name), results))
+        jobs = submissions(records.run_dir(*manifest.record_of(name), results))
         if jobs:
             latest[name] = jobs[-1]["job_id"]
     queue = job_states(latest.values()) if latest else {}
@@ -245,6 +254,6 @@ def status_rows(manifest, results=records.RESULTS):
         run = records.read_run(directory)
         rows.append({"row": name, "status": run.state, "last_epoch": run.last_epoch,
                      "slurm_job": job or "-", "slurm_state": state,
-                     "submissions": len(records.slurm_jobs(directory)),
+                     "submissions": len(submissions(directory)),
                      "host": beat.get("host") if beat else None})
     return rows

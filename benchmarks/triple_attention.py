@@ -1,6 +1,6 @@
 """Cost of the KS triple-attention layer against a plain encoder layer (forward + backward).
 
-    python -m experiments.benchmarks.triple_attention [--tokens 64 --batch 2 --d-model 256 --repeats 3]
+    python -m benchmarks.triple_attention [--tokens 64 --batch 2 --d-model 256 --repeats 3]
 
 Prints the time per call of each implementation and its ratio to the plain layer, all measured in
 this one run. The layer as built (models.ks_encoder.KSEncoderLayer) computes A [V | V^t] in one SDPA
@@ -13,7 +13,7 @@ from unittest import mock
 
 import torch
 
-from experiments.benchmarks import mean_seconds, print_ratios
+from benchmarks import mean_seconds, print_ratios
 from models import ks_encoder
 from models.layers import EncoderLayer, attend
 

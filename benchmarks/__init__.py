@@ -1,28 +1,15 @@
 """Benchmark scripts: they print timings and ratios measured in one run (never asserted in tests).
+Run from the repository root as `python -m benchmarks.<script>`; no library module imports them.
 
-Shared here: timing (CUDA work is waited for before the clock is read), interleaved medians, a random
-detection batch, and one training step and one inference forward of a model."""
+Shared here: timing (CUDA work is waited for before the clock is read: experiments/timing.py),
+interleaved medians, a random detection batch, and one training step and one inference forward of a
+model."""
 import statistics
-import time
 
 import torch
 
+from experiments.timing import seconds, synchronize  # noqa: F401 - shared with the scripts
 from models import model_targets
-
-
-def synchronize(device):
-    """Waits for queued CUDA work on `device` (nothing on CPU)."""
-    if device is not None and torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def seconds(step, device=None):
-    """Wall time of one call of `step()`, CUDA work included."""
-    synchronize(device)
-    t0 = time.perf_counter()
-    step()
-    synchronize(device)
-    return time.perf_counter() - t0
 
 
 def mean_seconds(step, repeats, device=None):

@@ -1,11 +1,51 @@
-"""Asking SLURM about jobs (squeue, sacct): the states of a row's jobs, for the decision whether a
-row is being trained elsewhere (experiments/runs.py) and for `status` (experiments/slurm.py). No
-SLURM client, or no controller, gives None rather than an error."""
+"""What a process knows about SLURM without submitting anything: its own job (`job_id`,
+`restart_count`, from the environment SLURM sets), the jobs submitted for a row (`submissions`, its
+slurm.json), and their states (`job_states` from squeue, `sacct_states` from sacct). The training
+engine uses these to record its job and to decide whether a row is being trained elsewhere
+(experiments/runs.py); `status` (slurm/launcher.py) shows them. No SLURM client, or no controller,
+gives None rather than an error.
+
+This module imports nothing of the project (it sits below experiments/, as models/ and datasets/
+do); slurm/launcher.py, which submits rows, sits on top of experiments/.
+"""
+import json
+import os
 import subprocess
+from pathlib import Path
 
 # squeue/sacct states of a job that is queued or still holds resources
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
                  "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
+
+
+# the SLURM submissions of a row, beside its run records: {"jobs": [{"job_id", "submitted", ...}, ...]},
+# written by `python -m experiments submit` (slurm/launcher.py)
+SUBMISSIONS = "slurm.json"
+
+
+def job_id():
+    """This process's SLURM job id (array jobs: <array id>_<task>), or None outside SLURM."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID")
+
+
+def restart_count():
+    """How many times SLURM has requeued this job (0 for its first run, and outside SLURM)."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    except ValueError:
+        return 0
+
+
+def submissions(directory):
+    """The SLURM jobs submitted for a run (its slurm.json), oldest first; [] without a readable one."""
+    try:
+        doc = json.loads((Path(directory) / SUBMISSIONS).read_text())
+    except (OSError, ValueError):
+        return []
+    return doc.get("jobs", []) if isinstance(doc, dict) else []
 
 
 def _query(cmd, timeout=20):

@@ -1,7 +1,7 @@
 """This repository's Deformable-DETR training step against Hugging Face transformers' DeformableDetr,
 same architecture and weights, in one run.
 
-    python -m experiments.benchmarks.vs_transformers [--size 384] [--batch 2] [--repeats 5]
+    python -m benchmarks.vs_transformers [--size 384] [--batch 2] [--repeats 5]
                                                      [--device cpu|cuda] [--profile] [--threads N]
                                                      [--pytorch-path]
 
@@ -28,7 +28,7 @@ from functools import partial
 
 import torch
 
-from experiments.benchmarks import infer_step, interleaved_medians, random_batch, synchronize, train_step
+from benchmarks import infer_step, interleaved_medians, random_batch, synchronize, train_step
 from experiments.config import DEFAULTS, merge
 from models import build_model
 from models.ops.ms_deform_attn import pytorch_path
@@ -136,7 +136,7 @@ def profile(step, device, rows=12):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m experiments.benchmarks.vs_transformers", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.vs_transformers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=384, help="square image side in pixels (default 384)")
     parser.add_argument("--batch", type=int, default=2, help="images per step (default 2)")
@@ -146,7 +146,8 @@ def main(argv=None):
     parser.add_argument("--dropout", type=float, default=0.1,
                         help="dropout of both sides (default 0.1; 0 compares the steps without dropout, whose "
                              "placements differ: the decoder self-attention drops its weights here, its output there)")
-    parser.add_argument("--profile", action="store_true", help="print the top operations of a training forward and of a whole training step")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the top operations of a training forward and of a whole training step")
     parser.add_argument("--small", action="store_true", help="d 32, 2+2 layers, 12 queries (to try the command)")
     parser.add_argument("--pytorch-path", action="store_true",
                         help="also time this repository's model on MSDeformAttn's PyTorch path")

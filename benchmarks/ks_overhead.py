@@ -1,6 +1,6 @@
 """What knowledge sharing costs: each variant's ResNet-50 baseline row against its KS row.
 
-    python -m experiments.benchmarks.ks_overhead [--manifest table1] [--sizes 256 512] [--device cpu|cuda]
+    python -m benchmarks.ks_overhead [--manifest table1] [--sizes 256 512] [--device cpu|cuda]
                                                  [--variants dab_detr deformable_detr ...] [--repeats 5]
 
 For every variant of the manifest, the first pair of rows on --backbone (a KS row and the row it
@@ -40,7 +40,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from experiments.allocator import keep_freed_memory
-from experiments.benchmarks import infer_step, interleaved_medians, random_batch, seconds, train_step
+from benchmarks import infer_step, interleaved_medians, random_batch, seconds, train_step
 from experiments.build import model_config, pick_device
 from experiments.config import Manifest
 from experiments.training import build_optimizer
@@ -133,7 +133,7 @@ def peak_memory(manifest_name, row, size, device):
         del trainee, batch
         torch.cuda.empty_cache()
         return peak - before, peak
-    out = subprocess.run([sys.executable, "-m", "experiments.benchmarks.ks_overhead", "--child-memory", manifest_name,
+    out = subprocess.run([sys.executable, "-m", "benchmarks.ks_overhead", "--child-memory", manifest_name,
                           row, str(size)], capture_output=True, text=True, check=False)
     if out.returncode:
         raise SystemExit(f"error: the memory child for {row} at {size} px failed:\n{out.stderr[-2000:]}")
@@ -205,7 +205,8 @@ def report(r):
         f"{r['variant']} ({r['rows'][0]} vs {r['rows'][1]}), batch {r['batch']} x {r['size']} px:",
         f"  train  {r['train_base'] * 1e3:8.1f} ms -> {r['train_ks'] * 1e3:8.1f} ms   {train:5.2f}x   "
         f"(floor 1 + {r['teachers']} f_dec = {r['floor']:.2f}, f_dec {r['f_dec']:.2f}; {train / r['floor']:.2f}x the floor)",
-        f"  parts  decoder {dec[0] * 1e3:.1f} -> {dec[1] * 1e3:.1f} ms ({dec[1] / dec[0]:.2f}x; {r['teachers'] + 1} branches), "
+        f"  parts  decoder {dec[0] * 1e3:.1f} -> {dec[1] * 1e3:.1f} ms "
+        f"({dec[1] / dec[0]:.2f}x; {r['teachers'] + 1} branches), "
         f"last encoder layer {last[0] * 1e3:.1f} -> {last[1] * 1e3:.1f} ms ({last[1] / last[0]:.2f}x); "
         f"f_last {r['f_last']:.2f}",
         f"         floor of these parts 1 + (their growth) / baseline step = {r['floor_parts']:.2f}; "
@@ -225,7 +226,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--child-memory"]:
         return child_memory(argv[1], argv[2], int(argv[3]))
-    parser = argparse.ArgumentParser(prog="python -m experiments.benchmarks.ks_overhead", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ks_overhead", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", default="table1", help="manifest name or path (default: %(default)s)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="square image sides in px")

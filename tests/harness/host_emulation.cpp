@@ -1,4 +1,5 @@
-// Test harness, not part of the extension: compiles the kernels of ms_deform_attn_kernels.cuh for
+// Test harness, not part of the extension: compiles the kernels of
+// models/ops/ms_deform_attn/src/ms_deform_attn_kernels.cuh for
 // the host, so that tests/test_ms_deform_attn.py can check their index arithmetic, warp
 // reductions and chain rule on machines without a GPU. The launch mirrors
 // ms_deform_attn_cuda.cu (blocks of kThreadsPerBlock threads); the 32 lanes of a warp run on
@@ -6,7 +7,8 @@
 // warp do. A lane that leaves the kernel while others still shuffle (undefined
 // behaviour on a GPU) is reported as an error.
 //
-//   c++ -std=c++20 -O1 -shared -fPIC -pthread host_emulation.cpp -o host_emulation.so
+//   c++ -std=c++20 -O1 -shared -fPIC -pthread -I models/ops/ms_deform_attn/src \
+//       tests/harness/host_emulation.cpp -o host_emulation.so
 #include <atomic>
 #include <barrier>
 #include <cmath>

@@ -1,6 +1,6 @@
 """Training-step time of manifest rows at COCO image sizes, for the cost estimate of `list --cost`.
 
-    python -m experiments.benchmarks.step_time --manifest table1 [--rows dab_r50 dab_r50_ks ...]
+    python -m benchmarks.step_time --manifest table1 [--rows dab_r50 dab_r50_ks ...]
                                                [--size 800 1216] [--repeats 10] [--write]
 
 Each row is built from a random initialisation (its backbone weights do not change the time) and
@@ -20,8 +20,8 @@ from functools import partial
 import torch
 
 from experiments import cost
-from experiments.benchmarks import seconds, train_step
-from experiments.benchmarks.ks_overhead import build
+from benchmarks import seconds, train_step
+from benchmarks.ks_overhead import build
 from experiments.build import pick_device
 from experiments.config import Manifest
 
@@ -56,7 +56,7 @@ def measure(manifest, rows, size, repeats, device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m experiments.benchmarks.step_time", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.step_time", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", default="table1", help="manifest name or path (default: %(default)s)")
     parser.add_argument("--rows", nargs="+", help="rows to measure (default: every row)")

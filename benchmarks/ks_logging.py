@@ -1,6 +1,6 @@
 """What the KS logging of the synthetic tables costs against an epoch of a row.
 
-    python -m experiments.benchmarks.ks_logging [--manifest demo] [--row ks_def_r18] [--images 64]
+    python -m benchmarks.ks_logging [--manifest demo] [--row ks_def_r18] [--images 64]
                                                 [--steps 10] [--repeats 3]
 
 Two additions are timed, on the row's model (its configuration and weights; no training) and on its
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from experiments.benchmarks import seconds
+from benchmarks import seconds
 from experiments.build import build_data, model_config, pick_device
 from experiments.config import Manifest
 from experiments.evaluation import evaluate, make_eval_loader
@@ -30,7 +30,7 @@ from models.ks_encoder import teacher_branches
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m experiments.benchmarks.ks_logging", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ks_logging", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", default="demo")
     parser.add_argument("--row", default="ks_def_r18", help="a KS row (default: %(default)s)")

@@ -1,6 +1,6 @@
 """Every GPU check of this repository in one command, sized for a short GPU slot.
 
-    python -m experiments.benchmarks.gpu_check [--out DIR] [--budget-min 9] [--device cuda|cpu] [--quick]
+    python -m benchmarks.gpu_check [--out DIR] [--budget-min 9] [--device cuda|cpu] [--quick]
     make gpu-check
 
 Stages, in order, each with its own log under --out and a line in summary.json / summary.md:
@@ -9,7 +9,7 @@ Stages, in order, each with its own log under --out and a line in summary.json /
 2. build: the MSDeformAttn extension (`python -m models.ops.ms_deform_attn.build`) and its build time;
 3. cuda_tests: the op's `cuda`-marked tests (passed / failed / skipped);
 4. step_times: the training step of every distinct table1 row at the table settings (800 x 1216,
-   the row's per-GPU batch and autocast), as `experiments.benchmarks.step_time --write` measures it,
+   the row's per-GPU batch and autocast), as `benchmarks.step_time --write` measures it,
    into --out/step_times.json (on CUDA also results/step_times.json, read by `list table1 --cost`);
 5. profile: the demo's KS row on the synthetic set with its real loader (torch.profiler): images/s,
    the step's shares of data waiting, the Hungarian matcher and host synchronisations, the top ops;
@@ -136,7 +136,7 @@ def cuda_tests(check):
 
 def step_times(check, device, quick):
     from experiments import cost
-    from experiments.benchmarks import step_time
+    from benchmarks import step_time
     from experiments.config import Manifest
 
     manifest = Manifest("table1")
@@ -316,7 +316,7 @@ def grid(check, device, quick, processes):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m experiments.benchmarks.gpu_check", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="folder of the results (default: results/gpu_check/<date>-<device>)")
     parser.add_argument("--budget-min", type=float, default=9.0,
