@@ -80,54 +80,55 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     results_help = "results folder holding runs/<manifest>/<row>/; outputs go under it (default: %(default)s)"
     manifest_help = "manifest name (experiments/<name>.yaml) or path to a manifest YAML"
+    # options that several commands share (argparse parent parsers)
+    results_option = argparse.ArgumentParser(add_help=False)
+    results_option.add_argument("--results", default=str(records.RESULTS), help=results_help)
+    manifest_option = argparse.ArgumentParser(add_help=False)
+    manifest_option.add_argument("--manifest", required=True, help=manifest_help)
 
-    p = sub.add_parser("tables", help="paper tables next to the reproduced numbers -> results/tables/",
+    p = sub.add_parser("tables", parents=[results_option],
+                       help="paper tables next to the reproduced numbers -> results/tables/",
                        description="Writes results/tables/<manifest>.{md,csv,tex} and prints the markdown. "
                                    "A manifest whose rows point at paper rows gives the paper's table with the "
                                    "reproduced numbers; table1/table2 without a manifest give the paper's table "
                                    "alone; any other manifest gives one line per row (plus teacher branches).")
     p.add_argument("--manifest", help=manifest_help + "; default: table1, table2 and every other manifest "
                                       "with records under <results>/runs/")
-    p.add_argument("--results", default=str(records.RESULTS), help=results_help)
     p.set_defaults(func=cmd_tables)
 
-    p = sub.add_parser("fig4", help="AP per epoch of baseline, Attn1, Attn2, Attn3 (paper Fig. 4)",
+    p = sub.add_parser("fig4", parents=[manifest_option, results_option],
+                       help="AP per epoch of baseline, Attn1, Attn2, Attn3 (paper Fig. 4)",
                        description="Draws AP (percent) against epoch for the row's baseline (its `baseline` row) "
                                    "and the row's student Attn1 and teachers Attn2/Attn3 from log.jsonl; writes "
                                    "results/figures/<manifest>_<row>_fig4.{png,pdf}. Without --row: one panel "
                                    "per group of KS seed rows (rows that differ only in train.seed), the mean "
                                    "over the seeds with their range shaded, in <manifest>_fig4.{png,pdf}.")
-    p.add_argument("--manifest", required=True, help=manifest_help)
     p.add_argument("--row", help="the (KS) row to draw (default: every KS seed group, over seeds)")
-    p.add_argument("--results", default=str(records.RESULTS), help=results_help)
     p.set_defaults(func=cmd_fig4)
 
-    p = sub.add_parser("curves", help="training losses per run against epoch",
+    p = sub.add_parser("curves", parents=[manifest_option, results_option],
+                       help="training losses per run against epoch",
                        description="Draws the total and per-branch training losses (loss, loss_attn1/2/3) of each "
                                    "row against epoch, one subplot per row; writes results/figures/"
                                    "<manifest>_curves.{png,pdf} (<manifest>_<row>_curves with --row).")
-    p.add_argument("--manifest", required=True, help=manifest_help)
     p.add_argument("--row", help="only this row (default: every row with a finished epoch)")
-    p.add_argument("--results", default=str(records.RESULTS), help=results_help)
     p.set_defaults(func=cmd_curves)
 
-    p = sub.add_parser("learning", help="did training learn: AP50 against AP50 on other images, class loss, minutes",
+    p = sub.add_parser("learning", parents=[manifest_option, results_option],
+                       help="did training learn: AP50 against AP50 on other images, class loss, minutes",
                        description="One line per row: the student's AP50, the AP50 of its detections moved to "
                                    "other images (train.eval_moved) and their ratio, the teachers' AP50, the class "
                                    "loss of the first and last epoch and the run's minutes; writes results/tables/"
                                    "<manifest>_learning.{md,csv} and prints the markdown.")
-    p.add_argument("--manifest", required=True, help=manifest_help)
-    p.add_argument("--results", default=str(records.RESULTS), help=results_help)
     p.set_defaults(func=cmd_learning)
 
     def checkpoint_options(p, row_help):
-        """The options of the commands that draw a trained row's checkpoint."""
-        p.add_argument("--manifest", required=True, help=manifest_help)
+        """The options of the commands that draw a trained row's checkpoint (besides --manifest, --results)."""
         p.add_argument("--row", required=True, help=row_help)
         p.add_argument("--checkpoint", help="checkpoint file (default: the row's checkpoint.pth)")
-        p.add_argument("--results", default=str(records.RESULTS), help=results_help)
 
-    p = sub.add_parser("show", help="detections of a trained row on validation images, one column per branch",
+    p = sub.add_parser("show", parents=[manifest_option, results_option],
+                       help="detections of a trained row on validation images, one column per branch",
                        description="Draws validation images with the row's post-processed detections (class and "
                                    "score) over the ground truth, one column per branch: the student Attn1 and, "
                                    "for a KS row, the teachers Attn2/Attn3 evaluated with ground-truth masks. Writes "
@@ -139,7 +140,8 @@ def main(argv=None):
     p.add_argument("--branches", help="comma-separated branches to draw, e.g. attn1,attn3 (default: all of the row)")
     p.set_defaults(func=cmd_show)
 
-    p = sub.add_parser("attention", help="the KS layer's attention for a few query tokens, student vs. teacher",
+    p = sub.add_parser("attention", parents=[manifest_option, results_option],
+                       help="the KS layer's attention for a few query tokens, student vs. teacher",
                        description="For one validation image and a few query tokens (on the largest objects and "
                                    "on the background, or --points), draws the KS layer's student attention A and "
                                    "the teacher's A^t (Attn3, computed from X^t + P with the GT mask) over the image "
