@@ -1,6 +1,6 @@
 # Every target creates .venv when it is missing and (re)installs requirements.txt when it changed
 # (the installed file's hash is kept in .venv/.requirements.sha256), so a second run is quick.
-# `make test` and `make test-slow` also install requirements-test.txt (pytest, transformers) the
+# `make test` and `make test-slow` also install requirements-test.txt (pytest, ruff, transformers) the
 # same way (hash of both files in .venv/.requirements-test.sha256); demo, setup and op do not.
 PYTHON ?= python3
 VENV   := .venv
@@ -12,10 +12,10 @@ TEST_STAMP := $(VENV)/.requirements-test.sha256
 
 help:
 	@echo "make demo        train + evaluate Deformable-DETR and KS-Deformable-DETR on the synthetic data set (2 CPU cores, 8-15 min by CPU kind)"
-	@echo "make test        run the test suite (CPU; installs requirements-test.txt too)"
+	@echo "make test        lint with ruff, then run the test suite (CPU; installs requirements-test.txt too)"
 	@echo "make test-slow   run the slow tests (installs requirements-test.txt too)"
 	@echo "make setup       create .venv and install requirements.txt"
-	@echo "make setup-test  make setup, then install requirements-test.txt (pytest, transformers)"
+	@echo "make setup-test  make setup, then install requirements-test.txt (pytest, ruff, transformers)"
 	@echo "make op          build the MSDeformAttn CUDA extension (needs nvcc; TORCH_CUDA_ARCH_LIST picks the GPUs)"
 	@echo "make gpu-check   every GPU check in one go, within 9 minutes (results/gpu_check/<date>-<gpu>/)"
 
@@ -48,7 +48,9 @@ demo: setup
 	$(PY) -m analysis show --manifest demo --row ks_def_r18
 	$(PY) -m analysis attention --manifest demo --row ks_def_r18
 
+# the linter first (ruff.toml: pyflakes, pycodestyle, blind excepts), then the tests
 test: setup-test
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 test-slow: setup-test

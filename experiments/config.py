@@ -432,7 +432,7 @@ class Manifest:
         other_name, other_row = target.split("/")
         try:
             if manifest_path(other_name) in chain:
-                raise ConfigError(f"it points back at a manifest that refers to it")
+                raise ConfigError("it points back at a manifest that refers to it")
             other = Manifest(other_name, chain)
             other.row(other_row)
         except ConfigError as e:

@@ -264,9 +264,9 @@ def test_boxes_outside_their_image_are_counted_in_the_one_note(tmp_path, capsys)
     ds = CocoDetection(img_dir, ann_file)
     err = capsys.readouterr().err
     assert err.count("note:") == 1, err
-    assert (f"; 2 of 8 annotations have a box partly outside its image (first: annotation id 5, image 1); training "
-            f"clamps them to the image, evaluation uses them as they are; 2 of 8 annotations have a box wholly "
-            f"outside its image (first: annotation id 6, image 1); they are dropped in training") in err, err
+    assert ("; 2 of 8 annotations have a box partly outside its image (first: annotation id 5, image 1); training "
+            "clamps them to the image, evaluation uses them as they are; 2 of 8 annotations have a box wholly "
+            "outside its image (first: annotation id 6, image 1); they are dropped in training") in err, err
     assert ds[1][1]["boxes"].tolist() == [[0.0, 40.0, 7.0, 50.0]]
 
 

@@ -6,7 +6,7 @@ import torch
 from models.denoising import dn_attention_mask
 from models.ks_encoder import TEACHER_BRANCHES
 
-from .model_helpers import KS_MODES, build, check_teacher_removal, check_train_step, tiny_batch, tiny_batch_two_annotated
+from .model_helpers import KS_MODES, build, check_teacher_removal, check_train_step, tiny_batch_two_annotated
 
 VARIANT = "dn_detr"
 FROZEN_BACKBONE = {"backbone": {"name": "resnet18", "weights": None, "freeze_at": 5}}  # faster backward

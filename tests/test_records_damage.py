@@ -53,7 +53,8 @@ def test_read_config_names_a_damaged_file(tmp_path, text, problem):
     path = tmp_path / "config.yaml"
     if text is not None:
         path.write_text(text)
-    with pytest.raises(RunError, match=f"^{re.escape(str(path))}{problem}; the run record is damaged; --force starts the row over"):
+    message = f"^{re.escape(str(path))}{problem}; the run record is damaged; --force starts the row over"
+    with pytest.raises(RunError, match=message):
         records.read_config(path)
 
 

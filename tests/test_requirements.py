@@ -1,8 +1,8 @@
 """Dependencies: requirements.txt is what the code needs (installed by `make setup`/`make demo` and
 by environment.yml on clusters); the tests' own packages (pytest, transformers for the parity tests)
-are pinned in requirements-test.txt, which only `make test` and `make test-slow` install. The
-Makefile is run for real in a temporary copy with a stand-in .venv/bin/python that records its
-arguments, so its install stamps are checked without pip."""
+and the linter `make test` runs first (ruff) are pinned in requirements-test.txt, which only `make
+test` and `make test-slow` install. The Makefile is run for real in a temporary copy with a stand-in
+.venv/bin/python that records its arguments, so its install stamps are checked without pip."""
 import os
 import re
 import shutil
@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-TEST_ONLY = {"pytest", "transformers"}
+TEST_ONLY = {"pytest", "ruff", "transformers"}
 
 
 def requirement_lines(path):
@@ -83,19 +83,20 @@ def make_copy(tmp_path):
 
 
 INSTALL = "-m pip install --quiet --disable-pip-version-check -r "
+LINT = "-m ruff check ."  # `make test` lints before it tests
 
 
 def test_make_test_installs_both_files_once_and_again_when_one_changes(make_copy):
     folder, run = make_copy
-    assert run("test") == [INSTALL + "requirements.txt", INSTALL + "requirements-test.txt", "-m pytest -q"]
-    assert run("test") == ["-m pytest -q"]  # stamps: a second run installs nothing
+    assert run("test") == [INSTALL + "requirements.txt", INSTALL + "requirements-test.txt", LINT, "-m pytest -q"]
+    assert run("test") == [LINT, "-m pytest -q"]  # stamps: a second run installs nothing
     assert run("test-slow") == ["-m pytest -q -m slow"]
     with (folder / "requirements-test.txt").open("a") as f:
         f.write("# changed\n")
-    assert run("test") == [INSTALL + "requirements-test.txt", "-m pytest -q"]
+    assert run("test") == [INSTALL + "requirements-test.txt", LINT, "-m pytest -q"]
     with (folder / "requirements.txt").open("a") as f:
         f.write("# changed\n")  # requirements-test.txt includes it: both reinstall
-    assert run("test") == [INSTALL + "requirements.txt", INSTALL + "requirements-test.txt", "-m pytest -q"]
+    assert run("test") == [INSTALL + "requirements.txt", INSTALL + "requirements-test.txt", LINT, "-m pytest -q"]
 
 
 def test_make_setup_demo_and_op_do_not_install_the_test_requirements(make_copy):

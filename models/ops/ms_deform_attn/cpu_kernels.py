@@ -5,9 +5,10 @@ and it does not depend on the torch build. It is compiled the first time a CPU t
 op, into build/cpu/ beside this file (or a temporary directory when that is not writable), under a
 name that hashes the sources, the compiler, its flags and, on x86 Linux, the CPU's feature list: a
 changed source is rebuilt, an unchanged one is loaded again. On x86 Linux it is compiled for the
-CPU it runs on (-march=native: with AVX2 the op's forward and backward took 0.6-0.8x the time of an SSE2
-build on this repository's test machine), and a cluster's nodes of other CPU kinds each get their own library. The library is written under a temporary name and renamed, so processes that
-start together (DDP ranks, pytest workers) never load a half-written file.
+CPU it runs on (-march=native: with AVX2 the op's forward and backward took 0.6-0.8x the time of an
+SSE2 build on this repository's test machine), and a cluster's nodes of other CPU kinds each get their
+own library. The library is written under a temporary name and renamed, so processes that start
+together (DDP ranks, pytest workers) never load a half-written file.
 
 `MSDA_CPU_KERNELS=0` in the environment turns the kernels off (the op then takes the PyTorch path
 for CPU tensors); `CXX` names the compiler (default: c++, else g++). Any failure (no compiler, a

@@ -24,7 +24,7 @@ def get_extension():
         _tried = True
         try:
             _extension = importlib.import_module(f"{__package__}.{EXTENSION_NAME}")
-        except Exception as exc:  # ImportError, OSError (undefined symbol, missing library), ...
+        except Exception as exc:  # noqa: BLE001 - ImportError, OSError (undefined symbol, missing library), ...
             _load_error = f"{type(exc).__name__}: {exc}"
     return _extension
 
