@@ -8,6 +8,7 @@
     python -m analysis learning --manifest demo_ladder   # AP50 vs. on other images, class loss, minutes
     python -m analysis show --manifest demo --row ks_def_r18      # detections of the student and teachers
     python -m analysis attention --manifest demo --row ks_def_r18 # the KS layer's attention, student vs teacher
+    python -m analysis mask-page                           # docs/mask_experiment.md from synthetic_mask's records
 """
 import argparse
 import errno
@@ -55,6 +56,13 @@ def cmd_show(args):
     branches = args.branches.split(",") if args.branches else None
     for path in write_detections_figure(args.manifest, args.row, args.checkpoint, args.images, args.image_ids, args.score,
                                  branches, args.results):
+        print(f"wrote {path}")
+
+
+def cmd_mask_page(args):
+    from .mask_page import write_mask_page
+
+    for path in write_mask_page(args.manifest, args.results, args.out):
         print(f"wrote {path}")
 
 
@@ -155,6 +163,21 @@ def main(argv=None):
     p.add_argument("--per-head", action="store_true",
                    help="one row per attention head instead of their mean (standard-attention KS layers only)")
     p.set_defaults(func=cmd_attention)
+
+    p = sub.add_parser("mask-page", help="results page of the mask experiment (P1, P2, secondary, figures)",
+                       description="Writes the Markdown results page of the mask experiment (experiments/"
+                                   "synthetic_mask.yaml: baseline, KS with the GT mask and KS told nothing, per "
+                                   "trunk and seed): the pre-registered tests (the mask's effect per trunk, paired "
+                                   "t with Holm over the trunks; the trunk x mask interaction, Welch), the answers "
+                                   "they give, the secondary tables, and images/<page>_forest.png and "
+                                   "images/<page>_curves.png beside the page. Only finished runs count; the page "
+                                   "says how many pairs each comparison has.")
+    p.add_argument("--manifest", default="synthetic_mask", help=manifest_help + " (default: %(default)s)")
+    p.add_argument("--results", default=str(records.RESULTS),
+                   help="results folder holding runs/<manifest>/<row>/ (default: %(default)s)")
+    p.add_argument("--out", default="docs/mask_experiment.md",
+                   help="the page; its figures go to images/ beside it (default: %(default)s)")
+    p.set_defaults(func=cmd_mask_page)
 
     args = parser.parse_args(argv)
     from experiments.config import ConfigError
