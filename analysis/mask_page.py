@@ -38,7 +38,7 @@ from . import AnalysisError, load_manifest
 from .comparisons import (KS_GAIN, MARK, MASK_GAIN, ci_text, comparison_specs, comparisons, marks_note, mean_sd,
                           p_text, per_pair, row_results, signed)
 from .statistics import CONFIDENCE, holm, welch_summary
-from .tables import _mean_sd
+from .tables import _last_epoch_values, _mean_sd
 
 ALPHA = 0.05
 INTERACTION = ("random_trained", "seg_frozen")  # P2: the mask's effects on the first trunk against the second's
@@ -98,13 +98,6 @@ def _seeds_text(seeds):
 def _stats(values):
     """(n, mean, sample sd) of the values that are numbers (analysis.tables' mean and sd)."""
     return sum(not math.isnan(v) for v in values), *_mean_sd(values)
-
-
-def _last_distance(run, branch):
-    """||Z_t - Z_s|| / ||Z_s|| of `branch` in the run's last logged epoch (NaN when not logged)."""
-    entry = run.log[-1].get("memory_distance") if run.log else None
-    value = entry.get(branch) if isinstance(entry, dict) else None
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
 def mask_results(manifest, results=records.RESULTS):
@@ -179,7 +172,8 @@ def mask_results(manifest, results=records.RESULTS):
             done = [r for r in runs[(t, a)] if r.done]
             line = {"trunk": t, "arm": a, "done": len(done)}
             for b in ("attn3", "attn2"):
-                line[f"{b}_n"], line[f"{b}_mean"], line[f"{b}_sd"] = _stats([_last_distance(r.run, b) for r in done])
+                line[f"{b}_n"], line[f"{b}_mean"], line[f"{b}_sd"] = _stats(
+                    [_last_epoch_values(r.run, "memory_distance").get(b, math.nan) for r in done])
             distance.append(line)
     damaged = sorted(n for n, r in rows.items() if r.run.state == "damaged")
     return MaskResults(manifest, trunks, design, pd.DataFrame(progress), tests, interaction,
