@@ -244,7 +244,7 @@ class Checkpoint:
     path: Path
     state: dict
     cfg: dict
-    row_cfg: dict  # the manifest row's, overrides applied
+    row_cfg: dict  # the row's (as its run recorded it, else the manifest's), overrides applied
     source: str  # where cfg came from, for the records
     sha256: str  # 'sha256:<hex>' of the file's bytes that were read
 
@@ -296,15 +296,28 @@ def weight_mismatches(found, expected):
     return problems
 
 
+def _ran_with(directory):
+    """The configuration the row's run recorded (its config.yaml: the manifest row with the run's
+    overrides), or None when there is none or it cannot be read."""
+    if not (Path(directory) / "config.yaml").is_file():
+        return None
+    try:
+        cfg = records.read_config(Path(directory) / "config.yaml")
+        return merge(DEFAULTS, cfg, f"{directory}/config.yaml")
+    except (RunError, ConfigError):
+        return None
+
+
 def load_checkpoint(manifest_name, row, checkpoint=None, overrides=(), results=records.RESULTS):
     """The checkpoint of a row (default: the run's checkpoint.pth) and its configuration; a RunError
     naming the file when it is missing or not a checkpoint of this project, and when its
     configuration is of another kind of model than the row's (MODEL_KIND: another variant, KS mode or
-    backbone; give it with the row it was trained for). Other differences (sizes, evaluation
+    backbone; give it with the row it was trained for). The row's configuration is the one its run
+    recorded (config.yaml, the run's overrides included) where there is a run, else the manifest's. Other differences (sizes, evaluation
     settings) follow the checkpoint's configuration; `Checkpoint.note()` says so."""
     manifest = Manifest(manifest_name)
-    row_cfg = manifest.resolve(row)
     directory = records.run_dir(*manifest.record_of(row), results)
+    row_cfg = _ran_with(directory) or manifest.resolve(row)
     if checkpoint:  # a named file: no fallback
         path = Path(checkpoint)
         if not path.is_file():
