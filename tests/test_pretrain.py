@@ -109,16 +109,16 @@ def test_pretrain_command_refuses_to_overwrite(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not SYNTHETIC_WEIGHTS.is_file(), reason="the committed synthetic backbone is missing")
-def test_the_committed_trunk_fits_the_demo_and_the_readme_names_its_sha256():
+def test_the_committed_trunk_fits_the_demo_and_the_synthetic_experiments_page_names_its_sha256():
     state = torch.load(SYNTHETIC_WEIGHTS, map_location="cpu", weights_only=True)
     assert SYNTHETIC_WEIGHTS.stat().st_size <= 12 * 2**20
     cfg = Manifest("demo").resolve("def_r18")["model"]["backbone"]
     assert cfg["weights"] == "synthetic"
     bb = build_backbone(cfg, (cfg["last_stage"],))
     assert bb.init.startswith("synthetic:resnet18_synthetic.pth")
-    readme = (SYNTHETIC_WEIGHTS.parents[2] / "README.md").read_text()
-    assert file_sha256(SYNTHETIC_WEIGHTS) in readme
-    assert state["meta"]["command"] and re.sub(r"\s+", " ", state["meta"]["command"]) in re.sub(r"\s+", " ", readme)
+    page = (SYNTHETIC_WEIGHTS.parents[2] / "docs" / "synthetic_experiments.md").read_text()
+    assert file_sha256(SYNTHETIC_WEIGHTS) in page
+    assert state["meta"]["command"] and re.sub(r"\s+", " ", state["meta"]["command"]) in re.sub(r"\s+", " ", page)
 
 
 def test_segmentation_crops_keep_images_and_labels_aligned():
