@@ -313,8 +313,9 @@ def load_checkpoint(manifest_name, row, checkpoint=None, overrides=(), results=r
     naming the file when it is missing or not a checkpoint of this project, and when its
     configuration is of another kind of model than the row's (MODEL_KIND: another variant, KS mode or
     backbone; give it with the row it was trained for). The row's configuration is the one its run
-    recorded (config.yaml, the run's overrides included) where there is a run, else the manifest's. Other differences (sizes, evaluation
-    settings) follow the checkpoint's configuration; `Checkpoint.note()` says so."""
+    recorded (config.yaml, the run's overrides included) where there is a run, else the manifest's.
+    Other differences (sizes, evaluation settings) follow the checkpoint's configuration;
+    `Checkpoint.note()` says so."""
     manifest = Manifest(manifest_name)
     directory = records.run_dir(*manifest.record_of(row), results)
     row_cfg = _ran_with(directory) or manifest.resolve(row)

@@ -98,7 +98,7 @@ def load_synthetic_state_dict(name, body, weights_path=None):
         raise WeightsNotFoundError(
             f"synthetic-pretrained weights for backbone {name!r} not found: no file {path}"
             f"{' (model.backbone.weights_path)' if weights_path else ''}. Make them with `python -m experiments "
-            f"pretrain --out {path}` (see the README, 'A pretrained backbone without ImageNet').")
+            f"pretrain --out {path}` (see docs/synthetic_experiments.md, 'Pretrained backbones without ImageNet').")
     try:
         state = load_plain(path)
     except UnreadableFile as e:
