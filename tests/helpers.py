@@ -1,7 +1,12 @@
 """Constants and helpers shared by the test files (their fixtures are in conftest.py): the tiny
-run overrides of the demo rows, hand-written run records."""
+run overrides of the demo rows, hand-written run records, the seed statistics computed directly
+from numpy and scipy (the references of the analysis tests)."""
+import math
+
+import numpy as np
 import pytest
 import yaml
+from scipy import stats
 
 from experiments import engine, records
 from experiments.engine import train_row
@@ -73,3 +78,20 @@ def write_run(results, manifest, row, state, log=(), final=None, env=ENV):
 def write_manifest(path, rows):
     path.write_text(yaml.safe_dump({"description": "test", "rows": rows}, sort_keys=False))
     return path
+
+
+def scipy_expected(a, b):
+    """(mean, sd, p, ci_low, ci_high) of a - b from numpy and scipy.stats directly."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    d = a - b
+    n = len(d)
+    p = stats.ttest_rel(a, b).pvalue
+    half = stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n)
+    return d.mean(), d.std(ddof=1), p, d.mean() - half, d.mean() + half
+
+
+def holm_by_definition(ps):
+    """Holm from its definition: p_i -> max over p_j <= p_i (ranked) of min(1, (m - rank_j) p_j)."""
+    ranked = sorted(ps)
+    m = len(ps)
+    return [max(min(1.0, (m - k) * ranked[k]) for k in range(ranked.index(p) + 1)) for p in ps]

@@ -15,7 +15,7 @@ from analysis.statistics import welch_summary
 from experiments import records
 from experiments.config import Manifest
 
-from .test_seed_statistics import holm_by_definition, scipy_expected
+from .helpers import holm_by_definition, scipy_expected
 
 REPO = records.RESULTS.parent
 ENV = {"git_sha": "0123456789abcdef0123456789abcdef01234567", "cpu": "Test CPU"}

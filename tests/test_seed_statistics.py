@@ -15,17 +15,7 @@ from analysis.tables import write_tables
 from experiments import records
 from experiments.config import Manifest
 
-from .helpers import ENV, metrics, write_manifest, write_run
-
-
-def scipy_expected(a, b):
-    """(mean, sd, p, ci_low, ci_high) of a - b from numpy and scipy.stats directly."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    d = a - b
-    n = len(d)
-    p = stats.ttest_rel(a, b).pvalue
-    half = stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n)
-    return d.mean(), d.std(ddof=1), p, d.mean() - half, d.mean() + half
+from .helpers import ENV, holm_by_definition, metrics, scipy_expected, write_manifest, write_run
 
 
 @pytest.mark.parametrize("n", [2, 3, 5, 12])
@@ -69,13 +59,6 @@ def test_holm_against_a_hand_worked_example():
     assert adjusted[0] == 1.0 and adjusted[2] == 1.0 and math.isnan(adjusted[1])
     assert holm([0.2, math.nan, 0.5]) == pytest.approx([0.4, math.nan, 0.5], nan_ok=True)
     assert holm([]) == [] and holm([0.3]) == [0.3]
-
-
-def holm_by_definition(ps):
-    """Holm from its definition: p_i -> max over p_j <= p_i (ranked) of min(1, (m - rank_j) p_j)."""
-    ranked = sorted(ps)
-    m = len(ps)
-    return [max(min(1.0, (m - k) * ranked[k]) for k in range(ranked.index(p) + 1)) for p in ps]
 
 
 # ------------------------------------------------------------------------------------------------
