@@ -263,7 +263,6 @@ def marks_note(cdf, short=False):
     """The sentence under a table: how many of its pairs are marked, and why (`short`: for the tables
     above the paired comparisons, which say why)."""
     ap = cdf[cdf["metric"] == "AP"]
-    pairs = int(ap["n"].sum())
     between = sum(1 for ps in ap["pairs"] for p in ps if " − " in p)
     marked, commits, cpus = (int(ap[c].sum()) for c in ("pairs_marked", "pairs_commit_differs", "pairs_cpu_differs"))
     if not between:

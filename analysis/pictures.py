@@ -10,9 +10,9 @@ score) over the ground truth (white, dashed).
 `attention`: the KS layer (the last encoder layer) for a few query tokens of one validation image:
 the student's attention row A = softmax(q k^T / sqrt(d_head)) and the teacher's A^t (Attn3's Q^t
 K^t on X^t + P), per head or averaged, or for deformable attention the shared sampling locations
-with both attention weights; beside them the GT mask on the token grid and |X^t - X| (the sMLP changes foreground tokens only). The layer's
-own `inspect` (models.ks_encoder) computes them from its inputs of one forward (a forward hook),
-for the chosen queries only.
+with both attention weights; beside them the GT mask on the token grid and |X^t - X| (the sMLP
+changes foreground tokens only). The layer's own `inspect` (models.ks_encoder) computes them from its
+inputs of one forward (a forward hook), for the chosen queries only.
 
 Both read the row's checkpoint (default: its checkpoint.pth) and write PNG and PDF under
 <results>/figures/. The functions return the figure and the data drawn, which the tests compare
