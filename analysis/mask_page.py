@@ -117,7 +117,9 @@ def mask_results(manifest, results=records.RESULTS):
         names = [n for n in manifest.rows if where[n][0] == t]
         cfg = configs[names[0]]
         bb, train = cfg["model"]["backbone"], cfg["train"]
-        design.append({"trunk": t, "weights": bb["weights"], "weights_path": bb["weights_path"],
+        weights_file = (bb["weights_path"] or ("models/weights/resnet18_synthetic.pth (the default)"
+                                               if bb["weights"] == "synthetic" else None))
+        design.append({"trunk": t, "weights": bb["weights"], "weights_path": weights_file,
                        "freeze_at": bb["freeze_at"], "lr_backbone": train["lr_backbone"], "epochs": train["epochs"],
                        "lr_drop": train["lr_drop"], "seeds": _seeds_text(configs[n]["train"]["seed"] for n in names),
                        "rows": len(names)})
@@ -306,7 +308,7 @@ def page_markdown(res, images=None):
            "Three arms per trunk and training seed: the baseline (`model.ks.mode: none`), KS triple attention "
            "with the GT mask, and KS triple attention with the teachers told nothing (`model.ks.mask: none`). "
            "The trunks are the manifest's families:",
-           _table(["Trunk", "model.backbone.weights", "weights_path", "freeze_at", "train.lr_backbone", "epochs",
+           _table(["Trunk", "model.backbone.weights", "weights file", "freeze_at", "train.lr_backbone", "epochs",
                    "lr_drop", "seeds", "rows"],
                   [[d["trunk"]] + [_setting(d[k]) for k in ("weights", "weights_path", "freeze_at", "lr_backbone",
                                                             "epochs", "lr_drop", "seeds", "rows")]
