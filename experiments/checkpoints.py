@@ -148,7 +148,7 @@ def content_checksum(state):
         if isinstance(value, torch.Tensor):
             t = value.detach().cpu().contiguous()
             digest.update(f"tensor {t.dtype} {tuple(t.shape)};".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            digest.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
         elif isinstance(value, dict):
             items = [(k, v) for k, v in value.items() if not (value is state and k == CHECKSUM)]
             digest.update(f"{type(value).__name__} {len(items)}{{".encode())
@@ -168,20 +168,36 @@ def content_checksum(state):
     return "sha256:" + digest.hexdigest()
 
 
+# The keys of the checkpoints written before checksums (runs and import-weights): a file without a
+# checksum is read unchecked only when it holds no other key, so a damaged key name is not a way round.
+BEFORE_CHECKSUMS = {"model", "optimizer", "scheduler", "epoch", "step", "partial", "total_batch_size", "history",
+                    "config", "classes", "num_classes", "imported_from"}
+
+
 def _read(path):
     """(state, 'sha256:<hex>' of the bytes it was read from) of one checkpoint file; RunError when it
     is damaged, refused or not a checkpoint of this project."""
     try:
-        data = Path(path).read_bytes()  # hashed and loaded from the same bytes: the digest is of what was used
-        state = load_plain(path, data)
+        # hashed, then loaded from the same open file: the digest is of the bytes used, even if the
+        # path is replaced meanwhile (checkpoints are replaced by a rename)
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+            f.seek(0)
+            state = load_plain(path, f)
     except (OSError, UnreadableFile) as e:
         raise RunError(str(e) if isinstance(e, UnreadableFile) else f"{path} cannot be read ({e.strerror or e})") from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise RunError(f"{path}: not a checkpoint of this project (expected a dict with 'model')")
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise RunError(f"{path}: not a checkpoint of this project (expected a dict with a 'model' state dict)")
     recorded = state.get(CHECKSUM)
+    if recorded is None and not set(state) <= BEFORE_CHECKSUMS:
+        raise RunError(f"{path} is damaged: it has no checksum, and keys no checkpoint of this project has "
+                       f"({', '.join(sorted(map(str, set(state) - BEFORE_CHECKSUMS)))})")
     if recorded is not None and recorded != content_checksum(state):
         raise RunError(f"{path} is damaged: its contents do not match the checksum recorded when it was written")
-    return state, "sha256:" + hashlib.sha256(data).hexdigest()
+    bad = [str(k) for k, v in state["model"].items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise RunError(f"{path}: its 'model' holds entries that are not tensors ({first_names(bad)})")
+    return state, "sha256:" + digest
 
 
 def read_checkpoint(path, fallback=True):
@@ -271,7 +287,7 @@ class Checkpoint:
         """The line to print (once, by rank 0) when the checkpoint's configuration differs from the
         row's where the weights stay the same, or None."""
         changed = self.changed_model_keys()
-        return (f"{self.row}: the checkpoint's configuration differs from the manifest row at {', '.join(changed)}; "
+        return (f"{self.row}: the checkpoint's configuration differs from the row's at {', '.join(changed)}; "
                 f"using the checkpoint's") if changed else None
 
     def _described(self):
@@ -318,7 +334,9 @@ def load_checkpoint(manifest_name, row, checkpoint=None, overrides=(), results=r
     `Checkpoint.note()` says so."""
     manifest = Manifest(manifest_name)
     directory = records.run_dir(*manifest.record_of(row), results)
-    row_cfg = _ran_with(directory) or manifest.resolve(row)
+    ran_with = _ran_with(directory)
+    row_cfg = ran_with or manifest.resolve(row)
+    row_source = f"{directory / 'config.yaml'}" if ran_with else f"manifest {manifest.path}"
     if checkpoint:  # a named file: no fallback
         path = Path(checkpoint)
         if not path.is_file():
@@ -334,14 +352,13 @@ def load_checkpoint(manifest_name, row, checkpoint=None, overrides=(), results=r
     if own is not None and not isinstance(own, dict):
         raise RunError(f"{path}: its 'config' is a {type(own).__name__}, not a configuration of this project")
     cfg = merge(DEFAULTS, own, f"{path}, config") if own else row_cfg
-    source = "the checkpoint" if own else f"manifest {manifest.path}"
+    source = "the checkpoint" if own else row_source
     for text in overrides:
         try:
             cfg = merge(cfg, parse_override(text), f"override {text!r}")
             row_cfg = merge(row_cfg, parse_override(text), f"override {text!r}")
         except ConfigError as e:
             raise ConfigError(f"row {row!r}: {e}") from None
-    check_buildable(cfg, f"manifest {manifest.path}, row {row!r}")
     ck = Checkpoint(manifest, row, path, state, cfg, row_cfg, source, digest)
     other_model = [k for k in ck.changed_model_keys() if k in MODEL_KIND]
     if other_model:
@@ -349,4 +366,5 @@ def load_checkpoint(manifest_name, row, checkpoint=None, overrides=(), results=r
         raise RunError(f"{path} is not a checkpoint of row {row!r} of manifest {manifest.path}: its model differs at "
                        + ", ".join(f"{k} ({flat_own.get(k)!r} in the checkpoint, {flat_row.get(k)!r} in the row)"
                                    for k in other_model) + "; give it with the row it was trained for")
+    check_buildable(cfg, f"{path} (row {row!r} of manifest {manifest.path})")
     return ck

@@ -7,6 +7,7 @@ unreadable (truncated, damaged, not a PyTorch file)."""
 import io
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,14 +22,18 @@ class UnreadableFile(ValueError):
         self.refused = refused
 
 
-def load_plain(path, data=None):
-    """The object in the PyTorch file at `path` (or in its bytes `data`, already read), on the CPU,
-    rebuilt from tensors and plain data only. UnreadableFile names the file and why otherwise."""
+def load_plain(path, file=None):
+    """The object in the PyTorch file at `path` (or in `file`, that file already open, or its bytes),
+    on the CPU, rebuilt from tensors and plain data only. UnreadableFile names the file and why
+    otherwise."""
+    source = io.BytesIO(file) if isinstance(file, (bytes, bytearray)) else file if file is not None else Path(path)
     try:
-        return torch.load(io.BytesIO(data) if data is not None else Path(path), map_location="cpu",
-                          weights_only=True)
+        with warnings.catch_warnings():  # e.g. torch's note on a plain pickle: the error line says it all
+            warnings.simplefilter("ignore")
+            return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        named = re.search(r"GLOBAL:?\s+([\w.]+)", str(e), re.IGNORECASE)
+        # torch names the global as "GLOBAL module.name" ("Unsupported global: GLOBAL x.y ...")
+        named = re.search(r"GLOBAL ([\w.]+)", str(e))
         if named:
             raise UnreadableFile(f"{path} is refused: its pickle needs {named.group(1)}, and this project only reads "
                                  f"files of tensors and plain data (nothing of the file was used)",

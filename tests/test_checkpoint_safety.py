@@ -1,6 +1,7 @@
 """Reading a checkpoint runs no code, a damaged one is never trusted, and one that does not describe
 the row's model is refused with one line: every command that reads checkpoints (run --resume, eval,
 predict, analysis show) goes through experiments/checkpoints.py."""
+import functools
 import json
 import os
 import shutil
@@ -61,6 +62,44 @@ def test_the_payload_would_run_if_unpickled_unsafely(copied, tmp_path):
                                                                              weights_only=True))
     torch.load(path, weights_only=False)
     assert marker.exists()
+
+
+class EvalPayload:
+    """Pickled as a call of builtins.eval, a global torch's loader names rather than blocks by module."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return eval, (f"open({str(self.marker)!r}, 'w')",)
+
+
+@pytest.mark.parametrize("payload,needed", [("eval", "eval"), ("partial", "functools.partial")])
+def test_the_refusal_names_the_global_the_pickle_needs(copied, tmp_path, payload, needed):
+    """Globals that torch's loader names rather than blocks by their module (os, sys): the error
+    still names them, and nothing runs."""
+    _, _, directory = copied
+    marker = tmp_path / "ran"
+    state = dict(torch.load(directory / "checkpoint.pth", weights_only=True))
+    state["config"] = EvalPayload(marker) if payload == "eval" else functools.partial(print, "ran")
+    path = tmp_path / "evil.pth"
+    torch.save(state, path)
+    with pytest.raises(RunError) as e:
+        checkpoints.read_checkpoint(path, fallback=False)
+    assert str(e.value).startswith(f"{path} is refused: its pickle needs {needed}, ")
+    assert not marker.exists()
+
+
+def test_a_checkpoint_without_a_checksum_but_with_unknown_keys_is_damaged(copied, tmp_path):
+    """A checkpoint whose 'checksum' key name was damaged is not read unchecked."""
+    _, _, directory = copied
+    state = torch.load(directory / "checkpoint.pth", weights_only=True)
+    state["checksul"] = state.pop(checkpoints.CHECKSUM)
+    path = tmp_path / "renamed.pth"
+    path.write_bytes(checkpoint_bytes(state))
+    with pytest.raises(RunError, match=f"{path} is damaged: it has no checksum, and keys no checkpoint of this "
+                                       f"project has \\(checksul\\)"):
+        checkpoints.read_checkpoint(path, fallback=False)
 
 
 def test_no_command_runs_the_code_of_a_checkpoint(copied, tmp_path, capsys):
@@ -133,7 +172,6 @@ def test_a_checkpoint_holds_a_checksum_of_its_contents_and_a_changed_byte_is_dam
         main(["eval", "demo", "--row", ROW, "--checkpoint", str(latest), "--results", str(results)])
     assert str(e.value.code).startswith(f"error: {latest} is damaged")
     # the run's own checkpoint: the previous one is used instead, as for a truncated file
-    shutil.copy(latest, directory / "checkpoint.prev.pth")
     (directory / "checkpoint.prev.pth").write_bytes(checkpoint_bytes(state))
     read, used = checkpoints.read_checkpoint(latest)
     assert used == directory / "checkpoint.prev.pth"
@@ -214,8 +252,9 @@ def test_evaluation_settings_of_a_checkpoint_are_followed_with_a_note(copied, tm
     path = tmp_path / "topk.pth"
     path.write_bytes(checkpoint_bytes(changed))
     main(["eval", "demo", "--row", ROW, "--checkpoint", str(path), "--results", str(results)])
-    note = next(line for line in capsys.readouterr().err.splitlines() if "differs from the manifest row at" in line)
+    note = next(line for line in capsys.readouterr().err.splitlines() if "differs from the row's at" in line)
     assert "model.eval_topk" in note and note.endswith("using the checkpoint's")
-    detections = json.loads(next(directory.glob("eval-*/detections-attn1.json")).read_text())
+    written = max(directory.glob("eval-*.json"), key=lambda f: f.stat().st_mtime_ns)  # this evaluation's record
+    detections = json.loads((directory / json.loads(written.read_text())["detections"]["attn1"]).read_text())
     per_image = Counter(d["image_id"] for d in detections)
     assert set(per_image.values()) == {topk - 5}  # the checkpoint's eval_topk was used
