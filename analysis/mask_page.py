@@ -37,8 +37,8 @@ from experiments import records
 from . import AnalysisError, load_manifest
 from .comparisons import (KS_GAIN, MARK, MASK_GAIN, ci_text, comparison_specs, comparisons, marks_note, mean_sd,
                           p_text, per_pair, row_results, signed)
-from .statistics import CONFIDENCE, holm, welch_summary
-from .tables import _last_epoch_values, _mean_sd
+from .statistics import CONFIDENCE, holm, mean_and_sd, welch_summary
+from .tables import _last_epoch_values
 
 ALPHA = 0.05
 INTERACTION = ("random_trained", "seg_frozen")  # P2: the mask's effects on the first trunk against the second's
@@ -97,7 +97,7 @@ def _seeds_text(seeds):
 
 def _stats(values):
     """(n, mean, sample sd) of the values that are numbers (analysis.tables' mean and sd)."""
-    return sum(not math.isnan(v) for v in values), *_mean_sd(values)
+    return sum(not math.isnan(v) for v in values), *mean_and_sd(values)
 
 
 def mask_results(manifest, results=records.RESULTS):

@@ -59,8 +59,9 @@ def load_trained(manifest, row, checkpoint=None, results=records.RESULTS):
     from experiments.checkpoints import load_checkpoint
 
     ck = load_checkpoint(manifest, row, checkpoint, results=results)
-    if ck.note():
-        print(ck.note(), file=sys.stderr)
+    note = ck.note()
+    if note:
+        print(note, file=sys.stderr)
     _, val_set = build_data(ck.cfg)
     model = ck.build_model(val_set.num_classes)
     return Trained(f"{ck.manifest.name} / {row}", model, val_set, ck.cfg)

@@ -15,6 +15,7 @@ statistic undefined: p is 1 when the differences are 0 and 0 otherwise, and the 
 The same holds for welch_summary, with fewer than two values in either sample or both without spread.
 """
 import math
+import statistics
 from dataclasses import dataclass, field
 
 from scipy import stats
@@ -95,13 +96,12 @@ class WelchSummary:
     ci_high: float
 
 
-def _mean_sd(values):
-    n = len(values)
-    if not n:
+def mean_and_sd(values):
+    """(mean, sample sd) of the values that are numbers (NaN left out); NaN where there are too few."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
         return math.nan, math.nan
-    mean = math.fsum(values) / n
-    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan
-    return mean, sd
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
 
 
 def welch_summary(a, b, confidence=CONFIDENCE):
@@ -112,7 +112,7 @@ def welch_summary(a, b, confidence=CONFIDENCE):
     for the rest."""
     a = [float(v) for v in a if not math.isnan(float(v))]
     b = [float(v) for v in b if not math.isnan(float(v))]
-    (mean_a, sd_a), (mean_b, sd_b) = _mean_sd(a), _mean_sd(b)
+    (mean_a, sd_a), (mean_b, sd_b) = mean_and_sd(a), mean_and_sd(b)
     diff = mean_a - mean_b
     nan = math.nan
     if len(a) < 2 or len(b) < 2:

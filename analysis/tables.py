@@ -14,7 +14,6 @@ and .tex (a booktabs tabular); with seed groups also <manifest>_blocks.csv or <m
 <manifest>_comparisons.csv (one line per comparison and metric: analysis.comparisons.comparisons).
 """
 import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from . import BRANCHES, VARIANT_NAMES, AnalysisError, load_manifest, load_run, m
 from .comparisons import (GAINS, KS_GAIN, MARK, MASK_GAIN, comparisons, comparisons_markdown, group_info, marks_note,
                           mean_sd, per_pair, row_results, seed_groups)
 from .comparisons import to_csv as comparisons_csv
+from .statistics import mean_and_sd
 
 PAPER_DIR = records.RESULTS / "paper"
 METRICS = records.METRICS
@@ -184,13 +184,6 @@ def runs_report(manifest, results=records.RESULTS):
     return _frame(lines, RUN_COLUMNS)
 
 
-def _mean_sd(values):
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
-
-
 def _comparison_cells(line, prefix, cdf, group, comparison):
     """The statistics of one comparison of `cdf` (analysis.comparisons) in a line of the seeds or blocks
     report: <prefix>_mean, _sd, _p, _p_holm, _ci_low, _ci_high, _positive, _n, _marked (pairs marked),
@@ -220,8 +213,8 @@ def seeds_report(manifest, df, rows, cdf):
             have = [r for r in done if branch in r.final]
             line = {"group": group, "branch": branch, "rows": " ".join(grows), "done": len(have), "of": len(grows)}
             for m in METRICS:
-                line[f"{m}_mean"], line[f"{m}_sd"] = _mean_sd([r.value(branch, m) for r in have])
-            line["AP_last2_mean"], line["AP_last2_sd"] = _mean_sd([r.value(branch, "AP_last2") for r in have])
+                line[f"{m}_mean"], line[f"{m}_sd"] = mean_and_sd([r.value(branch, m) for r in have])
+            line["AP_last2_mean"], line["AP_last2_sd"] = mean_and_sd([r.value(branch, "AP_last2") for r in have])
             _comparison_cells(line, "gain_AP", cdf if branch == "attn1" else cdf.iloc[:0], group, KS_GAIN)
             lines.append(line)
     return pd.DataFrame(lines)
@@ -291,18 +284,18 @@ def blocks_report(manifest, df, results=records.RESULTS, rows=None, cdf=None):
         done = [rows[r] for r in grows if rows[r].done]
         line = {**group_info(manifest, group, grows), "rows": " ".join(grows), "done": len(done), "of": len(grows)}
         for m in METRICS:
-            line[f"{m}_mean"], line[f"{m}_sd"] = _mean_sd([r.value("attn1", m) for r in done])
-        line["AP_last2_mean"], line["AP_last2_sd"] = _mean_sd([r.value("attn1", "AP_last2") for r in done])
+            line[f"{m}_mean"], line[f"{m}_sd"] = mean_and_sd([r.value("attn1", m) for r in done])
+        line["AP_last2_mean"], line["AP_last2_sd"] = mean_and_sd([r.value("attn1", "AP_last2") for r in done])
         _comparison_cells(line, "gain_AP", cdf, group, KS_GAIN)
         _comparison_cells(line, "mask_gain_AP", cdf, group, MASK_GAIN)
-        line["AP50_moved_mean"] = _mean_sd([r.value(MOVED, "AP50") for r in done])[0]
+        line["AP50_moved_mean"] = mean_and_sd([r.value(MOVED, "AP50") for r in done])[0]
         for branch in BRANCHES:
             if branch != "attn1":
-                line[f"AP_{branch}_mean"] = _mean_sd([r.value(branch) for r in done])[0]
+                line[f"AP_{branch}_mean"] = mean_and_sd([r.value(branch) for r in done])[0]
                 _comparison_cells(line, f"{branch}_minus_student_AP", cdf, group, TEACHER_COMPARISONS[branch])
-                line[f"distance_{branch}_mean"] = _mean_sd(
+                line[f"distance_{branch}_mean"] = mean_and_sd(
                     [_last_epoch_values(r.run, "memory_distance").get(branch, math.nan) for r in done])[0]
-            line[f"last_layer_loss_{branch}_mean"] = _mean_sd(
+            line[f"last_layer_loss_{branch}_mean"] = mean_and_sd(
                 [_last_epoch_values(r.run, "train", LAST_LAYER).get(branch, math.nan) for r in done])[0]
         lines.append(line)
     return pd.DataFrame(lines)

@@ -203,8 +203,9 @@ def evaluate_row(manifest_name, row, checkpoint=None, teachers=False, overrides=
     try:
         not_saved = None
         if ctx.is_main:
-            if ck.note():
-                print(ck.note(), file=sys.stderr)
+            note = ck.note()
+            if note:
+                print(note, file=sys.stderr)
             reason = unwritable(directory)
             if reason:
                 not_saved = f"cannot write to {directory} ({reason})"

@@ -183,8 +183,9 @@ def predict(manifest, row, inputs, checkpoint=None, score=0.5, out=None, device=
     ck = load_checkpoint(manifest, row, checkpoint, results=results)
     paths = find_images(inputs)
     provenance = {"path": str(ck.path.resolve()), "sha256": ck.sha256.removeprefix("sha256:")}
-    if ck.note() and not quiet:
-        print(ck.note(), file=sys.stderr)
+    note = ck.note()
+    if note and not quiet:
+        print(note, file=sys.stderr)
     val = _val_annotations(ck.cfg)  # read once: its categories (older checkpoints) and image ids
     classes = _classes(ck, val)
     names = [c["name"] for c in classes]
