@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from models import build_model
-from models.serialization import UnreadableFile, load_plain
+from models.serialization import CHECKSUM, UnreadableFile, content_checksum, load_plain
 
 from . import records
 from .build import check_buildable, model_config
@@ -133,39 +133,6 @@ def _free(folder):
         return _size(shutil.disk_usage(folder).free)
     except OSError:
         return "an unknown amount"
-
-
-CHECKSUM = "checksum"  # the state's key holding content_checksum() of the rest
-
-
-def content_checksum(state):
-    """'sha256:<hex>' over a checkpoint state's contents, in order: every key, every tensor's dtype,
-    shape and bytes, every other value's repr. Equal for a state and the same state read back from
-    its file; any changed byte of a tensor or value changes it. The CHECKSUM key itself is left out."""
-    digest = hashlib.sha256()
-
-    def visit(value):
-        if isinstance(value, torch.Tensor):
-            t = value.detach().cpu().contiguous()
-            digest.update(f"tensor {t.dtype} {tuple(t.shape)};".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
-        elif isinstance(value, dict):
-            items = [(k, v) for k, v in value.items() if not (value is state and k == CHECKSUM)]
-            digest.update(f"{type(value).__name__} {len(items)}{{".encode())
-            for k, v in items:
-                digest.update(f"{k!r}:".encode())
-                visit(v)
-            digest.update(b"}")
-        elif isinstance(value, (list, tuple)):
-            digest.update(f"{type(value).__name__} {len(value)}[".encode())
-            for v in value:
-                visit(v)
-            digest.update(b"]")
-        else:
-            digest.update(f"{type(value).__name__} {value!r};".encode())
-
-    visit(state)
-    return "sha256:" + digest.hexdigest()
 
 
 # The keys of the checkpoints written before checksums (runs and import-weights): a file without a

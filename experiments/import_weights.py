@@ -21,10 +21,10 @@ from models import build_model
 from models.backbone import file_sha256
 from models.convert_hf import ConversionError
 from models.convert_ksdetr import convert, describe, read_checkpoint
+from models.serialization import CHECKSUM, content_checksum
 
 from . import records
 from .build import model_config, resolve_row
-from .checkpoints import CHECKSUM, content_checksum
 from .config import Manifest
 from .errors import RunError
 

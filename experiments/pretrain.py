@@ -37,6 +37,7 @@ from tqdm import tqdm
 from datasets.synthetic import CATEGORIES, render_image
 from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
 from models.backbone import RESNETS, STAGES, SYNTHETIC_WEIGHTS, Backbone, file_sha256
+from models.serialization import CHECKSUM, content_checksum
 
 TASKS = ("segmentation", "crops")
 IGNORE = 255  # label of crowd pixels (no loss)
@@ -255,7 +256,9 @@ def pretrain(task="segmentation", out=SYNTHETIC_WEIGHTS, backbone="resnet18", la
             "command": command}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    torch.save({"state_dict": trunk_state_dict(net.backbone), "meta": meta}, tmp)
+    state = {"state_dict": trunk_state_dict(net.backbone), "meta": meta}
+    state[CHECKSUM] = content_checksum(state)
+    torch.save(state, tmp)
     tmp.replace(out)
     return meta
 

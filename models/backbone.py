@@ -25,7 +25,7 @@ import torchvision.models as tvm
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .serialization import UnreadableFile, load_plain
+from .serialization import CHECKSUM, UnreadableFile, content_checksum, load_plain
 
 RESNETS = {
     "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, [64, 128, 256, 512]),
@@ -67,6 +67,23 @@ class WeightsNotFoundError(WeightsError, FileNotFoundError):
     """Pretrained backbone weights that are not where the configuration says."""
 
 
+def checked_weights(path, weights, want, what):
+    """`weights`, read from `path`, when it is a dict of tensors by parameter name whose entries for the
+    keys of `want` (a module's state dict) have its shapes; WeightsError naming the file, the part of
+    it (`what`) and the first offending keys otherwise. Missing and extra keys are the caller's rule."""
+    if not isinstance(weights, dict):
+        raise WeightsError(f"{path}: {what} is a {type(weights).__name__}, expected a dict of tensors by parameter name")
+    not_tensors = [k for k, v in weights.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if not_tensors:
+        raise WeightsError(f"{path}: {what} holds {len(not_tensors)} entries that are not tensors by parameter name, "
+                           f"e.g. {not_tensors[:3]}")
+    shapes = [f"{k} {tuple(weights[k].shape)} (expected {tuple(v.shape)})" for k, v in want.items()
+              if k in weights and weights[k].shape != v.shape]
+    if shapes:
+        raise WeightsError(f"{path}: {what} has {len(shapes)} weights of another shape, e.g. {'; '.join(shapes[:3])}")
+    return weights
+
+
 def load_imagenet_state_dict(name, weights_enum, weights_path=None):
     path = Path(weights_path) if weights_path else cached_weights_file(weights_enum)
     if not path.is_file():
@@ -105,16 +122,26 @@ def load_synthetic_state_dict(name, body, weights_path=None):
         raise WeightsError(str(e)) from None
     if not isinstance(state, dict) or "state_dict" not in state:
         raise WeightsError(f"{path} is not a weights file of `python -m experiments pretrain` (no 'state_dict')")
+    # files written before checksums (the committed trunks among them) hold only these two keys
+    if state.get(CHECKSUM) is None and not set(state) <= {"state_dict", "meta"}:
+        raise WeightsError(f"{path} is damaged: it has no checksum, and keys no pretrained trunk has "
+                           f"{sorted(map(str, set(state) - {'state_dict', 'meta'}))}")
+    if state.get(CHECKSUM) is not None and state[CHECKSUM] != content_checksum(state):
+        raise WeightsError(f"{path} is damaged: its contents do not match the checksum recorded when it was written")
     meta = state.get("meta", {})
+    if not isinstance(meta, dict):
+        raise WeightsError(f"{path}: 'meta' is a {type(meta).__name__}, expected the dict `python -m experiments "
+                           f"pretrain` writes")
     if meta.get("backbone", name) != name:
         raise WeightsError(f"{path} holds a {meta['backbone']} trunk, but model.backbone.name is {name!r}")
     want = body.state_dict()
-    missing = sorted({k.split(".")[0] for k in want if k not in state["state_dict"]})
+    weights = checked_weights(path, state["state_dict"], want, "'state_dict'")
+    missing = sorted({k.split(".")[0] for k in want if k not in weights})
     if missing:
         raise WeightsError(f"{path} has no weights for {missing} of {name} (it was pretrained up to "
                          f"{meta.get('last_stage', '?')}); use a model.backbone.last_stage it covers or pretrain "
                          f"with --last-stage")
-    body.load_state_dict({k: state["state_dict"][k].to(v.dtype) for k, v in want.items()})
+    body.load_state_dict({k: weights[k].to(v.dtype) for k, v in want.items()})
     return f"synthetic:{path.name} sha256:{file_sha256(path)[:16]} ({meta.get('task', '?')})"
 
 
@@ -233,7 +260,15 @@ class Backbone(_StagedBackbone):
         self.init = "random"
         if weights == "imagenet":
             state, path = load_imagenet_state_dict(name, weights_enum, weights_path)
-            body.load_state_dict(state)
+            want = body.state_dict()
+            checked_weights(path, state, want, "the file")
+            # BatchNorm's step counter is in torchvision's files, but not in FrozenBatchNorm2d and never used
+            missing, unexpected = ([k for k in sorted(a - b) if not k.endswith("num_batches_tracked")]
+                                   for a, b in ((set(want), set(state)), (set(state), set(want))))
+            if missing or unexpected:
+                raise WeightsError(f"ImageNet weights {path} do not fit {name}: missing {missing[:5]}, "
+                                   f"unexpected {unexpected[:5]}")
+            body.load_state_dict(state, strict=False)
             self.init = f"imagenet:{path.name}"
         del body.fc, body.avgpool
         for stage in STAGES[STAGES.index(out_stages[-1]) + 1:]:  # stages after the last one used
@@ -290,13 +325,18 @@ def load_swin_state_dict(name, weights_enum, weights_path, body):
     """Loads ImageNet weights into a torchvision Swin `body`: torchvision's file, or an official Swin
     repository checkpoint (converted). Returns the `init` description."""
     state, path = load_imagenet_state_dict(name, weights_enum, weights_path)
-    state = state.get("model", state) if isinstance(state, dict) else state
+    what = "'model'" if isinstance(state, dict) and "model" in state else "the file"
+    state = checked_weights(path, state.get("model", state) if isinstance(state, dict) else state, {}, what)
     if any(k.startswith("patch_embed.") for k in state):
-        state, kind = swin_state_dict_from_official(state), "official Swin checkpoint"
+        try:
+            state, kind = swin_state_dict_from_official(state), "official Swin checkpoint"
+        except (KeyError, IndexError, ValueError) as e:  # a key outside the official layout
+            raise WeightsError(f"{path} has patch_embed.* keys, but is not an official Swin checkpoint: "
+                               f"{type(e).__name__} {e}") from None
     else:
         kind = "torchvision"
     # the classifier head (1k or 22k classes) is not used by a detector
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    state = checked_weights(path, {k: v for k, v in state.items() if not k.startswith("head.")}, body.state_dict(), what)
     missing, unexpected = body.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("relative_position_index") and not k.startswith("head.")]
     if missing or unexpected:

@@ -3,7 +3,9 @@
 `torch.load(..., weights_only=True)` rebuilds only tensors and plain data (dicts, lists, numbers,
 strings, ...) and stops at the first other global a pickle names, before anything is called. This
 module turns its errors into one line that names the file: refused (with the global it needed) or
-unreadable (truncated, damaged, not a PyTorch file)."""
+unreadable (truncated, damaged, not a PyTorch file). content_checksum is the digest that the files
+this project writes carry under CHECKSUM, verified when they are read."""
+import hashlib
 import io
 import pickle
 import re
@@ -46,3 +48,36 @@ def load_plain(path, file=None):
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UnreadableFile(f"{path} cannot be read ({type(e).__name__}: {first}); it is truncated, damaged or "
                              f"not a PyTorch file") from None
+
+
+CHECKSUM = "checksum"  # the state's key holding content_checksum() of the rest
+
+
+def content_checksum(state):
+    """'sha256:<hex>' over a checkpoint state's contents, in order: every key, every tensor's dtype,
+    shape and bytes, every other value's repr. Equal for a state and the same state read back from
+    its file; any changed byte of a tensor or value changes it. The CHECKSUM key itself is left out."""
+    digest = hashlib.sha256()
+
+    def visit(value):
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"tensor {t.dtype} {tuple(t.shape)};".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
+        elif isinstance(value, dict):
+            items = [(k, v) for k, v in value.items() if not (value is state and k == CHECKSUM)]
+            digest.update(f"{type(value).__name__} {len(items)}{{".encode())
+            for k, v in items:
+                digest.update(f"{k!r}:".encode())
+                visit(v)
+            digest.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"{type(value).__name__} {len(value)}[".encode())
+            for v in value:
+                visit(v)
+            digest.update(b"]")
+        else:
+            digest.update(f"{type(value).__name__} {value!r};".encode())
+
+    visit(state)
+    return "sha256:" + digest.hexdigest()

@@ -8,7 +8,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from experiments.config import DEFAULTS, merge
 from models import build_model
-from models.backbone import Backbone, SwinBackbone, build_backbone, cached_weights_file, swin_state_dict_from_official
+from models.backbone import (Backbone, SwinBackbone, WeightsError, build_backbone, cached_weights_file,
+                             swin_state_dict_from_official)
 
 from .model_helpers import NUM_CLASSES, family_config, tiny_batch
 
@@ -137,6 +138,34 @@ def test_torchvision_weights_from_the_cache_and_a_path(monkeypatch, tmp_path):
     bb = SwinBackbone("swin_t", weights="imagenet", weights_path=str(path))
     assert bb.init == "imagenet:my_swin.pth (torchvision)"
     assert torch.equal(bb.features[5][3].attn.qkv.weight, swin.features[5][3].attn.qkv.weight)
+
+
+def test_imagenet_files_that_do_not_fit_name_the_file_and_the_keys(tmp_path):
+    resnet = tvm.resnet18().state_dict()
+    swin = tvm.swin_t().state_dict()
+    cases = [  # (backbone, contents, message)
+        ("resnet18", [resnet["conv1.weight"]], r"the file is a list, expected a dict of tensors"),
+        ("resnet18", {**resnet, "fc.bias": "zero"},
+         r"holds 1 entries that are not tensors by parameter name, e.g. \['fc.bias'\]"),
+        ("resnet18", {**resnet, "fc.weight": torch.zeros(10, 512)},
+         r"has 1 weights of another shape, e.g. fc.weight \(10, 512\) \(expected \(1000, 512\)\)"),
+        ("resnet18", {k: v for k, v in resnet.items() if k != "layer4.1.conv2.weight"},
+         r"do not fit resnet18: missing \['layer4.1.conv2.weight'\], unexpected \[\]"),
+        ("resnet18", {**resnet, "extra.weight": torch.zeros(1)}, r"missing \[\], unexpected \['extra.weight'\]"),
+        ("swin_t", torch.zeros(3), r"the file is a Tensor, expected a dict of tensors"),
+        ("swin_t", {"model": {**swin, 7: torch.zeros(1)}}, r"'model' holds 1 entries that are not tensors"),
+        ("swin_t", {**swin, "features.0.0.weight": torch.zeros(96, 3, 2, 2)},
+         r"weights of another shape, e.g. features.0.0.weight"),
+        ("swin_t", {"patch_embed.proj.weight": torch.zeros(1), "layers": torch.zeros(1)},
+         r"has patch_embed.\* keys, but is not an official Swin checkpoint"),
+    ]
+    for i, (name, contents, message) in enumerate(cases):
+        path = tmp_path / f"weights{i}.pth"
+        torch.save(contents, path)
+        build = SwinBackbone if name == "swin_t" else Backbone
+        with pytest.raises(WeightsError, match=message) as e:
+            build(name, weights="imagenet", weights_path=str(path))
+        assert str(path) in str(e.value), i
 
 
 def official_swin_layout(tv_state):

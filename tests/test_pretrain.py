@@ -9,7 +9,8 @@ from datasets import synthetic
 from datasets.transforms import denormalize
 from experiments import pretrain
 from experiments.config import ConfigError, Manifest
-from models.backbone import SYNTHETIC_WEIGHTS, Backbone, build_backbone, file_sha256
+from models.backbone import SYNTHETIC_WEIGHTS, Backbone, WeightsError, build_backbone, file_sha256
+from models.serialization import CHECKSUM, content_checksum
 
 TINY = dict(steps=3, batch_size=4, image_size=64, crop_size=32, images=6, pool_size=64, held_out=4, workers=1,
             log_every=1)
@@ -57,6 +58,29 @@ def test_bad_synthetic_weights_are_clear_errors(trunk_file, tmp_path):
     torch.save({"model": {}}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="not a weights file of `python -m experiments pretrain`"):
         Backbone("resnet18", weights="synthetic", weights_path=str(tmp_path / "other.pth"))
+    written = torch.load(path, map_location="cpu", weights_only=True)
+    assert written[CHECKSUM] == content_checksum(written)
+    changed = {**written, "state_dict": {**written["state_dict"]}}
+    changed["state_dict"]["layer1.0.conv1.weight"] = changed["state_dict"]["layer1.0.conv1.weight"].clone()
+    changed["state_dict"]["layer1.0.conv1.weight"][0, 0, 0, 0] += 1
+    good = {k: v for k, v in written.items() if k != CHECKSUM}  # as the files written before checksums
+    conv = "conv1.weight"
+    malformed = {  # each a file that unpickles, but whose contents are not a trunk: an error naming file and key
+        "changed": (changed, "is damaged: its contents do not match the checksum recorded when it was written"),
+        "unknown_key": ({**good, "stat_dict": {}},
+                        r"is damaged: it has no checksum, and keys no pretrained trunk has \['stat_dict'\]"),
+        "meta_list": ({**good, "meta": ["resnet18"]}, r"'meta' is a list, expected the dict"),
+        "weights_list": ({**good, "state_dict": [1, 2]}, r"'state_dict' is a list, expected a dict of tensors"),
+        "not_tensor": ({**good, "state_dict": {**good["state_dict"], conv: [0.5]}},
+                       r"'state_dict' holds 1 entries that are not tensors by parameter name, e.g. \['conv1.weight'\]"),
+        "shape": ({**good, "state_dict": {**good["state_dict"], conv: torch.zeros(3, 3)}},
+                  r"'state_dict' has 1 weights of another shape, e.g. conv1.weight \(3, 3\) \(expected \(64, 3, 7, 7\)\)"),
+    }
+    for name, (state, message) in malformed.items():
+        torch.save(state, tmp_path / f"{name}.pth")
+        with pytest.raises(WeightsError, match=message) as e:
+            Backbone("resnet18", weights="synthetic", weights_path=str(tmp_path / f"{name}.pth"), out_stages=("layer3",))
+        assert f"{name}.pth" in str(e.value)
     with pytest.raises(ValueError, match="must be one of"):
         build_backbone({"name": "swin_t", "weights": "synthetic", "weights_path": None, "freeze_at": 0,
                         "norm": "frozen_bn", "drop_path": 0.0}, ("layer3",))
