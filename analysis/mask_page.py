@@ -34,7 +34,7 @@ import pandas as pd
 
 from experiments import records
 
-from . import AnalysisError, load_manifest
+from . import AnalysisError, load_manifest, number
 from .comparisons import (KS_GAIN, MARK, MASK_GAIN, ci_text, comparison_specs, comparisons, marks_note, mean_sd,
                           p_text, per_pair, row_results, signed)
 from .statistics import CONFIDENCE, holm, mean_and_sd, welch_summary
@@ -128,7 +128,8 @@ def mask_results(manifest, results=records.RESULTS):
     for t in trunks:
         for a in ARMS:
             done = [r for r in runs[(t, a)] if r.done]
-            line = {"trunk": t, "arm": a, "done": len(done), "of": len(runs[(t, a)])}
+            line = {"trunk": t, "arm": a, "done": len(done), "of": len(runs[(t, a)]),
+                    "minutes": [sum(number(e.get("time_s")) for e in r.run.log) / 60 for r in done]}
             for m in ("AP", "AP_last2"):
                 line[f"{m}_n"], line[f"{m}_mean"], line[f"{m}_sd"] = _stats([r.value("attn1", m) for r in done])
             progress.append(line)
@@ -296,6 +297,20 @@ def _pm(n, mean, sd, digits, sign=False):
     return mean_sd(mean, sd, digits, sign=sign) + f" (n={n})"
 
 
+def _time_text(progress):
+    """The finished rows' training time (log.jsonl `time_s`: training and evaluation, as measured, so on a
+    busy machine more than the CPU needs) and the rest's at each trunk and arm's mean so far."""
+    spent = sum(m for ms in progress["minutes"] for m in ms)
+    todo = [(line["of"] - line["done"], mean_and_sd(line["minutes"])[0]) for _, line in progress.iterrows()]
+    unknown = sum(n for n, mean in todo if n and math.isnan(mean))
+    rest = sum(n * mean for n, mean in todo if n and not math.isnan(mean))
+    text = f"Their training took {spent / 60:.1f} hours (log.jsonl `time_s`, as measured on the machines of env.json)"
+    if not any(n for n, _ in todo):
+        return text + "."
+    text += f"; the other rows, at the mean of their trunk and arm so far, about {rest / 60:.1f} hours more"
+    return text + (f", and {unknown} rows of a trunk and arm with none done yet." if unknown else ".")
+
+
 def page_markdown(res, images=None):
     """The page's Markdown from MaskResults; `images`: {'forest': link, 'curves': link}."""
     m, tests = res.manifest, res.tests
@@ -326,6 +341,8 @@ def page_markdown(res, images=None):
         cells.append([t, *[f"{p.loc[a, 'done']}/{p.loc[a, 'of']}" for a in ARMS], pairs])
     out.append(_table(["Trunk", *ARMS.values(), "mask-effect pairs done"], cells))
     summary = f"{done_rows} of {total_rows} rows done."
+    if done_rows:
+        summary += " " + _time_text(res.progress)
     if not done_rows:
         summary = "No row has finished yet: nothing is measured yet. " + summary
     if res.damaged:

@@ -82,9 +82,10 @@ def branch(ap):
     return {"AP": ap, "AP50": ap + 0.3, "AP75": ap + 0.02, "APs": ap / 2, "APm": ap + 0.05, "APl": ap + 0.2}
 
 
-def write_row(results, manifest, row, ap, epochs, teachers, distance, env=ENV):
-    """A finished run: log.jsonl with `epochs` evaluated epochs (the student's AP rising to `ap`, teachers
-    +0.02 / +0.01 above it, memory distance per epoch), eval.json of the last, env.json and DONE."""
+def write_row(results, manifest, row, ap, epochs, teachers, distance, env=ENV, time_s=1.0):
+    """A finished run: log.jsonl with `epochs` evaluated epochs of `time_s` seconds (the student's AP rising
+    to `ap`, teachers +0.02 / +0.01 above it, memory distance per epoch), eval.json of the last, env.json
+    and DONE."""
     d = records.run_dir(manifest, row, results)
     d.mkdir(parents=True)
     lines = []
@@ -95,7 +96,7 @@ def write_row(results, manifest, row, ap, epochs, teachers, distance, env=ENV):
         if teachers:
             ev.update({"attn3": branch(a + 0.02), "attn2": branch(a + 0.01)})
             extra = {"memory_distance": {"attn3": distance + e, "attn2": 2 * distance + e}}
-        lines.append({"epoch": e, "lr": 1e-4, "train": {"loss": 10.0 - e}, "eval": ev, **extra, "time_s": 1.0})
+        lines.append({"epoch": e, "lr": 1e-4, "train": {"loss": 10.0 - e}, "eval": ev, **extra, "time_s": time_s})
     records.write_log(d / "log.jsonl", lines)
     records.write_json(d / "env.json", env)
     records.write_json(d / "eval.json", {"epoch": epochs - 1, **lines[-1]["eval"]})
@@ -243,7 +244,7 @@ def test_answer_sentences_follow_the_interval(mask_tree):
     # the tables print the same numbers, † on the marked pair, with the count under the table
     assert "| crops_frozen | 4/4 | " in markdown and "+0.30 -0.42 +0.11 -0.20†" in markdown
     assert "1 of the 12 pairs of two runs here (1 from different or unknown commits" in markdown
-    assert "12 of 12 rows done" not in markdown and "36 of 36 rows done." in markdown
+    assert "12 of 12 rows done" not in markdown and "36 of 36 rows done. Their training took 0.0 hours" in markdown
 
 
 def test_sentences_of_hand_made_lines():
@@ -277,9 +278,9 @@ def test_partial_records_and_figures(tmp_path):
     results = tmp_path / "results"
     for seed in (0, 1):
         for arm, ap in aps("seg_frozen", seed).items():
-            write_row(results, "mask", f"seg_{arm}_seed{seed}", ap, 2, arm != "base", 0.2)
+            write_row(results, "mask", f"seg_{arm}_seed{seed}", ap, 2, arm != "base", 0.2, time_s=90)  # 3 min
     for arm in ("ks", "ks_no_mask"):
-        write_row(results, "mask", f"crops_{arm}_seed0", aps("crops_frozen", 0)[arm], 2, True, 0.2)
+        write_row(results, "mask", f"crops_{arm}_seed0", aps("crops_frozen", 0)[arm], 2, True, 0.2, time_s=180)
     write_row(results, "mask", "crops_ks_seed1", 0.3, 2, True, 0.2)
     records.atomic_write(records.run_dir("mask", "crops_ks_seed1", results) / "eval.json", "{not json")
     res = mask_results(manifest, results)
@@ -293,7 +294,11 @@ def test_partial_records_and_figures(tmp_path):
     assert "On the random_trained trunk, the mask's effect is not yet measured (0 of 4 pairs done)." in markdown
     assert "(random_trained against seg_frozen) is not yet measured (0 of 4 and 2 of 4 pairs done)." in markdown
     assert "| seg_frozen | 2/4 | 2/4 | 2/4 | 2/4 |" in markdown
-    assert "8 of 36 rows done. Damaged records, shown as not done: `crops_ks_seed1`." in markdown
+    # 6 seg rows of 3 min and 2 crops rows of 6 min; left: 6 seg rows at 3 min, 6 crops KS rows at 6 min, and
+    # 16 rows (crops baselines, random_trained) of an arm with none done
+    assert ("8 of 36 rows done. Their training took 0.5 hours (log.jsonl `time_s`, as measured on the machines of "
+            "env.json); the other rows, at the mean of their trunk and arm so far, about 0.9 hours more, and 16 rows "
+            "of a trunk and arm with none done yet. Damaged records, shown as not done: `crops_ks_seed1`.") in markdown
 
     fig, series = forest_figure(res)
     label = f"seg_frozen: mask effect (n=2/{SEEDS})"
