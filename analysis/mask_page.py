@@ -300,15 +300,18 @@ def _pm(n, mean, sd, digits, sign=False):
 def _time_text(progress):
     """The finished rows' training time (log.jsonl `time_s`: training and evaluation, as measured, so on a
     busy machine more than the CPU needs) and the rest's at each trunk and arm's mean so far."""
-    spent = sum(m for ms in progress["minutes"] for m in ms)
+    timed = [m for ms in progress["minutes"] for m in ms if not math.isnan(m)]  # a log without time_s: NaN
+    untimed = sum(len(ms) for ms in progress["minutes"]) - len(timed)
+    spent = sum(timed)
     todo = [(line["of"] - line["done"], mean_and_sd(line["minutes"])[0]) for _, line in progress.iterrows()]
     unknown = sum(n for n, mean in todo if n and math.isnan(mean))
     rest = sum(n * mean for n, mean in todo if n and not math.isnan(mean))
-    text = f"Their training took {spent / 60:.1f} hours (log.jsonl `time_s`, as measured on the machines of env.json)"
+    text = f"Their training took {spent / 60:.1f} hours (log.jsonl `time_s`, as measured on the machines of env.json"
+    text += f"; {untimed} without times left out)" if untimed else ")"
     if not any(n for n, _ in todo):
         return text + "."
     text += f"; the other rows, at the mean of their trunk and arm so far, about {rest / 60:.1f} hours more"
-    return text + (f", and {unknown} rows of a trunk and arm with none done yet." if unknown else ".")
+    return text + (f", and {unknown} rows of a trunk and arm without a timed row yet." if unknown else ".")
 
 
 def page_markdown(res, images=None):
