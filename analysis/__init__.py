@@ -41,6 +41,12 @@ def number(value):
     return math.nan
 
 
+def run_minutes(run):
+    """The minutes a run's logged epochs took (log.jsonl `time_s`, training and evaluation); NaN when an
+    epoch has no time."""
+    return sum(number(e.get("time_s")) for e in run.log) / 60
+
+
 def metric(value):
     """A metric of a (checked) record as a float; NaN when it is missing, undefined or -1 (COCO:
     nothing to measure)."""

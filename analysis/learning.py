@@ -16,7 +16,7 @@ import pandas as pd
 
 from experiments import records
 
-from . import load_manifest, load_run, metric, number
+from . import load_manifest, load_run, metric, number, run_minutes
 from .tables import MOVED, percent
 
 COLUMNS = ["manifest_row", "setting", "status", "epochs", "AP50", "AP50_moved", "ratio", "AP50_attn2", "AP50_attn3",
@@ -34,7 +34,7 @@ def learning_report(manifest_name, results=records.RESULTS):
         if run.log:
             losses = [number((e.get("train") or {}).get("loss_class")) for e in run.log]
             line.update(loss_class_first=round(losses[0], 3), loss_class_last=round(losses[-1], 3),
-                        minutes=round(sum(number(e.get("time_s")) for e in run.log) / 60, 1))
+                        minutes=round(run_minutes(run), 1))
         if run.state == "done":
             ev = run.eval
             student = percent(ev.get("attn1"))

@@ -34,7 +34,7 @@ import pandas as pd
 
 from experiments import records
 
-from . import AnalysisError, load_manifest, number
+from . import AnalysisError, load_manifest, run_minutes
 from .comparisons import (KS_GAIN, MARK, MASK_GAIN, ci_text, comparison_specs, comparisons, marks_note, mean_sd,
                           p_text, per_pair, row_results, signed)
 from .statistics import CONFIDENCE, holm, mean_and_sd, welch_summary
@@ -129,7 +129,7 @@ def mask_results(manifest, results=records.RESULTS):
         for a in ARMS:
             done = [r for r in runs[(t, a)] if r.done]
             line = {"trunk": t, "arm": a, "done": len(done), "of": len(runs[(t, a)]),
-                    "minutes": [sum(number(e.get("time_s")) for e in r.run.log) / 60 for r in done]}
+                    "minutes": [run_minutes(r.run) for r in done]}
             for m in ("AP", "AP_last2"):
                 line[f"{m}_n"], line[f"{m}_mean"], line[f"{m}_sd"] = _stats([r.value("attn1", m) for r in done])
             progress.append(line)
@@ -346,7 +346,7 @@ def page_markdown(res, images=None):
     summary = f"{done_rows} of {total_rows} rows done."
     if done_rows:
         summary += " " + _time_text(res.progress)
-    if not done_rows:
+    else:
         summary = "No row has finished yet: nothing is measured yet. " + summary
     if res.damaged:
         summary += " Damaged records, shown as not done: " + ", ".join(f"`{n}`" for n in res.damaged) + "."
