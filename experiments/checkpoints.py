@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from models import build_model
-from models.serialization import CHECKSUM, UnreadableFile, content_checksum, load_plain
+from models.serialization import CHECKSUM, UnreadableFile, checksum_problem, content_checksum, load_plain
 
 from . import records
 from .build import check_buildable, model_config
@@ -155,12 +155,9 @@ def _read(path):
         raise RunError(str(e) if isinstance(e, UnreadableFile) else f"{path} cannot be read ({e.strerror or e})") from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise RunError(f"{path}: not a checkpoint of this project (expected a dict with a 'model' state dict)")
-    recorded = state.get(CHECKSUM)
-    if recorded is None and not set(state) <= BEFORE_CHECKSUMS:
-        raise RunError(f"{path} is damaged: it has no checksum, and keys no checkpoint of this project has "
-                       f"({', '.join(sorted(map(str, set(state) - BEFORE_CHECKSUMS)))})")
-    if recorded is not None and recorded != content_checksum(state):
-        raise RunError(f"{path} is damaged: its contents do not match the checksum recorded when it was written")
+    problem = checksum_problem(state, BEFORE_CHECKSUMS, "checkpoint of this project")
+    if problem:
+        raise RunError(f"{path} is damaged: {problem}")
     bad = [str(k) for k, v in state["model"].items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise RunError(f"{path}: its 'model' holds entries that are not tensors ({first_names(bad)})")

@@ -25,7 +25,7 @@ import torchvision.models as tvm
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .serialization import CHECKSUM, UnreadableFile, content_checksum, load_plain
+from .serialization import UnreadableFile, checksum_problem, load_plain
 
 RESNETS = {
     "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, [64, 128, 256, 512]),
@@ -123,11 +123,9 @@ def load_synthetic_state_dict(name, body, weights_path=None):
     if not isinstance(state, dict) or "state_dict" not in state:
         raise WeightsError(f"{path} is not a weights file of `python -m experiments pretrain` (no 'state_dict')")
     # files written before checksums (the committed trunks among them) hold only these two keys
-    if state.get(CHECKSUM) is None and not set(state) <= {"state_dict", "meta"}:
-        raise WeightsError(f"{path} is damaged: it has no checksum, and keys no pretrained trunk has "
-                           f"{sorted(map(str, set(state) - {'state_dict', 'meta'}))}")
-    if state.get(CHECKSUM) is not None and state[CHECKSUM] != content_checksum(state):
-        raise WeightsError(f"{path} is damaged: its contents do not match the checksum recorded when it was written")
+    problem = checksum_problem(state, {"state_dict", "meta"}, "pretrained trunk")
+    if problem:
+        raise WeightsError(f"{path} is damaged: {problem}")
     meta = state.get("meta", {})
     if not isinstance(meta, dict):
         raise WeightsError(f"{path}: 'meta' is a {type(meta).__name__}, expected the dict `python -m experiments "

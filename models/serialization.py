@@ -81,3 +81,16 @@ def content_checksum(state):
 
     visit(state)
     return "sha256:" + digest.hexdigest()
+
+
+def checksum_problem(state, before_checksums, kind):
+    """Why the dict `state`, read from a file of `kind` (e.g. "pretrained trunk"), is damaged, or None:
+    its CHECKSUM does not match its contents, or it has none (a file written before checksums) but holds
+    a key outside `before_checksums`, the keys of those files: so a damaged key name is no way round."""
+    recorded = state.get(CHECKSUM)
+    if recorded is None:
+        unknown = set(state) - set(before_checksums)
+        return f"it has no checksum, and keys no {kind} has ({', '.join(sorted(map(str, unknown)))})" if unknown else None
+    if recorded != content_checksum(state):
+        return "its contents do not match the checksum recorded when it was written"
+    return None

@@ -68,7 +68,7 @@ def test_bad_synthetic_weights_are_clear_errors(trunk_file, tmp_path):
     malformed = {  # each a file that unpickles, but whose contents are not a trunk: an error naming file and key
         "changed": (changed, "is damaged: its contents do not match the checksum recorded when it was written"),
         "unknown_key": ({**good, "stat_dict": {}},
-                        r"is damaged: it has no checksum, and keys no pretrained trunk has \['stat_dict'\]"),
+                        r"is damaged: it has no checksum, and keys no pretrained trunk has \(stat_dict\)"),
         "meta_list": ({**good, "meta": ["resnet18"]}, r"'meta' is a list, expected the dict"),
         "weights_list": ({**good, "state_dict": [1, 2]}, r"'state_dict' is a list, expected a dict of tensors"),
         "not_tensor": ({**good, "state_dict": {**good["state_dict"], conv: [0.5]}},
