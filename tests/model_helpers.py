@@ -1,6 +1,7 @@
 """Tiny model configurations and inputs shared by the model tests, and checks every variant passes."""
 import copy
 
+import pytest
 import torch
 
 from experiments.config import DEFAULTS, merge
@@ -134,6 +135,64 @@ def check_teacher_removal(variant, ks_mode, **model):
     assert list(with_teachers["teacher_outputs"]) == list(TEACHER_BRANCHES[ks_mode])
     assert not any(k.startswith("dn_") for k in with_teachers)  # no denoising outside training
 
+
+
+# Denoising variants (DN-DETR, DN-Deformable-DETR) in their family settings: 5 DN groups, 12 queries.
+DN_LOSS_WEIGHTS = {"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+
+
+def check_dn_train_step(variant, ks_mode, **model):
+    """check_train_step, plus: the DN outputs are split off every output (teachers included), every
+    output that gets a loss gets the three DN losses, and each branch's total is its matching losses
+    plus its DN losses with the same weights."""
+    out, losses = check_train_step(variant, ks_mode, **model)
+    assert out["dn_meta"] == {"groups": 5, "single_pad": 3}  # image 0 has three boxes
+    outputs = [out] + out["aux_outputs"] + [layer for layers in out.get("teacher_outputs", {}).values()
+                                            for layer in layers]
+    for o in outputs:  # 5 groups x 3 slots, split off every output
+        assert o["dn_pred_logits"].shape == (2, 15, 3) and o["dn_pred_boxes"].shape == (2, 15, 4)
+        assert o["pred_logits"].shape == (2, 12, 3)
+    suffixes = ["", "_0", "_1"] + [f"_{b}" for b in TEACHER_BRANCHES[ks_mode]]
+    assert {f"{c}_dn{s}" for c in DN_LOSS_WEIGHTS for s in suffixes} == {k for k in losses if "_dn" in k}
+    for branch in ["attn1", *TEACHER_BRANCHES[ks_mode]]:
+        mine = ["", "_0", "_1"] if branch == "attn1" else [f"_{branch}"]
+        expected = sum(w * (losses[c + s] + losses[f"{c}_dn{s}"]) for c, w in DN_LOSS_WEIGHTS.items() for s in mine)
+        torch.testing.assert_close(losses[f"loss_{branch}"], expected)
+
+
+def check_no_dn_queries_outside_training_or_without_boxes(variant, **model):
+    """No DN queries at evaluation or for a batch without boxes (whose loss stays finite); a training
+    forward without targets is a clear error."""
+    net, criterion = build(variant, "triple", **model)
+    images, padding, targets = tiny_batch_two_annotated()
+    with torch.no_grad():
+        out = net.eval()(images, padding, targets, with_teachers=True)
+    assert "dn_meta" not in out and not any(k.startswith("dn_") for k in out)
+    no_boxes = [{**t, "labels": t["labels"][:0], "boxes": t["boxes"][:0], "boxes_xyxy": t["boxes_xyxy"][:0]}
+                for t in targets]
+    out = net.train()(images, padding, no_boxes)
+    assert "dn_meta" not in out
+    assert torch.isfinite(criterion(out, no_boxes)["loss"])
+    with pytest.raises(ValueError, match="denoising"):
+        build(variant, **model)[0].train()(images, padding)
+
+
+def check_matching_queries_never_see_the_dn_queries(variant):
+    """With DN queries and the attention mask, the matching part of every output (student layers and
+    teachers) is what the model gives without any DN query."""
+    net, _ = build(variant, "triple")
+    net.train()  # dropout is 0 in both DN families: training forwards are deterministic
+    images, padding, targets = tiny_batch_two_annotated()
+    with torch.no_grad():
+        with_dn = net(images, padding, targets)
+        net.denoising.groups = 0
+        without = net(images, padding, targets)
+    assert "dn_meta" in with_dn and "dn_meta" not in without
+    pairs = [(with_dn, without)] + list(zip(with_dn["aux_outputs"], without["aux_outputs"]))
+    pairs += [(with_dn["teacher_outputs"][b][0], without["teacher_outputs"][b][0]) for b in ("attn3", "attn2")]
+    for a, b in pairs:
+        for key in ("pred_logits", "pred_boxes"):
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5)
 
 def randomise(model, seed):
     """Every floating tensor gets a random value of a sensible scale (no ones, no zeros)."""
