@@ -354,6 +354,11 @@ def page_markdown(res, images=None):
 
     out.append("## Primary tests")
     out.append("### Answers")
+    if done_rows < total_rows:
+        out.append(f"**Interim: {done_rows} of {total_rows} rows.** The pre-registered tests are of every planned "
+                   "pair; below are the same tests on the pairs finished so far, computed again at each look. "
+                   "Looking repeatedly at growing data raises the chance of a false positive, so a p-value or "
+                   "interval here is not the experiment's answer until every row has finished.")
     out.append("\n".join(f"- P1: {p1_sentence(r)}" for _, r in _sel(tests, "mask").iterrows())
                + f"\n- P2: {p2_sentence(res.interaction)}")
     out.append("### P1: the mask's effect per trunk (AP points)")

@@ -246,6 +246,7 @@ def test_answer_sentences_follow_the_interval(mask_tree):
     assert "| crops_frozen | 4/4 | " in markdown and "+0.30 -0.42 +0.11 -0.20†" in markdown
     assert "1 of the 12 pairs of two runs here (1 from different or unknown commits" in markdown
     assert "12 of 12 rows done" not in markdown and "36 of 36 rows done. Their training took 0.0 hours" in markdown
+    assert "Interim" not in markdown  # every row finished: the answers are the experiment's
 
 
 def test_sentences_of_hand_made_lines():
@@ -298,6 +299,8 @@ def test_partial_records_and_figures(tmp_path):
     assert "On the random_trained trunk, the mask's effect is not yet measured (0 of 4 pairs done)." in markdown
     assert "(random_trained against seg_frozen) is not yet measured (0 of 4 and 2 of 4 pairs done)." in markdown
     assert "| seg_frozen | 2/4 | 2/4 | 2/4 | 2/4 |" in markdown
+    answers = markdown.split("### Answers")[1].split("- P1:")[0]
+    assert "**Interim: 9 of 36 rows.**" in answers and "not the experiment's answer until every row" in answers
     # 6 seg rows of 3 min and 2 crops rows of 6 min (and a baseline without times); left: 6 seg rows at 3 min,
     # 6 crops KS rows at 6 min, and 15 rows (crops baselines, random_trained) of an arm with no time known
     assert ("9 of 36 rows done. Their training took 0.5 hours (log.jsonl `time_s`, as measured on the machines of "
